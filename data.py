@@ -1,0 +1,336 @@
+"""Datasets and the non-IID client partition (paper: the "experimental setup"; DESIGN.md §1).
+
+Owns four things, in reading order:
+  1. load_dataset    CIFAR-10 / CIFAR-100 / Tiny-ImageNet as uint8 NCHW tensors on the device. It reads a
+                     prepared cache (<data_dir>/<name>/train_*.npz, test.npz, classes.txt); without one it
+                     downloads (CIFAR, torchvision) or decodes (Tiny-ImageNet folder) once and writes it.
+  2. partition       pFedHN's pathological split (k classes per client, shares U(0.4, 0.6)) or Dirichlet(alpha).
+                     One share matrix S[c, i] splits both the train and the test pool of every class, so a
+                     client's train / val / test have the same class mix (its test set is "its" distribution).
+  3. assign_batches  which clients join in which onboarding batch B_0, ..., B_{T-1}.
+  4. normalize, augment   crop (4-px zero padding) + horizontal flip as batched tensor ops on the device.
+"""
+import contextlib
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DATASETS = {"cifar10": 10, "cifar100": 100, "tinyimagenet": 200}  # name -> number of classes
+DEFAULT_CLASSES_PER_CLIENT = {"cifar10": 2, "cifar100": 10, "tinyimagenet": 20}
+CROP_PADDING = 4
+
+
+class DataError(Exception):
+    """A one-line, user-facing problem with the data or the split (train.py prints str(e) and exits 2)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Loading
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class Dataset:
+    name: str
+    x_train: torch.Tensor  # uint8 (N, C, H, W) on the device
+    y_train: torch.Tensor  # int64 (N,)
+    x_test: torch.Tensor   # uint8 (M, C, H, W)
+    y_test: torch.Tensor   # int64 (M,)
+    classes: list[str]
+    mean: tuple[float, float, float]  # per channel, fraction of 255, from x_train
+    std: tuple[float, float, float]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_size(self) -> int:
+        return self.x_train.shape[2]
+
+
+def load_dataset(name: str, data_dir: str, device="cpu", download: bool = True) -> Dataset:
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset '{name}': choose from {', '.join(DATASETS)}")
+    folder = Path(data_dir) / name
+    if not _train_shards(folder):
+        if name == "tinyimagenet":
+            arrays = _decode_tinyimagenet(Path(data_dir))
+        else:
+            arrays = _download_cifar(name, folder, download)
+        _write_cache(folder, *arrays)
+    x_tr, y_tr, x_te, y_te, classes = _read_cache(folder, DATASETS[name])
+    mean, std = _channel_stats(x_tr)
+    to_nchw = lambda x: torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(device)
+    return Dataset(name, to_nchw(x_tr), torch.from_numpy(y_tr).to(device), to_nchw(x_te),
+                   torch.from_numpy(y_te).to(device), classes, mean, std)
+
+
+def _one_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:120]}" if text else type(e).__name__
+
+
+def _train_shards(folder: Path) -> list[Path]:
+    # (length, name) sorts train_2 before train_10, which plain string order would not.
+    return sorted(folder.glob("train_*.npz"), key=lambda p: (len(p.name), p.name))
+
+
+def _read_npz(path: Path, num_classes: int, image_shape=None):
+    try:
+        with np.load(path) as f:
+            x, y = f["x"], f["y"]
+    except Exception as e:  # zip, pickle, truncation and missing-key errors all look different
+        raise DataError(f"cannot read {path} ({_one_line(e)}): replace it, or delete the folder's *.npz to rebuild")
+    if not (x.dtype == np.uint8 and x.ndim == 4 and x.shape[3] == 3 and x.shape[1] == x.shape[2] and y.dtype == np.int64
+            and y.shape == (len(x),) and (image_shape is None or x.shape[1:] == image_shape)):
+        raise DataError(f"{path} has x {x.dtype}{x.shape}, y {y.dtype}{y.shape}: expected x uint8 (N, H, H, 3) "
+                        f"NHWC{'' if image_shape is None else f' with H={image_shape[0]}'} and y int64 (N,)")
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        raise DataError(f"{path} has labels in [{y.min()}, {y.max()}], expected 0..{num_classes - 1}")
+    return x, y
+
+
+def _read_cache(folder: Path, num_classes: int):
+    xs, ys = zip(*[_read_npz(p, num_classes) for p in _train_shards(folder)])
+    x_tr, y_tr = (np.concatenate(xs), np.concatenate(ys)) if len(xs) > 1 else (xs[0], ys[0])
+    if not (folder / "test.npz").exists():
+        raise DataError(f"{folder} has train_*.npz but no test.npz")
+    x_te, y_te = _read_npz(folder / "test.npz", num_classes, x_tr.shape[1:])
+    try:
+        classes = [c.strip() for c in (folder / "classes.txt").read_text().splitlines() if c.strip()]
+    except OSError as e:
+        raise DataError(f"cannot read {folder / 'classes.txt'}: {e.strerror or e}")
+    if len(classes) != num_classes:
+        raise DataError(f"{folder / 'classes.txt'} lists {len(classes)} classes, {folder.name} has {num_classes}")
+    return x_tr, y_tr, x_te, y_te, classes
+
+
+def _write_cache(folder: Path, x_tr, y_tr, x_te, y_te, classes):
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "classes.txt").write_text("\n".join(classes) + "\n")
+        # train_0.npz last and renamed into place: its presence is what marks the cache as complete.
+        for fname, x, y in [("test.npz", x_te, y_te), ("train_0.npz", x_tr, y_tr)]:
+            with open(folder / f".{fname}.tmp", "wb") as f:
+                np.savez(f, x=x, y=y)  # uncompressed: loads at disk speed
+            os.replace(folder / f".{fname}.tmp", folder / fname)
+    except OSError as e:
+        raise DataError(f"cannot write the dataset cache in {folder}: {e.strerror or e}")
+
+
+def _channel_stats(x_nhwc: np.ndarray):
+    # A 256-bin histogram per channel gives the exact mean/std without a float copy of the dataset.
+    levels = np.arange(256) / 255
+    p = np.stack([np.bincount(x_nhwc[..., ch].ravel(), minlength=256) for ch in range(3)]) / (x_nhwc.size // 3)
+    mean = (p * levels).sum(1)
+    std = np.sqrt((p * (levels - mean[:, None]) ** 2).sum(1))
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def _download_cifar(name: str, folder: Path, download: bool):
+    import torchvision  # slow to import, and only needed the first time
+
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    try:
+        # torchvision prints "Downloading ..." and tqdm bars: the user gets our one line instead.
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            train = cls(root=str(folder / "raw"), train=True, download=download)
+            test = cls(root=str(folder / "raw"), train=False, download=download)
+    except Exception as e:  # URLError, OSError, RuntimeError("Dataset not found or corrupted"), ...
+        why = f"could not be downloaded (offline? {_one_line(e)})" if download else "download is off"
+        raise DataError(f"{name} not found in {folder} and {why}: put train_*.npz/test.npz/"
+                        "classes.txt there (see README), or point --data-dir at a folder that has them, "
+                        "e.g. --data-dir ../shared/data")
+    as_arrays = lambda d: (np.ascontiguousarray(d.data, dtype=np.uint8), np.asarray(d.targets, dtype=np.int64))
+    return (*as_arrays(train), *as_arrays(test), list(train.classes))
+
+
+def _decode_tinyimagenet(data_dir: Path):
+    from PIL import Image
+
+    candidates = [data_dir / "tiny-imagenet-200", data_dir / "tinyimagenet" / "tiny-imagenet-200"]
+    root = next((c for c in candidates if (c / "wnids.txt").exists()), None)
+    if root is None:
+        raise DataError(f"tinyimagenet not found: no train_*.npz in {data_dir / 'tinyimagenet'} and no "
+                        f"tiny-imagenet-200/wnids.txt in {candidates[0].parent} or {candidates[1].parent}: unzip "
+                        "http://cs231n.stanford.edu/tiny-imagenet-200.zip into one of them (it is not downloaded)")
+    try:
+        wnids = sorted((root / "wnids.txt").read_text().split())  # sorted, as torchvision's ImageFolder would
+        rows = [line.split("\t") for line in (root / "val" / "val_annotations.txt").read_text().splitlines()]
+        words = (root / "words.txt").read_text().splitlines() if (root / "words.txt").exists() else []
+    except OSError as e:
+        raise DataError(f"{root} is incomplete: {_one_line(e)}")
+    label = {w: i for i, w in enumerate(wnids)}
+    words = {w: text.split(",")[0].strip() for w, _, text in (line.partition("\t") for line in words)}  # "goldfish"
+    train = [(f, label[w]) for w in wnids for f in sorted((root / "train" / w / "images").glob("*.JPEG"))]
+    val = [(root / "val" / "images" / r[0], label[r[1]]) for r in rows if len(r) > 1 and r[1] in label]
+    if len(wnids) != DATASETS["tinyimagenet"] or not train or not val:
+        raise DataError(f"{root} has {len(wnids)} classes, {len(train)} train and {len(val)} val images: "
+                        "is the folder complete?")
+
+    def decode(pairs):
+        x = np.empty((len(pairs), 64, 64, 3), dtype=np.uint8)
+        for k, (f, _) in enumerate(pairs):  # a Python loop, but only once: afterwards the cache is read
+            try:
+                with Image.open(f) as im:
+                    x[k] = np.asarray(im.convert("RGB"))  # a few Tiny-ImageNet images are greyscale
+            except (OSError, ValueError) as e:
+                raise DataError(f"cannot decode {f} as a 64x64 image: {_one_line(e)}")
+        return x, np.array([y for _, y in pairs], dtype=np.int64)
+
+    return (*decode(train), *decode(val), [words.get(w, w) for w in wnids])
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. The client partition
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class ClientSplit:
+    train: torch.Tensor  # int64 indices into Dataset.x_train
+    val: torch.Tensor    # int64 indices into Dataset.x_train, disjoint from every client's train and val
+    test: torch.Tensor   # int64 indices into Dataset.x_test
+    classes: list[int]   # the classes this client holds (sorted)
+
+
+def _pathological_shares(rng, num_clients: int, num_classes: int, k: int) -> np.ndarray:
+    S = np.zeros((num_classes, num_clients))
+    used = np.zeros(num_classes, dtype=int)
+    for i in range(num_clients):
+        for _ in range(k):
+            # pFedHN: pick at random among the least-used classes; unlike pFedHN, never one this client has.
+            free = np.flatnonzero(S[:, i] == 0)
+            least = free[used[free] == used[free].min()]
+            c = rng.choice(least)
+            S[c, i], used[c] = 1.0, used[c] + 1
+    for c in np.flatnonzero(used):
+        holders = np.flatnonzero(S[c])
+        w = rng.uniform(0.4, 0.6, size=len(holders))
+        S[c, holders] = w / w.sum()
+    return S
+
+
+def _split_counts(shares: np.ndarray, n: int) -> np.ndarray:
+    # Cutting at floor(cumulative share * n) keeps every count within 1 of share * n and the total <= n.
+    cuts = np.floor(np.cumsum(shares) * n + 1e-9).astype(int).clip(max=n)
+    return np.diff(cuts, prepend=0)
+
+
+def _val_count(m, val_fraction: float):
+    # At least one validation image of every class a client holds, so its val mix matches its train mix.
+    return np.where(m > 0, np.maximum(1, np.rint(val_fraction * m)), 0).astype(int) if val_fraction > 0 else 0 * m
+
+
+def _drop_short_shares(S, n_tr, n_te, val_fraction):
+    """Zero every share too small to give its client >= 2 train, >= 1 val and >= 1 test image of the class
+    (the class's other holders split its pool instead). Returns the first shortfall as numbers, or None."""
+    first = None
+    for c in range(S.shape[0]):
+        while True:
+            m, t = _split_counts(S[c], n_tr[c]), _split_counts(S[c], n_te[c])
+            v = _val_count(m, val_fraction)
+            bad = np.flatnonzero((S[c] > 0) & ((m - v < 2) | ((val_fraction > 0) & (v < 1)) | (t < 1)))
+            if not len(bad):
+                break
+            i = bad[0]
+            first = first or (c, i, np.count_nonzero(S[c]), m[i] - v[i], v[i], t[i])
+            S[c, bad] = 0
+            S[c] = S[c] / S[c].sum() if S[c].sum() > 0 else S[c]
+    return first
+
+
+def partition(y_train: torch.Tensor, y_test: torch.Tensor, num_clients: int, num_classes: int, *,
+              scheme: str = "pathological", classes_per_client: int = 2, alpha: float = 0.5,
+              val_fraction: float = 0.1, seed: int = 0) -> list[ClientSplit]:
+    if num_clients < 1:
+        raise DataError(f"need at least 1 client, got {num_clients}")
+    if scheme not in ("pathological", "dirichlet"):
+        raise DataError(f"unknown partition scheme '{scheme}': choose from pathological, dirichlet")
+    if scheme == "pathological" and not 1 <= classes_per_client <= num_classes:
+        raise DataError(f"classes per client must be in 1..{num_classes}, got {classes_per_client}")
+    if scheme == "dirichlet" and not alpha > 0:
+        raise DataError(f"dirichlet alpha must be > 0, got {alpha}")
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"val fraction must be in [0, 1), got {val_fraction}")
+    y_tr, y_te = y_train.cpu().numpy(), y_test.cpu().numpy()
+    n_tr = np.bincount(y_tr, minlength=num_classes)[:num_classes]
+    n_te = np.bincount(y_te, minlength=num_classes)[:num_classes]
+    rng = np.random.default_rng(seed)
+
+    if scheme == "pathological":
+        S = _pathological_shares(rng, num_clients, num_classes, classes_per_client)
+        short = _drop_short_shares(S, n_tr, n_te, val_fraction)
+        if short:
+            c, i, h, tr, va, te = short
+            raise DataError(
+                f"{num_clients} clients x {classes_per_client} classes is more than the data supports: class {c} "
+                f"({n_tr[c]} train, {n_te[c]} test images) is shared by {h} clients and client {i} would get "
+                f"{tr} train, {va} val and {te} test images of it (need at least 2, {int(val_fraction > 0)}, 1); "
+                "use fewer clients or classes per client")
+    else:
+        # Small alpha can leave a client with no usable class at all: redraw, as FL benchmarks do.
+        for _ in range(100):
+            S = rng.dirichlet(np.full(num_clients, float(alpha)), size=num_classes)
+            _drop_short_shares(S, n_tr, n_te, val_fraction)
+            empty = np.flatnonzero(S.sum(axis=0) == 0)
+            if not len(empty):
+                break
+        else:
+            raise DataError(f"dirichlet(alpha={alpha}) over {num_clients} clients left client {empty[0]} (and "
+                            f"{len(empty) - 1} more) without a usable class in 100 draws; use fewer clients "
+                            "or a larger alpha")
+
+    parts = [{"train": [], "val": [], "test": []} for _ in range(num_clients)]
+    for c in range(num_classes):
+        pool_tr = rng.permutation(np.flatnonzero(y_tr == c))
+        pool_te = rng.permutation(np.flatnonzero(y_te == c))
+        cut_tr = np.cumsum(_split_counts(S[c], n_tr[c]), dtype=int)
+        cut_te = np.cumsum(_split_counts(S[c], n_te[c]), dtype=int)
+        for i in np.flatnonzero(S[c]):
+            mine = pool_tr[(cut_tr[i - 1] if i else 0):cut_tr[i]]
+            v = int(_val_count(len(mine), val_fraction))
+            parts[i]["val"].append(mine[:v])
+            parts[i]["train"].append(mine[v:])
+            parts[i]["test"].append(pool_te[(cut_te[i - 1] if i else 0):cut_te[i]])
+    # Shuffled so that any prefix of a client's split is a fair sample of its class mix.
+    as_tensor = lambda chunks: torch.from_numpy(rng.permutation(np.concatenate(chunks)).astype(np.int64))
+    return [ClientSplit(as_tensor(p["train"]), as_tensor(p["val"]), as_tensor(p["test"]),
+                        [int(c) for c in np.flatnonzero(S[:, i])]) for i, p in enumerate(parts)]
+
+
+def assign_batches(num_clients: int, num_batches: int, seed: int) -> list[list[int]]:
+    if num_batches < 1 or num_clients % num_batches:
+        raise DataError(f"{num_clients} clients cannot be cut into {num_batches} equal batches")
+    perm = np.random.default_rng(seed).permutation(num_clients)
+    return [sorted(int(i) for i in group) for group in np.split(perm, num_batches)]
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Normalisation and augmentation (batched, on the device)
+# --------------------------------------------------------------------------------------------------
+
+def normalize(x_uint8: torch.Tensor, mean, std) -> torch.Tensor:
+    mean = torch.tensor(mean, dtype=torch.float32, device=x_uint8.device).view(-1, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32, device=x_uint8.device).view(-1, 1, 1)
+    return (x_uint8.float() / 255 - mean) / std
+
+
+def augment(x_uint8: torch.Tensor, mean, std, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random crop with 4-px zero padding + random horizontal flip + normalize (torchvision's CIFAR recipe)."""
+    n, _, h, w = x_uint8.shape
+    p = CROP_PADDING
+    draw_on = generator.device if generator is not None else x_uint8.device
+    dev = x_uint8.device
+    dy, dx = torch.randint(0, 2 * p + 1, (2, n, 1), generator=generator, device=draw_on).to(dev)
+    flip = torch.randint(0, 2, (n, 1), generator=generator, device=draw_on).to(dev).bool()
+    # Padding in uint8 before normalising pads with black, exactly like RandomCrop(32, padding=4) on a PIL image.
+    padded = F.pad(x_uint8, (p, p, p, p)).permute(0, 2, 3, 1)  # (N, H+2p, W+2p, C)
+    rows = dy + torch.arange(h, device=dev)                                            # (N, H)
+    cols = dx + torch.where(flip, torch.arange(w - 1, -1, -1, device=dev), torch.arange(w, device=dev))  # (N, W)
+    out = padded[torch.arange(n, device=dev).view(n, 1, 1), rows[:, :, None], cols[:, None, :]]  # (N, H, W, C)
+    return normalize(out.permute(0, 3, 1, 2), mean, std)

@@ -1,0 +1,247 @@
+"""The server's hypernetwork and the ResNet-18 it generates (paper: the "central hypernetwork"; DESIGN.md §3).
+
+Owns three things, in reading order:
+  1. ResNet18       the target model every client runs: a CIFAR ResNet-18 with a width multiplier. It is
+                    run *functionally* (torch.func.functional_call) on weights that the hypernetwork
+                    generates, plus the client's own BatchNorm running statistics (never generated).
+  2. HyperNetwork   client embedding v_i + chunk embedding c_j -> MLP trunk -> one shared linear head that
+                    emits one chunk of the flat weight vector (pFedHN's per-tensor heads would need ~1.1 B
+                    parameters for ResNet-18; the shared head needs a few million). The trunk's hidden units
+                    are gated per batch of clients: that is the "sub-hypernetwork" (gates live in masks.py).
+  3. server_update  pFedHN's rule: the client returns delta = trained - generated, and the hypernetwork
+                    takes the vector-Jacobian product d(generated)/d(phi)^T (-delta) as its gradient, applied
+                    by ServerOptimizer, which moves only the entries it is told are free (masks.py decides).
+
+pFedHN: Shamsian et al., "Personalized Federated Learning using Hypernetworks", ICML 2021.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. The target model: CIFAR ResNet-18 (BasicBlock [2, 2, 2, 2], 3x3 stem, no max-pool)
+# --------------------------------------------------------------------------------------------------
+# Names follow torchvision's resnet18 (conv1, bn1, layer1.0.conv1, ..., fc) so that a test can load
+# torchvision's weights into it and check that the functional call computes the same function.
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes, planes, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = None
+        if stride != 1 or in_planes != planes:
+            self.downsample = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False),
+                                            nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + shortcut)
+
+
+class ResNet18(nn.Module):
+    """width=64 is the standard ResNet-18 (11.17 M parameters for 10 classes); smaller widths for CPUs."""
+
+    def __init__(self, num_classes=10, width=64, in_channels=3):
+        super().__init__()
+        widths = [width, 2 * width, 4 * width, 8 * width]
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        in_planes = width
+        for i, (planes, stride) in enumerate(zip(widths, [1, 2, 2, 2])):
+            blocks = [BasicBlock(in_planes, planes, stride), BasicBlock(planes, planes, 1)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+            in_planes = planes
+        self.fc = nn.Linear(in_planes, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.fc(x)
+
+
+def bn_stats_init(model):
+    """A fresh client's BatchNorm running statistics (mean 0, var 1): what it owns, never generated."""
+    return {name: buf.detach().clone() for name, buf in model.named_buffers()}
+
+
+def run_model(model, weights, bn_stats, x):
+    """Run the target on generated `weights` and a client's `bn_stats`.
+
+    In train mode F.batch_norm updates the running statistics in place, so the client's own
+    bn_stats tensors are what gets updated: exactly the statistics DeepInversion later inverts.
+    """
+    return functional_call(model, (weights, bn_stats), (x,))
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. The chunked hypernetwork
+# --------------------------------------------------------------------------------------------------
+
+def init_scale_and_offset(model):
+    """Per-entry (scale, offset) that turn the head's raw output into weights of a sensible size.
+
+    The head emits numbers of order one for every tensor alike; multiplying by each tensor's usual
+    initialisation scale (He for convolutions, 1/sqrt(fan_in) for the classifier) and adding 1 to the
+    BatchNorm gains makes a freshly generated ResNet start like a freshly initialised one. Without it
+    every tensor starts at the same scale and deep layers explode or vanish.
+    """
+    scales, offsets = [], []
+    for name, p in model.named_parameters():
+        if p.dim() == 4:                        # convolution: He init, fan_in = in_channels * k * k
+            scale = math.sqrt(2.0 / p[0].numel())
+        elif p.dim() == 2:                      # classifier
+            scale = 1.0 / math.sqrt(p.shape[1])
+        else:                                   # BatchNorm gain/bias, classifier bias: small moves around 1 / 0
+            scale = 0.1
+        offset = 1.0 if name.endswith("weight") and p.dim() == 1 else 0.0
+        scales.append(torch.full((p.numel(),), scale))
+        offsets.append(torch.full((p.numel(),), offset))
+    return torch.cat(scales), torch.cat(offsets)
+
+
+class HyperNetwork(nn.Module):
+    """phi: (client i) -> theta_i, all of ResNet-18's weights, generated chunk by chunk.
+
+    For every chunk j of the flat weight vector the trunk sees [v_i, c_j] (client embedding, chunk
+    embedding) and the shared head emits that chunk's `chunk_size` numbers. Each hidden layer's output
+    is multiplied by the gate of the client's batch (masks.BatchGates); without masks (pFedHN) the
+    gate is all ones.
+    """
+
+    def __init__(self, target, num_clients, embed_dim=32, chunk_embed_dim=32, hidden=128, num_layers=3,
+                 chunk_size=4096, gates=None):
+        super().__init__()
+        self.names = [n for n, _ in target.named_parameters()]
+        self.shapes = [p.shape for _, p in target.named_parameters()]
+        self.numels = [p.numel() for _, p in target.named_parameters()]
+        self.num_weights = sum(self.numels)
+        self.chunk_size = chunk_size
+        self.num_chunks = math.ceil(self.num_weights / chunk_size)
+        self.hidden, self.num_layers = hidden, num_layers
+
+        # pFedHN initialises embeddings N(0, 1); a smaller spread keeps clients' first models similar.
+        self.client_embeddings = nn.Parameter(0.1 * torch.randn(num_clients, embed_dim))
+        self.chunk_embeddings = nn.Parameter(torch.randn(self.num_chunks, chunk_embed_dim))
+        sizes = [embed_dim + chunk_embed_dim] + [hidden] * num_layers
+        self.trunk = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.head = nn.Linear(hidden, chunk_size)
+        self.gates = gates          # masks.BatchGates, or None for pFedHN
+        scale, offset = init_scale_and_offset(target)
+        self.register_buffer("scale", scale)
+        self.register_buffer("offset", offset)
+        # BASE: a learned full-size weight vector shared by all clients (a freshly initialised ResNet).
+        self.base = nn.Parameter(offset + scale * torch.randn_like(scale))
+
+    def forward(self, client_ids, batch_of_client, s=1.0):
+        """Flat weights, shape (len(client_ids), num_weights), for clients in one batched call.
+
+        batch_of_client[k] is the batch (arrival group) of client_ids[k]; it picks the gate.
+        """
+        n = len(client_ids)
+        ids = torch.as_tensor(client_ids, device=self.chunk_embeddings.device)
+        v = self.client_embeddings[ids].repeat_interleave(self.num_chunks, dim=0)
+        c = self.chunk_embeddings.repeat(n, 1)
+        h = torch.cat([v, c], dim=1)
+        if self.gates is not None:
+            gates = torch.stack([self.gates.gate(b, s) for b in batch_of_client])  # (n, layers, hidden)
+            gates = gates.repeat_interleave(self.num_chunks, dim=0)
+        for l, layer in enumerate(self.trunk):
+            h = torch.relu(layer(h))
+            if self.gates is not None:
+                h = h * gates[:, l]
+        raw = self.head(h).reshape(n, self.num_chunks * self.chunk_size)[:, : self.num_weights]
+        return self.base + self.scale * raw
+
+    def unflatten(self, flat):
+        """One client's flat vector -> {parameter name: tensor} for hypernet.run_model."""
+        return dict(zip(self.names, (t.view(s) for t, s in zip(flat.split(self.numels), self.shapes))))
+
+    def flatten(self, weights):
+        return torch.cat([weights[n].reshape(-1) for n in self.names])
+
+
+def count_parameters(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. The pFedHN server update
+# --------------------------------------------------------------------------------------------------
+
+def pfedhn_gradients(flat_generated, deltas, params):
+    """d(theta)/d(phi)^T (-delta), averaged over the round's clients.
+
+    pFedHN's update treats the client's local training as an oracle: if the client moved its
+    weights by delta, the hypernetwork should move so that its output moves by delta too. The
+    vector-Jacobian product with -delta is the gradient of 1/2 ||theta - (theta + delta)||^2 at
+    delta's start, i.e. a gradient step pulls the generated weights toward the trained ones.
+    """
+    n = flat_generated.shape[0]
+    grads = torch.autograd.grad(flat_generated, list(params.values()), grad_outputs=-deltas / n,
+                                allow_unused=True)
+    return {name: (torch.zeros_like(p) if g is None else g) for (name, p), g in zip(params.items(), grads)}
+
+
+def clip_gradients(grads, max_norm):
+    total = torch.sqrt(sum((g.float() ** 2).sum() for g in grads.values()))
+    factor = min(1.0, max_norm / (total.item() + 1e-12))
+    return {name: g * factor for name, g in grads.items()}, total.item()
+
+
+class ServerOptimizer:
+    """Adam or SGD with momentum whose step leaves every entry with free-mask 0 bitwise untouched.
+
+    torch.optim would still move a parameter whose gradient is zero (weight decay, momentum, Adam's
+    running averages). Here every update, and every state update, goes through torch.where(free, ...),
+    so a frozen entry is exactly what it was: this is how earlier batches stay isolated, and how
+    embedding rows of clients absent from a round stay put (pFedHN issue #6).
+    """
+
+    def __init__(self, params, kind="adam", lr=1e-3, momentum=0.9, weight_decay=0.0, betas=(0.9, 0.999),
+                 eps=1e-8):
+        self.params, self.kind, self.lr = params, kind, lr
+        self.momentum, self.weight_decay, self.betas, self.eps = momentum, weight_decay, betas, eps
+        self.reset()
+
+    def reset(self):
+        """Forget running averages: a new stage starts with a clean optimizer."""
+        self.state = {name: {"m": torch.zeros_like(p), "v": torch.zeros_like(p)} for name, p in self.params.items()}
+        self.steps = 0
+
+    @torch.no_grad()
+    def step(self, grads, free):
+        self.steps += 1
+        beta1, beta2 = self.betas
+        for name, p in self.params.items():
+            is_free = free[name] > 0 if name in free else torch.ones_like(p, dtype=torch.bool)
+            g = grads[name] + self.weight_decay * p
+            m, v = self.state[name]["m"], self.state[name]["v"]
+            if self.kind == "adam":
+                m_new = beta1 * m + (1 - beta1) * g
+                v_new = beta2 * v + (1 - beta2) * g * g
+                m_hat = m_new / (1 - beta1 ** self.steps)
+                v_hat = v_new / (1 - beta2 ** self.steps)
+                update = self.lr * m_hat / (v_hat.sqrt() + self.eps)
+            else:
+                m_new = self.momentum * m + g
+                v_new = v
+                update = self.lr * m_new
+            m.copy_(torch.where(is_free, m_new, m))
+            v.copy_(torch.where(is_free, v_new, v))
+            p.copy_(torch.where(is_free, p - update, p))
+
+    def state_dict(self):
+        return {"state": self.state, "steps": self.steps}
+
+    def load_state_dict(self, sd):
+        self.state, self.steps = sd["state"], sd["steps"]

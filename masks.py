@@ -1,0 +1,115 @@
+"""Batch-specific masks on the hypernetwork's hidden units: the "sub-hypernetwork" (DESIGN.md §4).
+
+The paper gives every batch of clients its own binary mask over the hypernetwork's neurons and keeps
+what earlier batches depend on immutable. We build it the way HAT does (Serra et al., "Overcoming
+Catastrophic Forgetting with Hard Attention to the Task", ICML 2018), with one batch of clients in the
+role of one task:
+
+  * batch t owns a gate embedding e_t per hidden layer; while batch t trains, its gate is
+    sigmoid(s * e_t) with s annealed from 1/s_max to s_max, so the soft gate ends (almost) binary;
+  * at the end of stage t the gate is binarised (e_t > 0) and frozen, and ownership accumulates:
+    owned_<=t = owned_<t OR active_t;
+  * a sparsity penalty charges batch t only for units nobody owns yet, so new batches prefer to reuse
+    (read) owned units: that reuse is the forward transfer;
+  * `free_masks` says which hypernetwork entries a later stage may still write. Everything an earlier
+    batch's generated weights depend on is frozen; the server's optimizer applies these masks with
+    torch.where, so neither momentum nor weight decay can move a frozen entry.
+
+What this file owns: the gate embeddings, their binary snapshots and the ownership record, the
+annealing schedule, HAT's gradient compensation, the sparsity penalty, the free-entry masks and the
+neuron accounting reported after every stage.
+"""
+import torch
+import torch.nn as nn
+
+
+class BatchGates(nn.Module):
+    def __init__(self, num_batches, num_layers, hidden, s_max=400.0, clamp=6.0):
+        super().__init__()
+        self.s_max, self.clamp = s_max, clamp
+        # HAT initialises gate embeddings N(0, 1): about half the units start "on" for a new batch.
+        self.embeddings = nn.Parameter(torch.randn(num_batches, num_layers, hidden))
+        self.register_buffer("binary", torch.zeros(num_batches, num_layers, hidden))
+        self.register_buffer("owned", torch.zeros(num_layers, hidden, dtype=torch.bool))
+        self.register_buffer("finished", torch.zeros(num_batches, dtype=torch.bool))
+
+    # --- the gate itself -----------------------------------------------------------------------------
+
+    def scale(self, progress):
+        """s for a point `progress` in [0, 1] of the stage: linear from 1/s_max to s_max (HAT)."""
+        return 1.0 / self.s_max + (self.s_max - 1.0 / self.s_max) * progress
+
+    def gate(self, batch, s):
+        """(num_layers, hidden) gate of `batch`: frozen 0/1 once its stage is over, soft while it trains."""
+        if self.finished[batch]:
+            return self.binary[batch]
+        return torch.sigmoid(s * self.embeddings[batch])
+
+    # --- what the optimizer sees ---------------------------------------------------------------------
+
+    def sparsity_penalty(self, batch, s):
+        """HAT's regulariser: mean gate value over units no earlier batch owns (owned units are free)."""
+        free = (~self.owned).float()
+        gate = self.gate(batch, s)
+        return (gate * free).sum() / free.sum().clamp(min=1.0)
+
+    def compensate(self, grad, batch, s):
+        """HAT's embedding-gradient compensation: undo the vanishing slope of sigmoid(s*e) at small s."""
+        e = self.embeddings[batch].detach()
+        numerator = torch.cosh(torch.clamp(s * e, -50.0, 50.0)) + 1
+        denominator = torch.cosh(e) + 1
+        grad = grad.clone()
+        grad[batch] *= (self.s_max / s) * numerator / denominator
+        return grad
+
+    def clamp_(self, batch):
+        """Keep e within +-clamp so sigmoid(s_max * e) stays finite and can still move (HAT's trick)."""
+        with torch.no_grad():
+            self.embeddings[batch].clamp_(-self.clamp, self.clamp)
+
+    def free_masks(self, hypernet, batch):
+        """1 where stage `batch` may write a hypernetwork entry, 0 where an earlier batch depends on it.
+
+        Unit u of layer l feeds earlier batches only if one of them owns it (their binary gates are 0
+        elsewhere), so a weight is frozen when both of its ends are owned, and everything downstream of
+        all units (head bias, chunk embeddings, the shared base) is frozen as soon as any batch has finished.
+        Client embeddings are the server's business: it frees exactly the rows of the round's clients.
+        """
+        owned = self.owned
+        masks = {}
+        for l, layer in enumerate(hypernet.trunk):
+            # The trunk's input (client and chunk embeddings) counts as owned by everyone.
+            input_owned = owned[l - 1] if l > 0 else torch.ones(layer.in_features, dtype=torch.bool,
+                                                                  device=owned.device)
+            masks[f"trunk.{l}.weight"] = (~(owned[l][:, None] & input_owned[None, :])).float()
+            masks[f"trunk.{l}.bias"] = (~owned[l]).float()
+        masks["head.weight"] = (~owned[-1])[None, :].float().expand_as(hypernet.head.weight)
+        anyone_finished = bool(self.finished.any())
+        masks["head.bias"] = torch.full_like(hypernet.head.bias, 0.0 if anyone_finished else 1.0)
+        masks["chunk_embeddings"] = torch.full_like(hypernet.chunk_embeddings, 0.0 if anyone_finished else 1.0)
+        masks["base"] = torch.full_like(hypernet.base, 0.0 if anyone_finished else 1.0)
+        gates = torch.zeros_like(self.embeddings)
+        gates[batch] = 1.0
+        masks["gates.embeddings"] = gates
+        return masks
+
+    # --- end of a stage ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def finish(self, batch):
+        """Binarise and freeze batch's gate, record what it owns; return the neuron accounting."""
+        active = self.embeddings[batch] > 0
+        if not active.any(dim=1).all():
+            # A layer with no active unit would generate weights from the head bias alone. Keep the
+            # single most-wanted unit on, so the batch still has a path through every layer.
+            for l in range(active.shape[0]):
+                if not active[l].any():
+                    active[l, self.embeddings[batch, l].argmax()] = True
+        previously_owned = self.owned.clone()
+        self.binary[batch] = active.float()
+        self.owned |= active
+        self.finished[batch] = True
+        used = active.float().mean().item()
+        reuse = (active & previously_owned).sum().item() / max(active.sum().item(), 1)
+        return {"used": used, "owned": self.owned.float().mean().item(), "reuse": reuse,
+                "free_before": 1.0 - previously_owned.float().mean().item()}

@@ -1,0 +1,117 @@
+"""The sub-hypernetwork masks (masks.py) and the isolation they promise."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import federated as fl  # noqa: E402
+import hypernet as hn  # noqa: E402
+import masks  # noqa: E402
+
+
+class FakeClient:
+    """Stands in for local training: returns a random delta (what training would return), no data."""
+
+    def __init__(self, cid):
+        self.generator = torch.Generator().manual_seed(cid)
+
+    def local_train(self, flat_weights, bn_stats, steps, batch_size, lr):
+        delta = 0.01 * torch.randn(flat_weights.shape, generator=self.generator)
+        new_bn = {n: b.clone() for n, b in bn_stats.items()}
+        return fl.ClientUpdate(delta=delta, bn_stats=new_bn, label_counts=torch.ones(10, dtype=torch.long),
+                               loss=0.0)
+
+
+def make_server(with_masks, optimizer="sgd", hidden=16, layers=2, batches=((0, 1), (2, 3))):
+    torch.manual_seed(0)
+    model = hn.ResNet18(10, 4)
+    gates = masks.BatchGates(len(batches), layers, hidden) if with_masks else None
+    net = hn.HyperNetwork(model, 4, embed_dim=4, chunk_embed_dim=4, hidden=hidden, num_layers=layers,
+                          chunk_size=256, gates=gates)
+    # Momentum AND weight decay on: both move parameters whose gradient is zero in torch.optim.
+    server = fl.Server(net, model, [list(b) for b in batches], optimizer=optimizer, server_lr=0.05,
+                       server_momentum=0.9, server_weight_decay=0.01)
+    return server, [FakeClient(c) for c in range(4)]
+
+
+def run_stage(server, clients, t, rounds=6):
+    server.begin_stage(t)
+    for r in range(rounds):
+        server.train_round(server.batches[t], clients, r / (rounds - 1), steps=1, batch_size=1, lr=0.0)
+    return server.end_stage(t)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_earlier_batch_weights_bitwise_unchanged_by_later_stage(optimizer):
+    server, clients = make_server(with_masks=True, optimizer=optimizer)
+    run_stage(server, clients, 0)
+    after_stage0 = {c: server.generate(c).clone() for c in (0, 1)}
+    params_before = {n: p.detach().clone() for n, p in server.hypernet.named_parameters()}
+    run_stage(server, clients, 1)
+    for c in (0, 1):
+        weights_0 = server.hypernet.unflatten(after_stage0[c])
+        weights_1 = server.hypernet.unflatten(server.generate(c))
+        for name in weights_0:
+            assert torch.equal(weights_0[name], weights_1[name]), f"client {c}: {name} changed"
+    # ...and not because nothing trained: stage 1 wrote the hypernetwork.
+    changed = [n for n, p in server.hypernet.named_parameters() if not torch.equal(p, params_before[n])]
+    assert "client_embeddings" in changed and any(n.startswith("trunk") for n in changed)
+
+
+def test_without_masks_earlier_clients_drift():
+    """The control: the same run without masks (pFedHN) changes batch-0 clients' weights."""
+    server, clients = make_server(with_masks=False)
+    run_stage(server, clients, 0)
+    before = server.generate(0).clone()
+    run_stage(server, clients, 1)
+    assert not torch.equal(before, server.generate(0))
+
+
+def test_sparsity_penalty_charges_only_fresh_units():
+    gates = masks.BatchGates(num_batches=2, num_layers=1, hidden=4)
+    with torch.no_grad():
+        gates.embeddings[0] = torch.tensor([[1.0, 1.0, -1.0, -1.0]])
+        gates.embeddings[1] = torch.tensor([[1.0, 1.0, -1.0, -1.0]])
+    gates.finish(0)                                         # batch 0 owns units 0 and 1
+    # Batch 1 gates on exactly the owned units: no charge at all.
+    assert gates.sparsity_penalty(1, s=400.0).item() == pytest.approx(0.0, abs=1e-12)
+    with torch.no_grad():
+        gates.embeddings[1] = torch.tensor([[-1.0, -1.0, 1.0, -1.0]])
+    assert gates.sparsity_penalty(1, s=400.0).item() > 0.4  # one of the two fresh units is on
+
+
+def test_binarised_gates_are_exactly_zero_or_one_and_ownership_accumulates():
+    torch.manual_seed(0)
+    gates = masks.BatchGates(num_batches=3, num_layers=2, hidden=8)
+    stats0 = gates.finish(0)
+    assert set(gates.binary[0].unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(gates.gate(0, s=0.001), gates.binary[0])   # frozen: s no longer matters
+    assert torch.equal(gates.owned, gates.binary[0] > 0)
+    stats1 = gates.finish(1)
+    assert torch.equal(gates.owned, (gates.binary[0] > 0) | (gates.binary[1] > 0))
+    assert stats0["reuse"] == 0.0 and 0 < stats1["reuse"] <= 1
+    assert stats1["owned"] >= stats0["owned"]
+
+
+def test_free_masks_freeze_exactly_what_earlier_batches_read():
+    server, _ = make_server(with_masks=True, hidden=4, layers=2)
+    gates = server.hypernet.gates
+    with torch.no_grad():
+        gates.embeddings[0] = torch.tensor([[1.0, -1, -1, -1], [1.0, 1, -1, -1]])
+    gates.finish(0)
+    free = gates.free_masks(server.hypernet, 1)
+    assert free["trunk.0.weight"][0].sum() == 0 and free["trunk.0.weight"][1:].all()
+    w1 = free["trunk.1.weight"]                   # rows: layer-1 units, columns: layer-0 units
+    assert w1[0, 0] == 0 and w1[1, 0] == 0        # both ends owned: frozen
+    assert w1[0, 1] == 1 and w1[2, 0] == 1        # one end fresh: writable
+    assert free["head.weight"][:, :2].sum() == 0 and free["head.weight"][:, 2:].all()
+    assert free["head.bias"].sum() == 0 and free["chunk_embeddings"].sum() == 0
+    assert free["gates.embeddings"][0].sum() == 0 and free["gates.embeddings"][1].all()
+
+
+def test_annealing_runs_from_one_over_smax_to_smax():
+    gates = masks.BatchGates(1, 1, 2, s_max=400.0)
+    assert gates.scale(0.0) == pytest.approx(1 / 400)
+    assert gates.scale(1.0) == pytest.approx(400.0)

@@ -1,0 +1,209 @@
+"""Run pFedDSH (or a baseline) on progressively onboarded batches of clients: the paper's experiments.
+
+    python train.py --dataset cifar10 --batches 2                     # paper-scale protocol, wants a GPU
+    python train.py --dataset cifar10 --data-dir ../shared/data --batches 2 --preset cpu-demo
+
+Wires data.py (clients and their splits), hypernet.py (ResNet-18 target + hypernetwork), masks.py
+(sub-hypernetwork per batch) and federated.py (server, clients, onboarding loop), then writes
+<out>/results.json: the configuration, the batches, the accuracy matrix A[t][i] and the metrics.
+Bad input ends with one line on stderr and exit code 2.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+# Defaults are the paper-scale protocol (hours on one GPU); presets override whatever was not given.
+DEFAULTS = dict(dataset="cifar10", data_dir="data", batches=2, clients_per_batch=10, classes_per_client=None,
+                partition="pathological", alpha=0.5, rounds=300, clients_per_round=5, local_steps=50,
+                batch_size=64, lr=0.05, width=64, method="pfeddsh", seed=0, device="auto", out=None,
+                server_lr=3e-3, server_optimizer="adam", hidden=128, hyper_layers=3, chunk_size=4096,
+                embed_dim=32, sparsity=0.75, s_max=400.0, val_fraction=0.1)
+PRESETS = {
+    # Same pipeline on a 2-core CPU in a few minutes: narrow ResNet-18, 5 clients per batch, short stages.
+    "cpu-demo": dict(width=16, clients_per_batch=5, rounds=40, clients_per_round=5, local_steps=5),
+}
+METHODS = ["pfedhn", "pfeddsh"]
+
+
+class CliError(Exception):
+    """A user mistake: printed as one line, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):             # argparse's default prints the whole usage block first
+        raise CliError(message)
+
+
+def build_parser():
+    p = Parser(description=__doc__.split("\n")[0])
+    a = p.add_argument
+    a("--dataset", help="cifar10 | cifar100 | tinyimagenet")
+    a("--data-dir", help="folder holding <dataset>/train_*.npz, test.npz (default: data)")
+    a("--batches", type=int, help="number of client batches that join one after another (T)")
+    a("--clients-per-batch", type=int)
+    a("--classes-per-client", type=int, help="pathological split: classes per client (default 2/10/20)")
+    a("--partition", choices=["pathological", "dirichlet"])
+    a("--alpha", type=float, help="Dirichlet concentration")
+    a("--rounds", type=int, help="server rounds per stage")
+    a("--clients-per-round", type=int)
+    a("--local-steps", type=int, help="client SGD steps per round (K)")
+    a("--batch-size", type=int)
+    a("--lr", type=float, help="client SGD learning rate")
+    a("--width", type=int, help="ResNet-18 width multiplier (64 = standard)")
+    a("--method", help=" | ".join(METHODS))
+    a("--seed", type=int)
+    a("--device", choices=["auto", "cpu", "cuda"])
+    a("--out", help="output folder (default runs/<method>-<dataset>-s<seed>)")
+    a("--preset", choices=sorted(PRESETS))
+    a("--overwrite", action="store_true", help="replace results already in --out")
+    g = p.add_argument_group("hypernetwork and masks")
+    g.add_argument("--server-lr", type=float)
+    g.add_argument("--server-optimizer", choices=["adam", "sgd"])
+    g.add_argument("--hidden", type=int, help="hypernetwork trunk width")
+    g.add_argument("--hyper-layers", type=int, help="hypernetwork trunk depth")
+    g.add_argument("--chunk-size", type=int)
+    g.add_argument("--embed-dim", type=int)
+    g.add_argument("--sparsity", type=float, help="HAT sparsity penalty c")
+    g.add_argument("--s-max", type=float, help="HAT gate annealing s_max")
+    g.add_argument("--val-fraction", type=float)
+    return p
+
+
+def resolve_config(argv):
+    args = build_parser().parse_args(argv)
+    preset = PRESETS.get(args.preset, {})
+    config = {}
+    for key, default in DEFAULTS.items():
+        given = getattr(args, key)
+        config[key] = given if given is not None else preset.get(key, default)
+    config["preset"], config["overwrite"] = args.preset, args.overwrite
+    validate(config)
+    return config
+
+
+def validate(c):
+    import data
+    if c["dataset"] not in data.DATASETS:
+        raise CliError(f"unknown dataset '{c['dataset']}': choose from {', '.join(data.DATASETS)}")
+    if c["method"] not in METHODS:
+        raise CliError(f"unknown method '{c['method']}': choose from {', '.join(METHODS)}")
+    for key in ["batches", "clients_per_batch", "rounds", "clients_per_round", "local_steps", "batch_size",
+                "width", "hidden", "hyper_layers", "chunk_size", "embed_dim"]:
+        if c[key] < 1:
+            raise CliError(f"--{key.replace('_', '-')} must be a positive integer, got {c[key]}")
+    for key in ["lr", "server_lr", "alpha", "s_max"]:
+        if not c[key] > 0:
+            raise CliError(f"--{key.replace('_', '-')} must be positive, got {c[key]}")
+    if c["sparsity"] < 0:
+        raise CliError(f"--sparsity must be >= 0, got {c['sparsity']}")
+    if c["classes_per_client"] is not None and c["classes_per_client"] < 1:
+        raise CliError(f"--classes-per-client must be a positive integer, got {c['classes_per_client']}")
+    if c["classes_per_client"] is not None and c["classes_per_client"] > data.DATASETS[c["dataset"]]:
+        raise CliError(f"--classes-per-client {c['classes_per_client']} is more than {c['dataset']} has "
+                       f"({data.DATASETS[c['dataset']]} classes)")
+    if not 0 <= c["val_fraction"] < 1:
+        raise CliError(f"--val-fraction must be in [0, 1), got {c['val_fraction']}")
+    if c["device"] == "cuda" and not torch.cuda.is_available():
+        raise CliError("--device cuda was asked for but CUDA is not available here; use --device cpu or auto")
+
+
+def build(config, device):
+    """Data, clients, target model and server, all from one config."""
+    import data
+    import federated as fl
+    import hypernet as hn
+    import masks
+
+    torch.manual_seed(config["seed"])
+    dataset = data.load_dataset(config["dataset"], config["data_dir"], device=device)
+    num_clients = config["batches"] * config["clients_per_batch"]
+    classes_per_client = config["classes_per_client"] or data.DEFAULT_CLASSES_PER_CLIENT[config["dataset"]]
+    splits = data.partition(dataset.y_train, dataset.y_test, num_clients, dataset.num_classes,
+                            scheme=config["partition"], classes_per_client=classes_per_client,
+                            alpha=config["alpha"], val_fraction=config["val_fraction"], seed=config["seed"])
+    batches = data.assign_batches(num_clients, config["batches"], config["seed"])
+    model = hn.ResNet18(dataset.num_classes, config["width"]).to(device)
+    gates = None
+    if config["method"] == "pfeddsh":
+        gates = masks.BatchGates(config["batches"], config["hyper_layers"], config["hidden"], s_max=config["s_max"])
+    hypernet = hn.HyperNetwork(model, num_clients, embed_dim=config["embed_dim"], hidden=config["hidden"],
+                               num_layers=config["hyper_layers"], chunk_size=config["chunk_size"],
+                               gates=gates).to(device)
+    clients = [fl.Client(cid, dataset, splits[cid], model, hypernet.unflatten, hypernet.flatten, config["seed"])
+               for cid in range(num_clients)]
+    server = fl.Server(hypernet, model, batches, optimizer=config["server_optimizer"],
+                       server_lr=config["server_lr"], sparsity=config["sparsity"])
+    return dataset, clients, server, batches
+
+
+def print_table(accuracy_by_batch, ri_per_batch, neurons):
+    header = "stage | " + " | ".join(f"batch {b}" for b in range(len(accuracy_by_batch[0])))
+    print(header)
+    for t, row in enumerate(accuracy_by_batch):
+        cells = " | ".join("   -   " if a is None else f"{a:7.4f}" for a in row)
+        extra = ""
+        if neurons[t] is not None:
+            extra = f"   neurons used {neurons[t]['used']:.2f} owned {neurons[t]['owned']:.2f} reuse {neurons[t]['reuse']:.2f}"
+        print(f"{t:5d} | {cells}{extra}")
+    print("RI per batch: " + ", ".join(f"{r:+.4f}" for r in ri_per_batch))
+
+
+def main(argv=None):
+    import data
+    import federated as fl
+    import hypernet as hn
+    from tqdm import tqdm
+
+    config = resolve_config(argv)
+    device = torch.device("cuda" if config["device"] == "auto" and torch.cuda.is_available()
+                          else ("cpu" if config["device"] == "auto" else config["device"]))
+    out = config["out"] or os.path.join("runs", f"{config['method']}-{config['dataset']}-s{config['seed']}")
+    config["out"] = out
+    results_path = os.path.join(out, "results.json")
+    if os.path.exists(results_path) and not config["overwrite"]:
+        raise CliError(f"{results_path} already exists: pick another --out or pass --overwrite")
+    try:
+        dataset, clients, server, batches = build(config, device)
+    except data.DataError as e:
+        raise CliError(str(e)) from None
+
+    print(f"{config['method']} on {config['dataset']} | device {device} | {len(clients)} clients in "
+          f"{len(batches)} batches | ResNet-18 width {config['width']}: "
+          f"{hn.count_parameters(server.model) / 1e6:.2f} M weights, hypernetwork "
+          f"{hn.count_parameters(server.hypernet) / 1e6:.2f} M parameters")
+    bar = tqdm(total=config["batches"] * config["rounds"], desc="rounds", dynamic_ncols=True)
+    accuracy, neurons, stage_seconds = fl.onboard(
+        server, clients, batches, rounds=config["rounds"], clients_per_round=config["clients_per_round"],
+        local_steps=config["local_steps"], batch_size=config["batch_size"], lr=config["lr"],
+        seed=config["seed"], progress_bar=bar)
+    bar.close()
+
+    test_sizes = [len(c.y_test) for c in clients]
+    m = fl.metrics(accuracy, batches, test_sizes)
+    print_table(m["batch_acc"], m["ri_per_batch"], neurons)
+    print(f"mean accuracy {m['mean_acc']:.4f} (weighted {m['weighted_acc']:.4f}), RI {m['ri']:+.4f}")
+    results = {"config": config, "batches": batches, "accuracy": accuracy, "metrics": m,
+               "neurons": neurons if config["method"] == "pfeddsh" else None,
+               "test_sizes": test_sizes, "time_s": stage_seconds, "device": str(device)}
+    os.makedirs(out, exist_ok=True)
+    tmp = results_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, results_path)       # never leave a half-written results.json behind
+    print(f"wrote {results_path}")
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except CliError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
