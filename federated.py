@@ -112,7 +112,10 @@ class Server:
         self.stage = t
         self.optimizer.reset()
         gates = self.hypernet.gates
-        self.free = gates.free_masks(self.hypernet, t) if gates is not None else {}
+        self.free = {}
+        if gates is not None:
+            gates.prepare(self.hypernet, t)
+            self.free = gates.free_masks(self.hypernet, t)
 
     def train_round(self, client_ids, clients, progress, steps, batch_size, lr):
         """One pFedHN round: generate for the round's clients in one call, local training, one server step."""
@@ -128,7 +131,12 @@ class Server:
             penalty = self.sparsity * gates.sparsity_penalty(self.stage, self.s)
             grads["gates.embeddings"] += torch.autograd.grad(penalty, gates.embeddings)[0]
             grads["gates.embeddings"] = gates.compensate(grads["gates.embeddings"], self.stage, self.s)
+        # Clip the hypernetwork's gradient, not the gates': HAT's compensation scales gate gradients by up
+        # to s_max/s (1e5 early in a stage), which would otherwise swallow every other gradient in the clip.
+        gate_grad = grads.pop("gates.embeddings", None)
         grads, _ = hn.clip_gradients(grads, self.grad_clip)
+        if gate_grad is not None:
+            grads["gates.embeddings"] = gate_grad
         free = dict(self.free)
         rows = torch.zeros_like(self.hypernet.client_embeddings)
         rows[client_ids] = 1.0                        # only the round's clients' embeddings may move

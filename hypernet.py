@@ -129,8 +129,8 @@ class HyperNetwork(nn.Module):
         self.num_chunks = math.ceil(self.num_weights / chunk_size)
         self.hidden, self.num_layers = hidden, num_layers
 
-        # pFedHN initialises embeddings N(0, 1); a smaller spread keeps clients' first models similar.
-        self.client_embeddings = nn.Parameter(0.1 * torch.randn(num_clients, embed_dim))
+        # N(0, 1) as in pFedHN: clients must be told apart from the first round on.
+        self.client_embeddings = nn.Parameter(torch.randn(num_clients, embed_dim))
         self.chunk_embeddings = nn.Parameter(torch.randn(self.num_chunks, chunk_embed_dim))
         sizes = [embed_dim + chunk_embed_dim] + [hidden] * num_layers
         self.trunk = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))

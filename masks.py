@@ -93,6 +93,19 @@ class BatchGates(nn.Module):
         masks["gates.embeddings"] = gates
         return masks
 
+    @torch.no_grad()
+    def prepare(self, hypernet, batch):
+        """A new batch starts from what earlier batches built, and from nothing else.
+
+        Head columns of units nobody owns are zeroed, so fresh units add exactly nothing to the new
+        clients' first models (random columns would add noise on top of the owned units' knowledge);
+        they still learn, since their gradient is their activation times the output gradient. The new
+        gate starts "on" for every owned unit (reading them is free) and HAT-random elsewhere.
+        """
+        hypernet.head.weight[:, ~self.owned[-1]] = 0.0
+        e = self.embeddings[batch]
+        e.copy_(torch.where(self.owned, e.abs(), e))
+
     # --- end of a stage ------------------------------------------------------------------------------
 
     @torch.no_grad()

@@ -1,0 +1,95 @@
+"""End to end: train.py on tiny generated data, the results.json it writes, and bad input (exit 2)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import train  # noqa: E402
+
+TINY = ["--dataset", "cifar10", "--batches", "2", "--clients-per-batch", "2", "--rounds", "4",
+        "--clients-per-round", "2", "--local-steps", "3", "--batch-size", "16", "--width", "4",
+        "--hidden", "16", "--chunk-size", "256", "--embed-dim", "4", "--device", "cpu"]
+
+
+def run_tiny(tiny_data_dir, out, *extra):
+    return train.main(TINY + ["--data-dir", str(tiny_data_dir), "--out", str(out), *extra])
+
+
+@pytest.mark.parametrize("method", ["pfedhn", "pfeddsh"])
+def test_two_batch_run_writes_valid_results(tiny_data_dir, tmp_path, method):
+    run_tiny(tiny_data_dir, tmp_path / method, "--method", method)
+    results = json.loads((tmp_path / method / "results.json").read_text())
+    assert results["config"]["method"] == method and results["config"]["rounds"] == 4
+    batches = results["batches"]
+    assert sorted(c for b in batches for c in b) == [0, 1, 2, 3] and len(batches) == 2
+    accuracy = results["accuracy"]
+    assert len(accuracy) == 2 and all(len(row) == 4 for row in accuracy)
+    for cid in batches[1]:
+        assert accuracy[0][cid] is None                 # batch 1 had not joined after stage 0
+    for row in accuracy:
+        assert all(a is None or 0.0 <= a <= 1.0 for a in row)
+    assert all(0.0 <= a <= 1.0 for a in accuracy[1])
+    m = results["metrics"]
+    assert set(m) >= {"mean_acc", "weighted_acc", "ri", "ri_per_batch"} and len(m["ri_per_batch"]) == 1
+    expected_ri = sum(accuracy[1][c] - accuracy[0][c] for c in batches[0]) / len(batches[0])
+    assert m["ri"] == pytest.approx(expected_ri)
+    assert len(results["time_s"]) == 2
+    if method == "pfeddsh":
+        assert m["ri"] == 0.0                            # masks: batch 0 is bitwise frozen
+        assert [set(n) >= {"used", "owned", "reuse"} for n in results["neurons"]] == [True, True]
+
+
+def test_masks_keep_batch0_accuracy_identical_and_new_batch_learns(tiny_data_dir, tmp_path):
+    results = run_tiny(tiny_data_dir, tmp_path, "--method", "pfeddsh", "--rounds", "40", "--local-steps", "2",
+                       "--lr", "0.02", "--server-lr", "1e-2", "--width", "8", "--hidden", "64")
+    batch0, batch1 = results["batches"]
+    assert [results["accuracy"][0][c] for c in batch0] == [results["accuracy"][1][c] for c in batch0]
+    # Each tiny client holds 2 classes, so chance is about 0.5; batch 1 learns on top of batch 0's units.
+    assert min(results["accuracy"][1][c] for c in batch1) > 0.7, results["accuracy"]
+    assert results["neurons"][1]["reuse"] > 0
+
+
+def test_refuses_to_overwrite_another_runs_results(tiny_data_dir, tmp_path):
+    run_tiny(tiny_data_dir, tmp_path, "--rounds", "1")
+    with pytest.raises(train.CliError, match="already exists"):
+        run_tiny(tiny_data_dir, tmp_path, "--rounds", "1")
+
+
+def cli(*args, cwd):
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+
+
+BAD_INPUT = {
+    "unknown dataset": (["--dataset", "mnist"], "unknown dataset"),
+    "no data offline": (["--dataset", "cifar10", "--data-dir", "{empty}"], "not found"),
+    "too many clients": (["--clients-per-batch", "400"], "more than the data supports"),
+    "too many classes": (["--classes-per-client", "11"], "more than cifar10 has"),
+    "non-positive count": (["--rounds", "0"], "--rounds must be a positive integer"),
+    "negative lr": (["--lr", "-1"], "--lr must be positive"),
+    "not a number": (["--batches", "two"], "invalid int value"),
+    "unknown method": (["--method", "nope"], "unknown method"),
+    "cuda without cuda": (["--device", "cuda"], "CUDA is not available"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_bad_input_exits_2_with_one_line(case, tiny_data_dir, tmp_path):
+    args, expected = BAD_INPUT[case]
+    if case == "cuda without cuda":
+        import torch
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = [a.replace("{empty}", str(empty)) for a in args]
+    base = ["--data-dir", str(tiny_data_dir)] if "--data-dir" not in args else []
+    done = cli(*base, *args, "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert expected in lines[0] and "Traceback" not in done.stderr
