@@ -1,5 +1,5 @@
-"""Data-free replay, synthesis half: DeepInversion on a client's generated model (paper: the "data-free
-replay" for backward transfer; DESIGN.md §5).
+"""Data-free replay: DeepInversion on a client's generated model, then backward transfer (paper: the
+"data-free replay" for backward transfer; DESIGN.md §5).
 
 After stage t the server holds, for every new client j, only (a) the weights its hypernetwork generated
 for j, (b) the BatchNorm running statistics j uploaded and (c) j's label counts. From these it dreams a
@@ -7,16 +7,17 @@ batch of images per client: starting from noise, optimise the pixels so that
   - at every BN layer the batch's per-channel mean / variance of the BN *input* match j's running stats,
   - j's model classifies them as targets drawn in proportion to j's label counts,
   - image priors (total variation, l2) keep them smooth; random jitter and flips make them robust.
-The backward fine-tuning that consumes these images lives elsewhere (federated.py).
+backward_transfer then uses them to fine-tune what belongs to each earlier client (DESIGN §5).
 
 Owns: the BN-statistics loss and the removable hooks that compute it, the optimisation loop (several
-clients in one vmapped computation), and save_grid for looking at the results.
+clients in one vmapped computation), save_grid for looking at the results, and backward_transfer.
 
 DeepInversion: Yin et al., "Dreaming to Distill: Data-free Knowledge Transfer via DeepInversion", CVPR
 2020 (NVlabs/DeepInversion). Two known bugs of the public script are avoided here: its hooks are never
 removed, and its "best" batch is an alias of the pixels being optimised, so it returns the last iterate.
 """
 import math
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -203,3 +204,83 @@ def save_grid(images, mean, std, path, nrow=16):
     mean = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
     std = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
     torchvision.utils.save_image((images.detach() * std + mean).clamp(0, 1), path, nrow=nrow)
+
+
+# --------------------------------------------------------------------------------------------------
+# Backward transfer: the synthetic images improve earlier clients (DESIGN.md §5)
+# --------------------------------------------------------------------------------------------------
+
+def distillation_loss(student_logits, teacher_logits, temperature):
+    """Hinton's KD: KL(teacher || student) at temperature T, times T^2 to keep gradients comparable."""
+    teacher = F.softmax(teacher_logits / temperature, dim=1)
+    return F.kl_div(F.log_softmax(student_logits / temperature, dim=1), teacher,
+                    reduction="batchmean") * temperature ** 2
+
+
+def backward_transfer(server, t, validate, *, num_images=32, iterations=100, steps=20, lr=1e-2, kd_weight=1.0,
+                      temperature=2.0, seed=0):
+    """After stage t: dream images from batch t's clients and use them to improve every earlier client.
+
+    The server uses only what it holds: its hypernetwork, each new client's BN statistics and label
+    counts. `validate(cid, flat_weights) -> (accuracy, loss)` runs ON the client, on its own validation
+    split, and only those two numbers come back. For earlier client i only its own embedding row and
+    its own borrow-gate row may change, so no other client can be disturbed; the change is kept only
+    if i's validation accuracy rises (or stays equal with a lower loss), else i is restored bitwise.
+    """
+    from hypernet import ServerOptimizer, run_model   # local import: deepinversion.py stays standalone
+
+    hypernet, model, gates = server.hypernet, server.model, server.hypernet.gates
+    new_clients = server.batches[t]
+    teachers = [Teacher(hypernet.unflatten(server.generate(j)), server.bn_stats[j], server.label_counts[j])
+                for j in new_clients]
+    start = time.time()
+    dreamed = synthesize(model, teachers, num_images=num_images, iterations=iterations, seed=seed,
+                         image_size=server.image_size)
+    synthesis_s = time.time() - start
+    images = torch.cat([d.images for d in dreamed])
+    labels = torch.cat([d.labels for d in dreamed])
+    model.eval()
+    with torch.no_grad():       # each image's teacher is the client it was dreamed from
+        teacher_logits = torch.cat([run_model(model, teacher.weights, teacher.bn_stats, d.images)
+                                    for teacher, d in zip(teachers, dreamed)])
+
+    params = {"client_embeddings": hypernet.client_embeddings}
+    if gates is not None:
+        params["gates.borrow"] = gates.borrow
+    report = {"synthesis_s": synthesis_s, "bn_loss_start": [d.bn_loss_start for d in dreamed],
+              "bn_loss_end": [d.bn_loss_end for d in dreamed], "accepted": 0, "rejected": 0, "skipped": 0,
+              "val_gain": [], "images": images, "labels": labels}
+    for k in range(t):
+        for i in server.batches[k]:
+            held = server.label_counts[i] > 0
+            keep = held.to(labels.device)[labels]
+            if not keep.any():                      # no new client dreamed any class client i holds
+                report["skipped"] += 1
+                continue
+            x, y, soft = images[keep], labels[keep], teacher_logits[keep]
+            classes = held.nonzero().flatten().to(x.device)
+            y_local = torch.searchsorted(classes, y)       # labels as positions in i's own class list
+            saved = {name: p.detach().clone() for name, p in params.items()}
+            free = {name: torch.zeros_like(p) for name, p in params.items()}
+            free["client_embeddings"][i] = 1.0
+            if gates is not None:
+                free["gates.borrow"][i] = 1.0
+            optimizer = ServerOptimizer(params, kind="adam", lr=lr)
+            before = validate(i, server.generate(i))
+            for _ in range(steps):
+                flat = hypernet([i], [k])[0]
+                logits = run_model(model, hypernet.unflatten(flat), server.bn_stats[i], x)[:, classes]
+                loss = F.cross_entropy(logits, y_local) + kd_weight * distillation_loss(
+                    logits, soft[:, classes], temperature)
+                grads = torch.autograd.grad(loss, list(params.values()))
+                optimizer.step(dict(zip(params, grads)), free)
+            after = validate(i, server.generate(i))
+            if after[0] > before[0] or (after[0] == before[0] and after[1] < before[1]):
+                report["accepted"] += 1
+                report["val_gain"].append(after[0] - before[0])
+            else:
+                report["rejected"] += 1
+                with torch.no_grad():
+                    for name, p in params.items():
+                        p.copy_(saved[name])
+    return report

@@ -67,26 +67,28 @@ class Client:
 
     @torch.no_grad()
     def evaluate(self, flat_weights, bn_stats, split="test", batch_size=1000):
-        """Accuracy of the model it is sent, on its own held-out data; only the number goes back."""
+        """(accuracy, mean loss) of the model it is sent, on its own held-out data; only numbers go back."""
         x_all, y_all = (self.x_test, self.y_test) if split == "test" else (self.x_val, self.y_val)
         if len(y_all) == 0:
-            return float("nan")
+            return float("nan"), float("nan")
         weights = self.unflatten(flat_weights)
         self.model.eval()
-        correct = 0
+        correct, loss = 0, 0.0
         for start in range(0, len(y_all), batch_size):
             x = data.normalize(x_all[start:start + batch_size], self.mean, self.std)
+            y = y_all[start:start + batch_size]
             logits = hn.run_model(self.model, weights, bn_stats, x)
-            correct += (logits.argmax(1) == y_all[start:start + batch_size]).sum().item()
-        return correct / len(y_all)
+            correct += (logits.argmax(1) == y).sum().item()
+            loss += F.cross_entropy(logits, y, reduction="sum").item()
+        return correct / len(y_all), loss / len(y_all)
 
 
 class Server:
     """The hypernetwork and all per-client state the server may hold (embeddings, BN statistics)."""
 
     def __init__(self, hypernet, model, batches, *, optimizer="adam", server_lr=3e-3, server_momentum=0.9,
-                 server_weight_decay=0.0, grad_clip=50.0, sparsity=0.75):
-        self.hypernet, self.model, self.batches = hypernet, model, batches
+                 server_weight_decay=0.0, grad_clip=50.0, sparsity=0.75, image_size=32):
+        self.hypernet, self.model, self.batches, self.image_size = hypernet, model, batches, image_size
         self.batch_of = {cid: t for t, ids in enumerate(batches) for cid in ids}
         self.params = dict(hypernet.named_parameters())
         self.optimizer = hn.ServerOptimizer(
@@ -162,15 +164,21 @@ class Server:
 # ------------------------------------------------------------------------------------------------------
 
 def evaluate_all(server, clients, seen):
-    return {cid: clients[cid].evaluate(server.generate(cid), server.bn_stats[cid]) for cid in seen}
+    return {cid: clients[cid].evaluate(server.generate(cid), server.bn_stats[cid])[0] for cid in seen}
 
 
 def onboard(server, clients, batches, *, rounds, clients_per_round, local_steps, batch_size, lr, seed,
-            progress_bar=None, log=print):
-    """Run every stage; returns (accuracy matrix, neuron accounting per stage, seconds per stage)."""
+            progress_bar=None, replay=None):
+    """Run every stage; returns (accuracy matrix, neuron accounting, seconds per stage, replay reports).
+
+    `replay`: None, or the keyword arguments of deepinversion.backward_transfer, run after every stage
+    t > 0 once batch t's masks are frozen.
+    """
+    import deepinversion
+
     rng = np.random.default_rng(seed)
     num_clients = sum(len(b) for b in batches)
-    accuracy, neurons, stage_seconds = [], [], []
+    accuracy, neurons, stage_seconds, replays = [], [], [], []
     seen = []
     for t, batch in enumerate(batches):
         start = time.time()
@@ -182,11 +190,18 @@ def onboard(server, clients, batches, *, rounds, clients_per_round, local_steps,
                 progress_bar.set_postfix(stage=f"{t + 1}/{len(batches)}", loss=f"{loss:.3f}")
                 progress_bar.update(1)
         neurons.append(server.end_stage(t))
+        if replay is not None and t > 0:
+            def validate(cid, flat):        # runs on client cid, with its own validation data
+                return clients[cid].evaluate(flat, server.bn_stats[cid], split="val")
+            replay_start = time.time()
+            report = deepinversion.backward_transfer(server, t, validate, seed=seed + t, **replay)
+            report["replay_s"] = time.time() - replay_start
+            replays.append(report)
         seen += batch
         acc = evaluate_all(server, clients, seen)
         accuracy.append([acc.get(cid) for cid in range(num_clients)])
         stage_seconds.append(time.time() - start)
-    return accuracy, neurons, stage_seconds
+    return accuracy, neurons, stage_seconds, replays
 
 
 def metrics(accuracy, batches, test_sizes):

@@ -24,11 +24,14 @@ import torch.nn as nn
 
 
 class BatchGates(nn.Module):
-    def __init__(self, num_batches, num_layers, hidden, s_max=400.0, clamp=6.0):
+    def __init__(self, num_batches, num_layers, hidden, num_clients, s_max=400.0, clamp=6.0):
         super().__init__()
         self.s_max, self.clamp = s_max, clamp
         # HAT initialises gate embeddings N(0, 1): about half the units start "on" for a new batch.
         self.embeddings = nn.Parameter(torch.randn(num_batches, num_layers, hidden))
+        # Replay's "borrow" gates (our proposal, DESIGN §5): how much client i reads units that LATER
+        # batches own. Exactly zero until replay trains them, so they change nothing before that.
+        self.borrow = nn.Parameter(torch.zeros(num_clients, num_layers, hidden))
         self.register_buffer("binary", torch.zeros(num_batches, num_layers, hidden))
         self.register_buffer("owned", torch.zeros(num_layers, hidden, dtype=torch.bool))
         self.register_buffer("finished", torch.zeros(num_batches, dtype=torch.bool))
@@ -44,6 +47,14 @@ class BatchGates(nn.Module):
         if self.finished[batch]:
             return self.binary[batch]
         return torch.sigmoid(s * self.embeddings[batch])
+
+    def client_gate(self, client, batch, s):
+        """The gate one client's weights are generated with: its batch's gate plus what it borrows."""
+        gate = self.gate(batch, s)
+        if not self.finished[batch]:
+            return gate
+        borrowable = (self.owned & (self.binary[batch] == 0)).float()
+        return gate + self.borrow[client] * borrowable     # + 0.0 exactly while borrow is zero
 
     # --- what the optimizer sees ---------------------------------------------------------------------
 
@@ -91,6 +102,7 @@ class BatchGates(nn.Module):
         gates = torch.zeros_like(self.embeddings)
         gates[batch] = 1.0
         masks["gates.embeddings"] = gates
+        masks["gates.borrow"] = torch.zeros_like(self.borrow)    # only replay writes these
         return masks
 
     @torch.no_grad()

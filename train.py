@@ -21,10 +21,12 @@ DEFAULTS = dict(dataset="cifar10", data_dir="data", batches=2, clients_per_batch
                 partition="pathological", alpha=0.5, rounds=300, clients_per_round=5, local_steps=50,
                 batch_size=64, lr=0.05, width=64, method="pfeddsh", seed=0, device="auto", out=None,
                 server_lr=3e-3, server_optimizer="adam", hidden=128, hyper_layers=3, chunk_size=4096,
-                embed_dim=32, sparsity=0.75, s_max=400.0, val_fraction=0.1)
+                embed_dim=32, sparsity=0.75, s_max=400.0, val_fraction=0.1, no_replay=False,
+                replay_images=64, replay_iterations=200, replay_steps=30, replay_lr=1e-2)
 PRESETS = {
     # Same pipeline on a 2-core CPU in a few minutes: narrow ResNet-18, 5 clients per batch, short stages.
-    "cpu-demo": dict(width=16, clients_per_batch=5, rounds=40, clients_per_round=5, local_steps=5),
+    "cpu-demo": dict(width=16, clients_per_batch=5, rounds=40, clients_per_round=5, local_steps=5,
+                     replay_images=32, replay_iterations=100, replay_steps=20),
 }
 METHODS = ["pfedhn", "pfeddsh"]
 
@@ -70,6 +72,12 @@ def build_parser():
     g.add_argument("--sparsity", type=float, help="HAT sparsity penalty c")
     g.add_argument("--s-max", type=float, help="HAT gate annealing s_max")
     g.add_argument("--val-fraction", type=float)
+    r = p.add_argument_group("data-free replay (pfeddsh)")
+    r.add_argument("--no-replay", action="store_true", default=None, help="masks only: RI is then exactly 0")
+    r.add_argument("--replay-images", type=int, help="synthetic images per new client")
+    r.add_argument("--replay-iterations", type=int, help="DeepInversion iterations")
+    r.add_argument("--replay-steps", type=int, help="fine-tuning steps per earlier client")
+    r.add_argument("--replay-lr", type=float)
     return p
 
 
@@ -81,6 +89,7 @@ def resolve_config(argv):
         given = getattr(args, key)
         config[key] = given if given is not None else preset.get(key, default)
     config["preset"], config["overwrite"] = args.preset, args.overwrite
+    config["no_replay"] = bool(config["no_replay"])
     validate(config)
     return config
 
@@ -92,10 +101,11 @@ def validate(c):
     if c["method"] not in METHODS:
         raise CliError(f"unknown method '{c['method']}': choose from {', '.join(METHODS)}")
     for key in ["batches", "clients_per_batch", "rounds", "clients_per_round", "local_steps", "batch_size",
-                "width", "hidden", "hyper_layers", "chunk_size", "embed_dim"]:
+                "width", "hidden", "hyper_layers", "chunk_size", "embed_dim", "replay_images",
+                "replay_iterations", "replay_steps"]:
         if c[key] < 1:
             raise CliError(f"--{key.replace('_', '-')} must be a positive integer, got {c[key]}")
-    for key in ["lr", "server_lr", "alpha", "s_max"]:
+    for key in ["lr", "server_lr", "alpha", "s_max", "replay_lr"]:
         if not c[key] > 0:
             raise CliError(f"--{key.replace('_', '-')} must be positive, got {c[key]}")
     if c["sparsity"] < 0:
@@ -129,14 +139,15 @@ def build(config, device):
     model = hn.ResNet18(dataset.num_classes, config["width"]).to(device)
     gates = None
     if config["method"] == "pfeddsh":
-        gates = masks.BatchGates(config["batches"], config["hyper_layers"], config["hidden"], s_max=config["s_max"])
+        gates = masks.BatchGates(config["batches"], config["hyper_layers"], config["hidden"], num_clients,
+                                 s_max=config["s_max"])
     hypernet = hn.HyperNetwork(model, num_clients, embed_dim=config["embed_dim"], hidden=config["hidden"],
                                num_layers=config["hyper_layers"], chunk_size=config["chunk_size"],
                                gates=gates).to(device)
     clients = [fl.Client(cid, dataset, splits[cid], model, hypernet.unflatten, hypernet.flatten, config["seed"])
                for cid in range(num_clients)]
     server = fl.Server(hypernet, model, batches, optimizer=config["server_optimizer"],
-                       server_lr=config["server_lr"], sparsity=config["sparsity"])
+                       server_lr=config["server_lr"], sparsity=config["sparsity"], image_size=dataset.image_size)
     return dataset, clients, server, batches
 
 
@@ -154,6 +165,7 @@ def print_table(accuracy_by_batch, ri_per_batch, neurons):
 
 def main(argv=None):
     import data
+    import deepinversion
     import federated as fl
     import hypernet as hn
     from tqdm import tqdm
@@ -176,11 +188,24 @@ def main(argv=None):
           f"{hn.count_parameters(server.model) / 1e6:.2f} M weights, hypernetwork "
           f"{hn.count_parameters(server.hypernet) / 1e6:.2f} M parameters")
     bar = tqdm(total=config["batches"] * config["rounds"], desc="rounds", dynamic_ncols=True)
-    accuracy, neurons, stage_seconds = fl.onboard(
+    replay = None
+    if config["method"] == "pfeddsh" and not config["no_replay"]:
+        replay = dict(num_images=config["replay_images"], iterations=config["replay_iterations"],
+                      steps=config["replay_steps"], lr=config["replay_lr"])
+    accuracy, neurons, stage_seconds, replays = fl.onboard(
         server, clients, batches, rounds=config["rounds"], clients_per_round=config["clients_per_round"],
         local_steps=config["local_steps"], batch_size=config["batch_size"], lr=config["lr"],
-        seed=config["seed"], progress_bar=bar)
+        seed=config["seed"], progress_bar=bar, replay=replay)
     bar.close()
+    os.makedirs(out, exist_ok=True)
+    for t, report in enumerate(replays, start=1):
+        deepinversion.save_grid(report.pop("images")[:128], dataset.mean, dataset.std,
+                                os.path.join(out, f"synthetic_batch{t}.png"))
+        report.pop("labels")
+        print(f"replay after stage {t}: {report['replay_s']:.1f} s (synthesis {report['synthesis_s']:.1f} s), "
+              f"BN loss {sum(report['bn_loss_start']) / len(report['bn_loss_start']):.2f} -> "
+              f"{sum(report['bn_loss_end']) / len(report['bn_loss_end']):.2f}, updates accepted "
+              f"{report['accepted']}, rejected {report['rejected']}, skipped {report['skipped']}")
 
     test_sizes = [len(c.y_test) for c in clients]
     m = fl.metrics(accuracy, batches, test_sizes)
@@ -188,8 +213,8 @@ def main(argv=None):
     print(f"mean accuracy {m['mean_acc']:.4f} (weighted {m['weighted_acc']:.4f}), RI {m['ri']:+.4f}")
     results = {"config": config, "batches": batches, "accuracy": accuracy, "metrics": m,
                "neurons": neurons if config["method"] == "pfeddsh" else None,
-               "test_sizes": test_sizes, "time_s": stage_seconds, "device": str(device)}
-    os.makedirs(out, exist_ok=True)
+               "test_sizes": test_sizes, "time_s": stage_seconds, "device": str(device),
+               "replay_s": [r["replay_s"] for r in replays], "replay": replays}
     tmp = results_path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(results, f, indent=1)

@@ -38,7 +38,7 @@ def sync(device):
 def time_round(width, clients_per_round, local_steps, device, rounds=2):
     dataset = fake_dataset(device)
     model = hn.ResNet18(10, width).to(device)
-    gates = masks.BatchGates(1, 3, 128)
+    gates = masks.BatchGates(1, 3, 128, clients_per_round)
     net = hn.HyperNetwork(model, clients_per_round, gates=gates).to(device)
     server = fl.Server(net, model, [list(range(clients_per_round))])
     server.begin_stage(0)

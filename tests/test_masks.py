@@ -27,7 +27,7 @@ class FakeClient:
 def make_server(with_masks, optimizer="sgd", hidden=16, layers=2, batches=((0, 1), (2, 3))):
     torch.manual_seed(0)
     model = hn.ResNet18(10, 4)
-    gates = masks.BatchGates(len(batches), layers, hidden) if with_masks else None
+    gates = masks.BatchGates(len(batches), layers, hidden, 4) if with_masks else None
     net = hn.HyperNetwork(model, 4, embed_dim=4, chunk_embed_dim=4, hidden=hidden, num_layers=layers,
                           chunk_size=256, gates=gates)
     # Momentum AND weight decay on: both move parameters whose gradient is zero in torch.optim.
@@ -70,7 +70,7 @@ def test_without_masks_earlier_clients_drift():
 
 
 def test_sparsity_penalty_charges_only_fresh_units():
-    gates = masks.BatchGates(num_batches=2, num_layers=1, hidden=4)
+    gates = masks.BatchGates(num_batches=2, num_layers=1, hidden=4, num_clients=1)
     with torch.no_grad():
         gates.embeddings[0] = torch.tensor([[1.0, 1.0, -1.0, -1.0]])
         gates.embeddings[1] = torch.tensor([[1.0, 1.0, -1.0, -1.0]])
@@ -84,7 +84,7 @@ def test_sparsity_penalty_charges_only_fresh_units():
 
 def test_binarised_gates_are_exactly_zero_or_one_and_ownership_accumulates():
     torch.manual_seed(0)
-    gates = masks.BatchGates(num_batches=3, num_layers=2, hidden=8)
+    gates = masks.BatchGates(num_batches=3, num_layers=2, hidden=8, num_clients=1)
     stats0 = gates.finish(0)
     assert set(gates.binary[0].unique().tolist()) <= {0.0, 1.0}
     assert torch.equal(gates.gate(0, s=0.001), gates.binary[0])   # frozen: s no longer matters
@@ -112,6 +112,6 @@ def test_free_masks_freeze_exactly_what_earlier_batches_read():
 
 
 def test_annealing_runs_from_one_over_smax_to_smax():
-    gates = masks.BatchGates(1, 1, 2, s_max=400.0)
+    gates = masks.BatchGates(1, 1, 2, 1, s_max=400.0)
     assert gates.scale(0.0) == pytest.approx(1 / 400)
     assert gates.scale(1.0) == pytest.approx(400.0)

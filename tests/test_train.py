@@ -21,7 +21,7 @@ def run_tiny(tiny_data_dir, out, *extra):
 
 @pytest.mark.parametrize("method", ["pfedhn", "pfeddsh"])
 def test_two_batch_run_writes_valid_results(tiny_data_dir, tmp_path, method):
-    run_tiny(tiny_data_dir, tmp_path / method, "--method", method)
+    run_tiny(tiny_data_dir, tmp_path / method, "--method", method, "--no-replay")
     results = json.loads((tmp_path / method / "results.json").read_text())
     assert results["config"]["method"] == method and results["config"]["rounds"] == 4
     batches = results["batches"]
@@ -44,7 +44,7 @@ def test_two_batch_run_writes_valid_results(tiny_data_dir, tmp_path, method):
 
 
 def test_masks_keep_batch0_accuracy_identical_and_new_batch_learns(tiny_data_dir, tmp_path):
-    results = run_tiny(tiny_data_dir, tmp_path, "--method", "pfeddsh", "--rounds", "40", "--local-steps", "2",
+    results = run_tiny(tiny_data_dir, tmp_path, "--method", "pfeddsh", "--no-replay", "--rounds", "40", "--local-steps", "2",
                        "--lr", "0.02", "--server-lr", "1e-2", "--width", "8", "--hidden", "64")
     batch0, batch1 = results["batches"]
     assert [results["accuracy"][0][c] for c in batch0] == [results["accuracy"][1][c] for c in batch0]
@@ -53,10 +53,20 @@ def test_masks_keep_batch0_accuracy_identical_and_new_batch_learns(tiny_data_dir
     assert results["neurons"][1]["reuse"] > 0
 
 
+def test_replay_run_writes_synthetic_grid_and_latency(tiny_data_dir, tmp_path):
+    results = run_tiny(tiny_data_dir, tmp_path, "--method", "pfeddsh", "--replay-images", "8",
+                       "--replay-iterations", "5", "--replay-steps", "3")
+    assert (tmp_path / "synthetic_batch1.png").stat().st_size > 0
+    assert len(results["replay_s"]) == 1 and results["replay_s"][0] > 0
+    report = results["replay"][0]
+    assert report["accepted"] + report["rejected"] + report["skipped"] == len(results["batches"][0])
+    assert len(report["bn_loss_start"]) == len(results["batches"][1])
+
+
 def test_refuses_to_overwrite_another_runs_results(tiny_data_dir, tmp_path):
-    run_tiny(tiny_data_dir, tmp_path, "--rounds", "1")
+    run_tiny(tiny_data_dir, tmp_path, "--rounds", "1", "--no-replay")
     with pytest.raises(train.CliError, match="already exists"):
-        run_tiny(tiny_data_dir, tmp_path, "--rounds", "1")
+        run_tiny(tiny_data_dir, tmp_path, "--rounds", "1", "--no-replay")
 
 
 def cli(*args, cwd):
