@@ -249,7 +249,7 @@ def backward_transfer(server, t, validate, *, num_images=32, iterations=100, ste
         params["gates.borrow"] = gates.borrow
     report = {"synthesis_s": synthesis_s, "bn_loss_start": [d.bn_loss_start for d in dreamed],
               "bn_loss_end": [d.bn_loss_end for d in dreamed], "accepted": 0, "rejected": 0, "skipped": 0,
-              "val_gain": [], "images": images, "labels": labels}
+              "val_before": [], "val_after": [], "images": images, "labels": labels}
     for k in range(t):
         for i in server.batches[k]:
             held = server.label_counts[i] > 0
@@ -275,9 +275,10 @@ def backward_transfer(server, t, validate, *, num_images=32, iterations=100, ste
                 grads = torch.autograd.grad(loss, list(params.values()))
                 optimizer.step(dict(zip(params, grads)), free)
             after = validate(i, server.generate(i))
+            report["val_before"].append(list(before))
+            report["val_after"].append(list(after))
             if after[0] > before[0] or (after[0] == before[0] and after[1] < before[1]):
                 report["accepted"] += 1
-                report["val_gain"].append(after[0] - before[0])
             else:
                 report["rejected"] += 1
                 with torch.no_grad():
