@@ -163,6 +163,26 @@ def print_table(accuracy_by_batch, ri_per_batch, neurons):
     print("RI per batch: " + ", ".join(f"{r:+.4f}" for r in ri_per_batch))
 
 
+def plot_neurons(neurons, path):
+    """Capacity over the batches: units each batch uses, units owned so far, and reuse (seed experiment 3)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = range(len(neurons))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(stages, [n["used"] for n in neurons], "o-", label="used by batch t")
+    ax.plot(stages, [n["owned"] for n in neurons], "s-", label="owned by batches <= t")
+    ax.plot(stages, [n["reuse"] for n in neurons], "^--", label="reuse: used & owned before")
+    ax.set_xlabel("batch t")
+    ax.set_ylabel("fraction of hypernetwork hidden units")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None):
     import data
     import deepinversion
@@ -211,6 +231,11 @@ def main(argv=None):
     m = fl.metrics(accuracy, batches, test_sizes)
     print_table(m["batch_acc"], m["ri_per_batch"], neurons)
     print(f"mean accuracy {m['mean_acc']:.4f} (weighted {m['weighted_acc']:.4f}), RI {m['ri']:+.4f}")
+    if config["method"] == "pfeddsh":
+        plot_neurons(neurons, os.path.join(out, "neurons.png"))
+        if neurons[-1]["owned"] == 1.0:
+            print("note: every hypernetwork unit is owned: later batches can only reuse (read) owned units "
+                  "and learn their embeddings and gates")
     results = {"config": config, "batches": batches, "accuracy": accuracy, "metrics": m,
                "neurons": neurons if config["method"] == "pfeddsh" else None,
                "test_sizes": test_sizes, "time_s": stage_seconds, "device": str(device),
