@@ -6,7 +6,7 @@ Owns:
                 COUNTS. No images and no per-sample labels ever reach the server: the type says so.
   * Server      owns the hypernetwork, the clients' embeddings, masks and BN statistics. It generates,
                 updates, and has one place where a stage starts (`begin_stage`) and one where it ends
-                (`end_stage`: masks are frozen there and replay runs there).
+                (`end_stage`: masks are frozen there; `onboard` then runs replay).
   * onboard     the protocol: batch t trains for R rounds, then every client seen so far is evaluated
                 on its own test split with its generated model, filling the accuracy matrix A[t][i].
   * metrics     mean accuracy (unweighted and sample-weighted) and RI, retro-active improvement.
