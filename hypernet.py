@@ -153,7 +153,7 @@ class HyperNetwork(nn.Module):
         c = self.chunk_embeddings.repeat(n, 1)
         h = torch.cat([v, c], dim=1)
         if self.gates is not None:
-            gates = torch.stack([self.gates.client_gate(c, b, s) for c, b in zip(client_ids, batch_of_client)])
+            gates = torch.stack([self.gates.client_gate(cid, b, s) for cid, b in zip(client_ids, batch_of_client)])
             gates = gates.repeat_interleave(self.num_chunks, dim=0)
         for l, layer in enumerate(self.trunk):
             h = torch.relu(layer(h))

@@ -89,7 +89,6 @@ def resolve_config(argv):
         given = getattr(args, key)
         config[key] = given if given is not None else preset.get(key, default)
     config["preset"], config["overwrite"] = args.preset, args.overwrite
-    config["no_replay"] = bool(config["no_replay"])
     validate(config)
     return config
 
