@@ -12,7 +12,7 @@ Owns:
   * metrics     mean accuracy (unweighted and sample-weighted) and RI, retro-active improvement.
 """
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -99,6 +99,9 @@ class Server:
         self.label_counts = {}
         self.stage, self.s = 0, 1.0
         self.free = {}
+        # Numerical faults met and survived (reported in results.json): a NaN/Inf client update is
+        # dropped, a round whose updates were all dropped makes no server step, a diverged replay is undone.
+        self.faults = {"dropped_updates": 0, "skipped_rounds": 0, "dropped_replays": 0}
 
     # --- generation ----------------------------------------------------------------------------------
 
@@ -120,15 +123,25 @@ class Server:
             self.free = gates.free_masks(self.hypernet, t)
 
     def train_round(self, client_ids, clients, progress, steps, batch_size, lr):
-        """One pFedHN round: generate for the round's clients in one call, local training, one server step."""
+        """One pFedHN round: generate for the round's clients in one call, local training, one server step.
+
+        An update holding NaN or Inf (a client that diverged) is dropped: it moves nothing and its BN
+        statistics are not stored. Returns the mean local loss of the kept updates (NaN if none was kept).
+        """
         gates = self.hypernet.gates
         if gates is not None:
             self.s = gates.scale(progress)
         flat = self.hypernet(client_ids, [self.batch_of[c] for c in client_ids], s=self.s)
         updates = [clients[c].local_train(flat[k], self.bn_stats[c], steps, batch_size, lr)
                    for k, c in enumerate(client_ids)]
-        deltas = torch.stack([u.delta for u in updates])
-        grads = hn.pfedhn_gradients(flat, deltas, self.params)
+        kept = [k for k, u in enumerate(updates) if is_finite_update(u)]
+        self.faults["dropped_updates"] += len(updates) - len(kept)
+        if not kept:
+            self.faults["skipped_rounds"] += 1
+            return float("nan")
+        kept_ids = [client_ids[k] for k in kept]
+        deltas = torch.stack([updates[k].delta for k in kept])
+        grads = hn.pfedhn_gradients(flat[kept], deltas, self.params)
         if gates is not None:
             penalty = self.sparsity * gates.sparsity_penalty(self.stage, self.s)
             grads["gates.embeddings"] += torch.autograd.grad(penalty, gates.embeddings)[0]
@@ -141,15 +154,15 @@ class Server:
             grads["gates.embeddings"] = gate_grad
         free = dict(self.free)
         rows = torch.zeros_like(self.hypernet.client_embeddings)
-        rows[client_ids] = 1.0                        # only the round's clients' embeddings may move
+        rows[kept_ids] = 1.0                # only the embeddings of clients whose update was kept may move
         free["client_embeddings"] = rows
         self.optimizer.step(grads, free)
         if gates is not None:
             gates.clamp_(self.stage)
-        for c, u in zip(client_ids, updates):
-            self.bn_stats[c] = u.bn_stats
-            self.label_counts[c] = u.label_counts
-        return float(np.mean([u.loss for u in updates]))
+        for k in kept:
+            self.bn_stats[client_ids[k]] = updates[k].bn_stats
+            self.label_counts[client_ids[k]] = updates[k].label_counts
+        return float(np.mean([updates[k].loss for k in kept]))
 
     def end_stage(self, t):
         """Freeze batch t's sub-hypernetwork; returns the neuron accounting (None without masks)."""
@@ -157,6 +170,31 @@ class Server:
         if self.hypernet.gates is None:
             return None
         return self.hypernet.gates.finish(t)
+
+    # --- checkpoints ---------------------------------------------------------------------------------
+
+    def state_dict(self):
+        """Everything the server holds that training changes (the hypernetwork includes the gates' buffers)."""
+        return {"hypernet": self.hypernet.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "stage": self.stage, "s": self.s, "bn_stats": self.bn_stats, "label_counts": self.label_counts,
+                "faults": dict(self.faults)}
+
+    def load_state_dict(self, sd):
+        """Continue where state_dict left off, mid-stage included: unlike begin_stage this neither resets
+        the optimizer nor re-prepares the gates (that would zero head columns and rewrite gate embeddings)."""
+        self.hypernet.load_state_dict(sd["hypernet"])
+        self.optimizer.load_state_dict(sd["optimizer"])
+        self.stage, self.s = sd["stage"], sd["s"]
+        self.bn_stats, self.label_counts = sd["bn_stats"], sd["label_counts"]
+        self.faults = dict(sd["faults"])
+        # The free masks depend only on the ownership buffers, which do not change within a stage.
+        gates = self.hypernet.gates
+        self.free = gates.free_masks(self.hypernet, self.stage) if gates is not None else {}
+
+
+def is_finite_update(update):
+    return bool(torch.isfinite(update.delta).all()) and all(bool(torch.isfinite(b).all())
+                                                            for b in update.bn_stats.values())
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -167,41 +205,88 @@ def evaluate_all(server, clients, seen):
     return {cid: clients[cid].evaluate(server.generate(cid), server.bn_stats[cid])[0] for cid in seen}
 
 
+@dataclass
+class Progress:
+    """Where onboarding stands, apart from the server and the clients: what a checkpoint needs to resume.
+
+    `stage` is the stage running (len(batches) once all are done) and `round` how many of its rounds are
+    done; round 0 means the stage has not begun, so begin_stage still has to run.
+    """
+    stage: int = 0
+    round: int = 0
+    stage_elapsed: float = 0.0      # seconds the current stage had taken before a resume
+    accuracy: list = field(default_factory=list)
+    neurons: list = field(default_factory=list)
+    stage_seconds: list = field(default_factory=list)
+    replays: list = field(default_factory=list)
+
+
 def onboard(server, clients, batches, *, rounds, clients_per_round, local_steps, batch_size, lr, seed,
-            progress_bar=None, replay=None):
+            progress_bar=None, replay=None, progress=None, rng=None, after_round=None):
     """Run every stage; returns (accuracy matrix, neuron accounting, seconds per stage, replay reports).
 
     `replay`: None, or the keyword arguments of deepinversion.backward_transfer, run after every stage
     t > 0 once batch t's masks are frozen.
+    Resuming: pass the restored `progress` and round-sampling `rng` (a numpy Generator), with the server
+    and the clients' generators restored too. `after_round(progress, rng, stage_done)` is called after
+    every round and after every stage (where train.py writes checkpoints and notices signals).
     """
-    import deepinversion
-
-    rng = np.random.default_rng(seed)
+    p = progress if progress is not None else Progress()
+    rng = rng if rng is not None else np.random.default_rng(seed)
     num_clients = sum(len(b) for b in batches)
-    accuracy, neurons, stage_seconds, replays = [], [], [], []
-    seen = []
-    for t, batch in enumerate(batches):
-        start = time.time()
-        server.begin_stage(t)
-        for r in range(rounds):
+    for t in range(p.stage, len(batches)):
+        batch = batches[t]
+        start = time.time() - p.stage_elapsed
+        if p.round == 0:
+            server.begin_stage(t)
+        for r in range(p.round, rounds):
             round_clients = sorted(rng.choice(batch, size=min(clients_per_round, len(batch)), replace=False).tolist())
             loss = server.train_round(round_clients, clients, r / max(rounds - 1, 1), local_steps, batch_size, lr)
             if progress_bar is not None:
                 progress_bar.set_postfix(stage=f"{t + 1}/{len(batches)}", loss=f"{loss:.3f}")
                 progress_bar.update(1)
-        neurons.append(server.end_stage(t))
+            p.round, p.stage_elapsed = r + 1, time.time() - start
+            if after_round is not None:
+                after_round(p, rng, stage_done=False)
+        p.neurons.append(server.end_stage(t))
         if replay is not None and t > 0:
-            def validate(cid, flat):        # runs on client cid, with its own validation data
-                return clients[cid].evaluate(flat, server.bn_stats[cid], split="val")
-            replay_start = time.time()
-            report = deepinversion.backward_transfer(server, t, validate, seed=seed + t, **replay)
-            report["replay_s"] = time.time() - replay_start
-            replays.append(report)
-        seen += batch
+            p.replays.append(run_replay(server, clients, t, seed, replay))
+        seen = [cid for b in batches[:t + 1] for cid in b]
         acc = evaluate_all(server, clients, seen)
-        accuracy.append([acc.get(cid) for cid in range(num_clients)])
-        stage_seconds.append(time.time() - start)
-    return accuracy, neurons, stage_seconds, replays
+        p.accuracy.append([acc.get(cid) for cid in range(num_clients)])
+        p.stage_seconds.append(time.time() - start)
+        p.stage, p.round, p.stage_elapsed = t + 1, 0, 0.0
+        if after_round is not None:
+            after_round(p, rng, stage_done=True)
+    return p.accuracy, p.neurons, p.stage_seconds, p.replays
+
+
+def run_replay(server, clients, t, seed, replay):
+    """deepinversion.backward_transfer, undone when it diverged (non-finite images, BN loss or weights)."""
+    import deepinversion
+
+    # Replay writes only these two (embedding rows and borrow gates): keep a copy to undo a divergence.
+    changed = {"client_embeddings": server.hypernet.client_embeddings}
+    if server.hypernet.gates is not None:
+        changed["gates.borrow"] = server.hypernet.gates.borrow
+    saved = {name: p.detach().clone() for name, p in changed.items()}
+
+    def validate(cid, flat):        # runs on client cid, with its own validation data
+        return clients[cid].evaluate(flat, server.bn_stats[cid], split="val")
+
+    replay_start = time.time()
+    report = deepinversion.backward_transfer(server, t, validate, seed=seed + t, **replay)
+    report["replay_s"] = time.time() - replay_start
+    finite = (bool(torch.isfinite(report["images"]).all())
+              and all(np.isfinite(report["bn_loss_end"])) and all(bool(torch.isfinite(p).all())
+                                                                   for p in changed.values()))
+    report["dropped"] = not finite
+    if not finite:
+        server.faults["dropped_replays"] += 1
+        with torch.no_grad():
+            for name, p in changed.items():
+                p.copy_(saved[name])
+    return report
 
 
 def metrics(accuracy, batches, test_sizes):
