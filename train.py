@@ -6,11 +6,14 @@
 Wires data.py (clients and their splits), hypernet.py (ResNet-18 target + hypernetwork), masks.py
 (sub-hypernetwork per batch) and federated.py (server, clients, onboarding loop), then writes
 <out>/results.json: the configuration, the batches, the accuracy matrix A[t][i] and the metrics.
-Bad input ends with one line on stderr and exit code 2.
+Bad input ends with one line on stderr and exit code 2. A checkpoint is written to <out>/checkpoint.pt
+after every stage and every --checkpoint-every rounds; --resume continues from it. SIGINT / SIGTERM finish
+the current round, write a checkpoint and exit with 130 / 143.
 """
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 
@@ -33,6 +36,14 @@ METHODS = ["pfedhn", "pfeddsh"]
 
 class CliError(Exception):
     """A user mistake: printed as one line, exit code 2."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM: printed as one line, exit code 128 + signal number."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
 
 
 class Parser(argparse.ArgumentParser):
@@ -61,7 +72,11 @@ def build_parser():
     a("--device", choices=["auto", "cpu", "cuda"])
     a("--out", help="output folder (default runs/<method>-<dataset>-s<seed>)")
     a("--preset", choices=sorted(PRESETS))
-    a("--overwrite", action="store_true", help="replace results already in --out")
+    a("--overwrite", action="store_true", help="replace results (and a checkpoint) already in --out")
+    a("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
+    a("--checkpoint-every", type=int, default=10, help="rounds between checkpoints (also after every stage)")
+    # Testing only: send SIGINT to ourselves after this many rounds in all, so a kill is deterministic.
+    a("--stop-after-rounds", type=int, help=argparse.SUPPRESS)
     g = p.add_argument_group("hypernetwork and masks")
     g.add_argument("--server-lr", type=float)
     g.add_argument("--server-optimizer", choices=["adam", "sgd"])
@@ -88,7 +103,8 @@ def resolve_config(argv):
     for key, default in DEFAULTS.items():
         given = getattr(args, key)
         config[key] = given if given is not None else preset.get(key, default)
-    config["preset"], config["overwrite"] = args.preset, args.overwrite
+    config["preset"], config["overwrite"], config["resume"] = args.preset, args.overwrite, args.resume
+    config["checkpoint_every"], config["stop_after_rounds"] = args.checkpoint_every, args.stop_after_rounds
     validate(config)
     return config
 
@@ -101,7 +117,7 @@ def validate(c):
         raise CliError(f"unknown method '{c['method']}': choose from {', '.join(METHODS)}")
     for key in ["batches", "clients_per_batch", "rounds", "clients_per_round", "local_steps", "batch_size",
                 "width", "hidden", "hyper_layers", "chunk_size", "embed_dim", "replay_images",
-                "replay_iterations", "replay_steps"]:
+                "replay_iterations", "replay_steps", "checkpoint_every"]:
         if c[key] < 1:
             raise CliError(f"--{key.replace('_', '-')} must be a positive integer, got {c[key]}")
     for key in ["lr", "server_lr", "alpha", "s_max", "replay_lr"]:
@@ -182,9 +198,41 @@ def plot_neurons(neurons, path):
     plt.close(fig)
 
 
-def main(argv=None):
-    import data
+def report_replay(report, t, dataset, out, write=print):
+    """Write stage t's synthetic images to a png and drop them from the report (results.json holds numbers)."""
     import deepinversion
+
+    deepinversion.save_grid(report.pop("images")[:128], dataset.mean, dataset.std,
+                            os.path.join(out, f"synthetic_batch{t}.png"))
+    report.pop("labels")
+    write(f"replay after stage {t}: {report['replay_s']:.1f} s (synthesis {report['synthesis_s']:.1f} s), "
+          f"BN loss {sum(report['bn_loss_start']) / len(report['bn_loss_start']):.2f} -> "
+          f"{sum(report['bn_loss_end']) / len(report['bn_loss_end']):.2f}, updates accepted "
+          f"{report['accepted']}, rejected {report['rejected']}, skipped {report['skipped']}"
+          + (" -- DIVERGED (non-finite), undone" if report["dropped"] else ""))
+
+
+def main(argv=None):
+    """Parse, build, (resume,) train, write results.json. Signals are handled only while this runs."""
+    caught = []
+
+    def on_signal(signum, frame):
+        if caught:       # a second signal: the user does not want to wait for the round to end
+            raise Interrupted("interrupted again: stopped without waiting for the round; --resume continues "
+                              "from the last checkpoint", 128 + signum)
+        caught.append(signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return run(argv, caught)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def run(argv, caught):
+    import checkpoint
+    import data
     import federated as fl
     import hypernet as hn
     from tqdm import tqdm
@@ -195,41 +243,75 @@ def main(argv=None):
     out = config["out"] or os.path.join("runs", f"{config['method']}-{config['dataset']}-s{config['seed']}")
     config["out"] = out
     results_path = os.path.join(out, "results.json")
-    if os.path.exists(results_path) and not config["overwrite"]:
-        raise CliError(f"{results_path} already exists: pick another --out or pass --overwrite")
+    checkpoint_path = os.path.join(out, checkpoint.FILENAME)
+    if not config["resume"] and not config["overwrite"]:
+        for path in (results_path, checkpoint_path):
+            if os.path.exists(path):
+                raise CliError(f"{path} already exists: pick another --out, pass --resume to continue that run "
+                               f"or --overwrite to replace it")
+    state = None
+    if config["resume"]:
+        if not os.path.exists(checkpoint_path):
+            raise CliError(f"--resume: no checkpoint in {out} ({checkpoint.FILENAME} not found)")
+        try:
+            state = checkpoint.load(checkpoint_path, config, device)
+        except checkpoint.CheckpointError as e:
+            raise CliError(str(e)) from None
     try:
         dataset, clients, server, batches = build(config, device)
     except data.DataError as e:
         raise CliError(str(e)) from None
+    progress, rng = fl.Progress(), None
+    if state is not None:
+        try:
+            progress, rng = checkpoint.restore(state, server, clients, fl.Progress)
+        except Exception as e:          # passed the config check yet does not fit: corrupt inside
+            raise CliError(f"checkpoint {checkpoint_path} does not fit this run ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}); delete it to start over") from None
+        del state
+    os.makedirs(out, exist_ok=True)
 
     print(f"{config['method']} on {config['dataset']} | device {device} | {len(clients)} clients in "
           f"{len(batches)} batches | ResNet-18 width {config['width']}: "
           f"{hn.count_parameters(server.model) / 1e6:.2f} M weights, hypernetwork "
-          f"{hn.count_parameters(server.hypernet) / 1e6:.2f} M parameters")
-    bar = tqdm(total=config["batches"] * config["rounds"], desc="rounds", dynamic_ncols=True)
+          f"{hn.count_parameters(server.hypernet) / 1e6:.2f} M parameters"
+          + (f" | resumed at stage {progress.stage} round {progress.round}" if config["resume"] else ""))
+    rounds = config["rounds"]
+    bar = tqdm(total=config["batches"] * rounds, initial=progress.stage * rounds + progress.round,
+               desc="rounds", dynamic_ncols=True)
     replay = None
     if config["method"] == "pfeddsh" and not config["no_replay"]:
         replay = dict(num_images=config["replay_images"], iterations=config["replay_iterations"],
                       steps=config["replay_steps"], lr=config["replay_lr"])
+
+    def after_round(progress, rng, stage_done):
+        """Between rounds: png of a finished replay, checkpoint when due, and stop here after a signal."""
+        if stage_done and progress.replays and "images" in progress.replays[-1]:
+            report_replay(progress.replays[-1], progress.stage - 1, dataset, out, write=tqdm.write)
+        done = progress.stage * rounds + progress.round
+        if not stage_done and done == config["stop_after_rounds"]:
+            os.kill(os.getpid(), signal.SIGINT)         # handled by on_signal right here, like a real Ctrl-C
+        if stage_done or caught or done % config["checkpoint_every"] == 0:
+            checkpoint.save(checkpoint_path, checkpoint.capture(config, device, server, clients, rng, progress))
+        if caught:
+            bar.close()
+            where = (f"after stage {progress.stage - 1}" if progress.round == 0
+                     else f"at stage {progress.stage} round {progress.round} of {rounds}")
+            raise Interrupted(f"interrupted ({signal.Signals(caught[0]).name}): checkpoint saved {where}; "
+                              f"rerun with --resume to continue", 128 + caught[0])
+
     accuracy, neurons, stage_seconds, replays = fl.onboard(
-        server, clients, batches, rounds=config["rounds"], clients_per_round=config["clients_per_round"],
+        server, clients, batches, rounds=rounds, clients_per_round=config["clients_per_round"],
         local_steps=config["local_steps"], batch_size=config["batch_size"], lr=config["lr"],
-        seed=config["seed"], progress_bar=bar, replay=replay)
+        seed=config["seed"], progress_bar=bar, replay=replay, progress=progress, rng=rng, after_round=after_round)
     bar.close()
-    os.makedirs(out, exist_ok=True)
-    for t, report in enumerate(replays, start=1):
-        deepinversion.save_grid(report.pop("images")[:128], dataset.mean, dataset.std,
-                                os.path.join(out, f"synthetic_batch{t}.png"))
-        report.pop("labels")
-        print(f"replay after stage {t}: {report['replay_s']:.1f} s (synthesis {report['synthesis_s']:.1f} s), "
-              f"BN loss {sum(report['bn_loss_start']) / len(report['bn_loss_start']):.2f} -> "
-              f"{sum(report['bn_loss_end']) / len(report['bn_loss_end']):.2f}, updates accepted "
-              f"{report['accepted']}, rejected {report['rejected']}, skipped {report['skipped']}")
 
     test_sizes = [len(c.y_test) for c in clients]
     m = fl.metrics(accuracy, batches, test_sizes)
     print_table(m["batch_acc"], m["ri_per_batch"], neurons)
     print(f"mean accuracy {m['mean_acc']:.4f} (weighted {m['weighted_acc']:.4f}), RI {m['ri']:+.4f}")
+    if any(server.faults.values()):
+        print("numerical faults survived: " + ", ".join(f"{k} {v}" for k, v in server.faults.items()))
     if config["method"] == "pfeddsh":
         plot_neurons(neurons, os.path.join(out, "neurons.png"))
         if neurons[-1]["owned"] == 1.0:
@@ -238,7 +320,7 @@ def main(argv=None):
     results = {"config": config, "batches": batches, "accuracy": accuracy, "metrics": m,
                "neurons": neurons if config["method"] == "pfeddsh" else None,
                "test_sizes": test_sizes, "time_s": stage_seconds, "device": str(device),
-               "replay_s": [r["replay_s"] for r in replays], "replay": replays}
+               "replay_s": [r["replay_s"] for r in replays], "replay": replays, "faults": dict(server.faults)}
     tmp = results_path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(results, f, indent=1)
@@ -253,6 +335,9 @@ if __name__ == "__main__":
     except CliError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        sys.exit(e.code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -1,0 +1,76 @@
+"""Checkpoints: stop a run (crash, kill, Ctrl-C) and continue it later with the same results.
+
+One file, <out>/checkpoint.pt, replaced atomically (written to a temporary file, then os.replace), so a
+kill during a write leaves the previous checkpoint intact. It holds everything training changes and
+everything random, so on the CPU a resumed run gives the same results.json as an uninterrupted one:
+
+  * the server: hypernetwork (with the gates' buffers: binary, owned, finished), ServerOptimizer state,
+    stage and s, every client's BN statistics and label counts, the fault counters;
+  * the random state: the numpy Generator that samples each round's clients, every client's torch
+    Generator (minibatches and augmentation), the torch global RNG (DeepInversion seeds its own);
+  * federated.Progress: stage and round, accuracy matrix so far, neurons, stage times, replay reports
+    (without the images, which are written to synthetic_batch{t}.png when replay runs);
+  * the configuration and the device, to refuse resuming a different run.
+"""
+import os
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+FORMAT = 1
+FILENAME = "checkpoint.pt"
+# Settings that say how to run, not what to compute: they may differ between a run and its resume.
+RUN_ONLY_KEYS = {"out", "overwrite", "resume", "checkpoint_every", "device", "stop_after_rounds"}
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used: unreadable, or made by another configuration."""
+
+
+def capture(config, device, server, clients, rng, progress):
+    return {"format": FORMAT, "config": dict(config), "device": str(device), "server": server.state_dict(),
+            "rng": {"rounds": rng.bit_generator.state, "clients": [c.generator.get_state() for c in clients],
+                    "torch": torch.get_rng_state()},
+            "progress": asdict(progress)}
+
+
+def save(path, state):
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load(path, config, device):
+    """The checkpoint at path, checked against this run's config and device; CheckpointError if unusable."""
+    try:
+        # weights_only: a checkpoint is data (tensors, numbers, strings), never code to run.
+        state = torch.load(path, map_location=device, weights_only=True)
+        if state.get("format") != FORMAT:
+            raise ValueError(f"format {state.get('format')}, expected {FORMAT}")
+        for key in ["config", "device", "server", "rng", "progress"]:
+            state[key]                      # noqa: B018 (a missing part is a corrupt checkpoint)
+    except Exception as e:              # truncated zip, bad pickle, wrong type: all mean "unreadable"
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} is unreadable ({reason}); delete it to start over") from None
+    differing = sorted(k for k in set(config) | set(state["config"]) if k not in RUN_ONLY_KEYS
+                       and config.get(k) != state["config"].get(k))
+    if differing:
+        diffs = ", ".join(f"{k}: {state['config'].get(k)!r} there, {config.get(k)!r} here" for k in differing)
+        raise CheckpointError(f"checkpoint {path} was made with a different configuration ({diffs}); "
+                              f"rerun with its arguments or use another --out")
+    if state["device"] != str(device):
+        raise CheckpointError(f"checkpoint {path} was made on {state['device']}, this run is on {device}; "
+                              f"pass --device {torch.device(state['device']).type}")
+    return state
+
+
+def restore(state, server, clients, progress_cls):
+    """Put the checkpoint back into server and clients; returns (progress, round-sampling rng)."""
+    server.load_state_dict(state["server"])
+    for client, g in zip(clients, state["rng"]["clients"], strict=True):
+        client.generator.set_state(g.cpu())
+    torch.set_rng_state(state["rng"]["torch"].cpu())
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state["rng"]["rounds"]
+    return progress_cls(**state["progress"]), rng

@@ -1,0 +1,152 @@
+"""Checkpoints, --resume, signals and numerical faults, on tiny generated data on the CPU."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import deepinversion  # noqa: E402
+import federated as fl  # noqa: E402
+import train  # noqa: E402
+
+# tests/test_train.py's TINY plus a few replay steps, so replay's state is part of what must resume exactly.
+TINY = ["--dataset", "cifar10", "--batches", "2", "--clients-per-batch", "2", "--rounds", "4",
+        "--clients-per-round", "2", "--local-steps", "3", "--batch-size", "16", "--width", "4",
+        "--hidden", "16", "--chunk-size", "256", "--embed-dim", "4", "--device", "cpu",
+        "--replay-images", "8", "--replay-iterations", "5", "--replay-steps", "3", "--checkpoint-every", "3"]
+RUN_ONLY = {"out", "overwrite", "resume", "stop_after_rounds"}
+
+
+def args(tiny_data_dir, out, *extra):
+    return TINY + ["--data-dir", str(tiny_data_dir), "--out", str(out), *extra]
+
+
+def cli(*argv):
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *argv], capture_output=True, text=True,
+                          timeout=120)
+
+
+def comparable(results):
+    """results.json without wall-clock times and the settings that only say how the run was run."""
+    r = json.loads(json.dumps(results))
+    r.pop("time_s"), r.pop("replay_s")
+    for report in r["replay"]:
+        report.pop("replay_s"), report.pop("synthesis_s")
+    r["config"] = {k: v for k, v in r["config"].items() if k not in RUN_ONLY}
+    return r
+
+
+def final_hypernet(out):
+    return torch.load(Path(out) / "checkpoint.pt", weights_only=True)["server"]["hypernet"]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_data_dir, tmp_path_factory):
+    """One uninterrupted run: its folder (results.json, checkpoint.pt) and results."""
+    out = tmp_path_factory.mktemp("reference")
+    return out, train.main(args(tiny_data_dir, out))
+
+
+def test_same_seed_gives_the_same_results(tiny_data_dir, tmp_path, reference):
+    again = train.main(args(tiny_data_dir, tmp_path))
+    assert comparable(again) == comparable(reference[1])
+    assert again["faults"] == {"dropped_updates": 0, "skipped_rounds": 0, "dropped_replays": 0}
+
+
+def test_killed_mid_stage_then_resumed_equals_uninterrupted(tiny_data_dir, tmp_path, reference):
+    # A real SIGINT to ourselves after round 5 of 8: stage 1 after its first round, between checkpoints
+    # (every 3 rounds), so the checkpoint is the one the signal handler asks for.
+    with pytest.raises(train.Interrupted) as stopped:
+        train.main(args(tiny_data_dir, tmp_path, "--stop-after-rounds", "5"))
+    assert stopped.value.code == 130
+    assert str(stopped.value).startswith("interrupted (SIGINT): checkpoint saved at stage 1 round 1 of 4")
+    assert not (tmp_path / "results.json").exists()
+    with pytest.raises(train.CliError, match="already exists"):      # without --resume: another run's folder
+        train.main(args(tiny_data_dir, tmp_path))
+    resumed = train.main(args(tiny_data_dir, tmp_path, "--resume"))
+    assert comparable(resumed) == comparable(reference[1])
+    ours, theirs = final_hypernet(tmp_path), final_hypernet(reference[0])
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)     # bitwise, gates' buffers included
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_143_with_one_line(tiny_data_dir, tmp_path):
+    # One thread: this process shares the CPU with pytest; timing is irrelevant to what is checked.
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"),
+                             *args(tiny_data_dir, tmp_path, "--batches", "1", "--rounds", "50", "--no-replay")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert "pfeddsh on cifar10" in proc.stdout.readline()     # printed after the handlers are installed
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted (SIGTERM): checkpoint saved at stage 0 round ") and "--resume" in last
+    assert "Traceback" not in stderr and (tmp_path / "checkpoint.pt").exists()
+
+
+def test_truncated_checkpoint_is_refused_and_left_alone(tiny_data_dir, tmp_path, reference):
+    shutil.copy(reference[0] / "results.json", tmp_path / "results.json")
+    blob = (reference[0] / "checkpoint.pt").read_bytes()
+    (tmp_path / "checkpoint.pt").write_bytes(blob[: len(blob) // 2])
+    done = cli(*args(tiny_data_dir, tmp_path, "--resume"))
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unreadable" in lines[0], done.stderr
+    assert (tmp_path / "checkpoint.pt").read_bytes() == blob[: len(blob) // 2]
+    assert (tmp_path / "results.json").read_bytes() == (reference[0] / "results.json").read_bytes()
+
+
+@pytest.mark.parametrize("case", ["different config", "no checkpoint"])
+def test_resume_refuses_with_one_line(case, tiny_data_dir, tmp_path, reference):
+    if case == "different config":
+        shutil.copy(reference[0] / "checkpoint.pt", tmp_path / "checkpoint.pt")
+        done, expected = cli(*args(tiny_data_dir, tmp_path, "--resume", "--rounds", "5")), "different configuration"
+    else:
+        done, expected = cli(*args(tiny_data_dir, tmp_path, "--resume")), "no checkpoint"
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0] and "Traceback" not in done.stderr, done.stderr
+
+
+def test_nan_updates_are_dropped_and_counted(tiny_data_dir, tmp_path, monkeypatch):
+    real = fl.Client.local_train
+    calls = []
+
+    def sometimes_nan(self, *a, **k):
+        update = real(self, *a, **k)
+        calls.append(self.cid)
+        if len(calls) <= 3:         # round 1: both clients diverge (no server step); round 2: one does
+            update.delta = torch.full_like(update.delta, float("nan"))
+        return update
+
+    monkeypatch.setattr(fl.Client, "local_train", sometimes_nan)
+    results = train.main(args(tiny_data_dir, tmp_path, "--no-replay"))
+    assert results["faults"] == {"dropped_updates": 3, "skipped_rounds": 1, "dropped_replays": 0}
+    assert all(a is not None and 0.0 <= a <= 1.0 for a in results["accuracy"][-1])
+    hypernet = final_hypernet(tmp_path)
+    assert all(torch.isfinite(v.float()).all() for v in hypernet.values())
+
+
+def test_diverged_replay_is_undone_and_counted(tiny_data_dir, tmp_path, monkeypatch):
+    real = deepinversion.backward_transfer
+
+    def diverging(server, *a, **k):
+        report = real(server, *a, **k)
+        report["images"][0] = float("nan")
+        with torch.no_grad():       # and the fine-tuning blew up the earlier clients' embeddings
+            server.hypernet.client_embeddings.fill_(float("inf"))
+        return report
+
+    monkeypatch.setattr(deepinversion, "backward_transfer", diverging)
+    results = train.main(args(tiny_data_dir, tmp_path))
+    assert results["faults"]["dropped_replays"] == 1 and results["replay"][0]["dropped"]
+    batch0 = results["batches"][0]
+    # Masks keep batch 0 exactly where stage 0 left it, and the undone replay changed nothing either.
+    assert [results["accuracy"][1][c] for c in batch0] == [results["accuracy"][0][c] for c in batch0]
