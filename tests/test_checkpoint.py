@@ -60,13 +60,17 @@ def test_same_seed_gives_the_same_results(tiny_data_dir, tmp_path, reference):
     assert again["faults"] == {"dropped_updates": 0, "skipped_rounds": 0, "dropped_replays": 0}
 
 
-def test_killed_mid_stage_then_resumed_equals_uninterrupted(tiny_data_dir, tmp_path, reference):
-    # A real SIGINT to ourselves after round 5 of 8: stage 1 after its first round, between checkpoints
-    # (every 3 rounds), so the checkpoint is the one the signal handler asks for.
+@pytest.mark.parametrize("stop_after", [2, 4, 5])
+def test_killed_mid_stage_then_resumed_equals_uninterrupted(stop_after, tiny_data_dir, tmp_path, reference):
+    # A real SIGINT to ourselves after round 2 (mid stage 0), 4 (stage 0's rounds done, end_stage not yet)
+    # or 5 (mid stage 1, after replay's stage 0) of 8; checkpoints are every 3 rounds, so 2, 4 and 5 are
+    # the checkpoints the signal handler asks for.
     with pytest.raises(train.Interrupted) as stopped:
-        train.main(args(tiny_data_dir, tmp_path, "--stop-after-rounds", "5"))
+        train.main(args(tiny_data_dir, tmp_path, "--stop-after-rounds", str(stop_after)))
     assert stopped.value.code == 130
-    assert str(stopped.value).startswith("interrupted (SIGINT): checkpoint saved at stage 1 round 1 of 4")
+    stage, done = divmod(stop_after - 1, 4)
+    assert str(stopped.value).startswith(f"interrupted (SIGINT): checkpoint saved at stage {stage} "
+                                         f"round {done + 1} of 4")
     assert not (tmp_path / "results.json").exists()
     with pytest.raises(train.CliError, match="already exists"):      # without --resume: another run's folder
         train.main(args(tiny_data_dir, tmp_path))
