@@ -218,14 +218,16 @@ def distillation_loss(student_logits, teacher_logits, temperature):
 
 
 def backward_transfer(server, t, validate, *, num_images=32, iterations=100, steps=20, lr=1e-2, kd_weight=1.0,
-                      temperature=2.0, seed=0):
+                      anchor_weight=1.0, temperature=2.0, validate_every=3, seed=0):
     """After stage t: dream images from batch t's clients and use them to improve every earlier client.
 
     The server uses only what it holds: its hypernetwork, each new client's BN statistics and label
     counts. `validate(cid, flat_weights) -> (accuracy, loss)` runs ON the client, on its own validation
     split, and only those two numbers come back. For earlier client i only its own embedding row and
-    its own borrow-gate row may change, so no other client can be disturbed; the change is kept only
-    if i's validation accuracy rises (or stays equal with a lower loss), else i is restored bitwise.
+    its own borrow-gate row may change, so no other client can be disturbed. Every `validate_every`
+    steps the client scores the current model; the best point of the path is kept if it beats the
+    starting point (higher accuracy, or equal accuracy and lower loss), else i is restored bitwise.
+    `anchor_weight` adds KD toward i's own model before replay, so it changes only where it must.
     """
     from hypernet import ServerOptimizer, run_model   # local import: deepinversion.py stays standalone
 
@@ -247,6 +249,10 @@ def backward_transfer(server, t, validate, *, num_images=32, iterations=100, ste
     params = {"client_embeddings": hypernet.client_embeddings}
     if gates is not None:
         params["gates.borrow"] = gates.borrow
+
+    def better(a, b):
+        return a[0] > b[0] or (a[0] == b[0] and a[1] < b[1])
+
     report = {"synthesis_s": synthesis_s, "bn_loss_start": [d.bn_loss_start for d in dreamed],
               "bn_loss_end": [d.bn_loss_end for d in dreamed], "accepted": 0, "rejected": 0, "skipped": 0,
               "val_before": [], "val_after": [], "images": images, "labels": labels}
@@ -260,28 +266,33 @@ def backward_transfer(server, t, validate, *, num_images=32, iterations=100, ste
             x, y, soft = images[keep], labels[keep], teacher_logits[keep]
             classes = held.nonzero().flatten().to(x.device)
             y_local = torch.searchsorted(classes, y)       # labels as positions in i's own class list
+            bn_i = server.bn_stats[i]
+            with torch.no_grad():
+                own = run_model(model, hypernet.unflatten(server.generate(i)), bn_i, x)[:, classes]
             saved = {name: p.detach().clone() for name, p in params.items()}
+            best = saved
             free = {name: torch.zeros_like(p) for name, p in params.items()}
             free["client_embeddings"][i] = 1.0
             if gates is not None:
                 free["gates.borrow"][i] = 1.0
             optimizer = ServerOptimizer(params, kind="adam", lr=lr)
-            before = validate(i, server.generate(i))
-            for _ in range(steps):
+            before = best_score = validate(i, server.generate(i))
+            for step in range(1, steps + 1):
                 flat = hypernet([i], [k])[0]
-                logits = run_model(model, hypernet.unflatten(flat), server.bn_stats[i], x)[:, classes]
-                loss = F.cross_entropy(logits, y_local) + kd_weight * distillation_loss(
-                    logits, soft[:, classes], temperature)
+                logits = run_model(model, hypernet.unflatten(flat), bn_i, x)[:, classes]
+                loss = (F.cross_entropy(logits, y_local)
+                        + kd_weight * distillation_loss(logits, soft[:, classes], temperature)
+                        + anchor_weight * distillation_loss(logits, own, temperature))
                 grads = torch.autograd.grad(loss, list(params.values()))
                 optimizer.step(dict(zip(params, grads)), free)
-            after = validate(i, server.generate(i))
+                if step % validate_every == 0 or step == steps:
+                    score = validate(i, server.generate(i))
+                    if better(score, best_score):
+                        best_score, best = score, {name: p.detach().clone() for name, p in params.items()}
+            with torch.no_grad():                   # the best point of the path, or exactly the start
+                for name, p in params.items():
+                    p.copy_(best[name])
             report["val_before"].append(list(before))
-            report["val_after"].append(list(after))
-            if after[0] > before[0] or (after[0] == before[0] and after[1] < before[1]):
-                report["accepted"] += 1
-            else:
-                report["rejected"] += 1
-                with torch.no_grad():
-                    for name, p in params.items():
-                        p.copy_(saved[name])
+            report["val_after"].append(list(best_score))
+            report["accepted" if best is not saved else "rejected"] += 1
     return report

@@ -25,11 +25,11 @@ DEFAULTS = dict(dataset="cifar10", data_dir="data", batches=2, clients_per_batch
                 batch_size=64, lr=0.05, width=64, method="pfeddsh", seed=0, device="auto", out=None,
                 server_lr=3e-3, server_optimizer="adam", hidden=128, hyper_layers=3, chunk_size=4096,
                 embed_dim=32, sparsity=0.75, s_max=400.0, val_fraction=0.1, no_replay=False,
-                replay_images=64, replay_iterations=200, replay_steps=30, replay_lr=1e-2)
+                replay_images=64, replay_iterations=200, replay_steps=30, replay_lr=3e-3)
 PRESETS = {
     # Same pipeline on a 2-core CPU in a few minutes: narrow ResNet-18, 5 clients per batch, short stages.
     "cpu-demo": dict(width=16, clients_per_batch=5, rounds=40, clients_per_round=5, local_steps=5,
-                     replay_images=32, replay_iterations=100, replay_steps=20),
+                     replay_images=32, replay_iterations=100, replay_steps=30),
 }
 METHODS = ["pfedhn", "pfeddsh"]
 
