@@ -45,17 +45,21 @@ class Client:
         # order in which the server visits clients does not change what any one client sees.
         self.generator = torch.Generator(device=self.x_train.device).manual_seed(seed * 100_003 + cid)
 
-    def local_train(self, flat_weights, bn_stats, steps, batch_size, lr, momentum=0.9, weight_decay=5e-5):
-        """K steps of SGD from the generated weights; returns the delta, never the data."""
+    def local_train(self, flat_weights, bn_stats, steps, batch_size, lr, momentum=0.9, weight_decay=5e-5,
+                    generator=None):
+        """K steps of SGD from the weights it is sent; returns the delta, never the data.
+
+        `generator` replaces the client's own for this call (FedAvg-FT's fine-tuning at evaluation time
+        uses one, so that evaluating does not change what later training rounds draw)."""
+        generator = generator if generator is not None else self.generator
         weights = {n: w.detach().clone().requires_grad_(True) for n, w in self.unflatten(flat_weights).items()}
         bn_stats = {n: b.clone() for n, b in bn_stats.items()}
         optimizer = torch.optim.SGD(weights.values(), lr=lr, momentum=momentum, weight_decay=weight_decay)
         self.model.train()
         losses = []
         for _ in range(steps):
-            idx = torch.randint(len(self.y_train), (batch_size,), generator=self.generator,
-                                device=self.y_train.device)
-            x = data.augment(self.x_train[idx], self.mean, self.std, generator=self.generator)
+            idx = torch.randint(len(self.y_train), (batch_size,), generator=generator, device=self.y_train.device)
+            x = data.augment(self.x_train[idx], self.mean, self.std, generator=generator)
             loss = F.cross_entropy(hn.run_model(self.model, weights, bn_stats, x), self.y_train[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -110,17 +114,24 @@ class Server:
         """One client's flat weights, generated alone so the result never depends on who else is asked."""
         return self.hypernet([cid], [self.batch_of[cid]], s=self.s)[0]
 
+    def evaluate(self, client):
+        """Test accuracy of the client's generated model, measured by the client on its own test split."""
+        return client.evaluate(self.generate(client.cid), self.bn_stats[client.cid])[0]
+
     # --- a stage -------------------------------------------------------------------------------------
 
     def begin_stage(self, t):
         """Batch t joins: fresh optimizer state, and the entries this stage may write."""
         self.stage = t
         self.optimizer.reset()
+        if self.hypernet.gates is not None:
+            self.hypernet.gates.prepare(self.hypernet, t)
+        self.free = self.free_masks(t)
+
+    def free_masks(self, t):
+        """{parameter name: 0/1 mask} of the entries stage t may write; a name not listed is all free."""
         gates = self.hypernet.gates
-        self.free = {}
-        if gates is not None:
-            gates.prepare(self.hypernet, t)
-            self.free = gates.free_masks(self.hypernet, t)
+        return gates.free_masks(self.hypernet, t) if gates is not None else {}
 
     def train_round(self, client_ids, clients, progress, steps, batch_size, lr):
         """One pFedHN round: generate for the round's clients in one call, local training, one server step.
@@ -188,8 +199,7 @@ class Server:
         self.bn_stats, self.label_counts = sd["bn_stats"], sd["label_counts"]
         self.faults = dict(sd["faults"])
         # The free masks depend only on the ownership buffers, which do not change within a stage.
-        gates = self.hypernet.gates
-        self.free = gates.free_masks(self.hypernet, self.stage) if gates is not None else {}
+        self.free = self.free_masks(self.stage)
 
 
 def is_finite_update(update):
@@ -202,7 +212,7 @@ def is_finite_update(update):
 # ------------------------------------------------------------------------------------------------------
 
 def evaluate_all(server, clients, seen):
-    return {cid: clients[cid].evaluate(server.generate(cid), server.bn_stats[cid])[0] for cid in seen}
+    return {cid: server.evaluate(clients[cid]) for cid in seen}
 
 
 @dataclass

@@ -69,6 +69,23 @@ class ResNet18(nn.Module):
         return self.fc(x)
 
 
+class WeightLayout:
+    """The model's parameters as one flat vector and back: what the hypernetwork emits and clients return."""
+
+    def __init__(self, model):
+        self.names = [n for n, _ in model.named_parameters()]
+        self.shapes = [p.shape for _, p in model.named_parameters()]
+        self.numels = [p.numel() for _, p in model.named_parameters()]
+        self.num_weights = sum(self.numels)
+
+    def unflatten(self, flat):
+        """Flat vector -> {parameter name: tensor (a view)} for run_model."""
+        return dict(zip(self.names, (t.view(s) for t, s in zip(flat.split(self.numels), self.shapes))))
+
+    def flatten(self, weights):
+        return torch.cat([weights[n].reshape(-1) for n in self.names])
+
+
 def bn_stats_init(model):
     """A fresh client's BatchNorm running statistics (mean 0, var 1): what it owns, never generated."""
     return {name: buf.detach().clone() for name, buf in model.named_buffers()}
@@ -121,10 +138,8 @@ class HyperNetwork(nn.Module):
     def __init__(self, target, num_clients, embed_dim=32, chunk_embed_dim=32, hidden=128, num_layers=3,
                  chunk_size=4096, gates=None):
         super().__init__()
-        self.names = [n for n, _ in target.named_parameters()]
-        self.shapes = [p.shape for _, p in target.named_parameters()]
-        self.numels = [p.numel() for _, p in target.named_parameters()]
-        self.num_weights = sum(self.numels)
+        self.layout = WeightLayout(target)
+        self.names, self.num_weights = self.layout.names, self.layout.num_weights
         self.chunk_size = chunk_size
         self.num_chunks = math.ceil(self.num_weights / chunk_size)
         self.hidden, self.num_layers = hidden, num_layers
@@ -163,11 +178,10 @@ class HyperNetwork(nn.Module):
         return self.base + self.scale * raw
 
     def unflatten(self, flat):
-        """One client's flat vector -> {parameter name: tensor} for hypernet.run_model."""
-        return dict(zip(self.names, (t.view(s) for t, s in zip(flat.split(self.numels), self.shapes))))
+        return self.layout.unflatten(flat)
 
     def flatten(self, weights):
-        return torch.cat([weights[n].reshape(-1) for n in self.names])
+        return self.layout.flatten(weights)
 
 
 def count_parameters(module):

@@ -23,14 +23,15 @@ DEFAULTS = dict(dataset="cifar10", data_dir="data", batches=2, clients_per_batch
                 partition="pathological", alpha=0.5, rounds=300, clients_per_round=5, local_steps=50,
                 batch_size=64, lr=0.05, width=64, method="pfeddsh", seed=0, device="auto", out=None,
                 server_lr=3e-3, server_optimizer="adam", hidden=128, hyper_layers=3, chunk_size=4096,
-                embed_dim=32, sparsity=0.75, s_max=400.0, val_fraction=0.1, no_replay=False,
+                embed_dim=32, sparsity=0.75, s_max=400.0, val_fraction=0.1, no_replay=False, no_masks=False,
                 replay_images=64, replay_iterations=200, replay_steps=30, replay_lr=3e-3)
 PRESETS = {
     # Same pipeline on a 2-core CPU in a few minutes: narrow ResNet-18, 5 clients per batch, short stages.
     "cpu-demo": dict(width=16, clients_per_batch=5, rounds=40, clients_per_round=5, local_steps=5,
                      replay_images=32, replay_iterations=100, replay_steps=30),
 }
-METHODS = ["pfedhn", "pfeddsh"]
+# local, fedavg, fedavg-ft and pfedhn-frozen live in baselines.py; pfedhn is federated.Server without masks.
+METHODS = ["local", "fedavg", "fedavg-ft", "pfedhn", "pfedhn-frozen", "pfeddsh"]
 
 
 class CliError(Exception):
@@ -68,6 +69,9 @@ def build_parser():
     a("--width", type=int, help="ResNet-18 width multiplier (64 = standard)")
     a("--method", help=" | ".join(METHODS))
     a("--seed", type=int)
+    a("--methods", help="comparison: comma-separated methods, plus the ablations pfeddsh-no-replay and "
+                        "pfeddsh-no-masks; each runs into <out>/<method>-s<seed>, then <out>/comparison.md")
+    a("--seeds", help="comparison: comma-separated seeds (default: --seed)")
     a("--device", choices=["auto", "cpu", "cuda"])
     a("--out", help="output folder (default runs/<method>-<dataset>-s<seed>)")
     a("--preset", choices=sorted(PRESETS))
@@ -87,7 +91,8 @@ def build_parser():
     g.add_argument("--s-max", type=float, help="HAT gate annealing s_max")
     g.add_argument("--val-fraction", type=float)
     r = p.add_argument_group("data-free replay (pfeddsh)")
-    r.add_argument("--no-replay", action="store_true", default=None, help="masks only: RI is then exactly 0")
+    r.add_argument("--no-replay", action="store_true", default=None, help="ablation: masks only (RI is then exactly 0)")
+    r.add_argument("--no-masks", action="store_true", default=None, help="ablation: no masks (pfedhn + replay)")
     r.add_argument("--replay-images", type=int, help="synthetic images per new client")
     r.add_argument("--replay-iterations", type=int, help="DeepInversion iterations")
     r.add_argument("--replay-steps", type=int, help="fine-tuning steps per earlier client")
@@ -105,7 +110,34 @@ def resolve_config(argv):
     config["preset"], config["overwrite"], config["resume"] = args.preset, args.overwrite, args.resume
     config["checkpoint_every"], config["stop_after_rounds"] = args.checkpoint_every, args.stop_after_rounds
     validate(config)
-    return config
+    comparison = None
+    if args.methods is not None or args.seeds is not None:
+        comparison = parse_comparison(args, config)
+    return config, comparison
+
+
+def parse_comparison(args, config):
+    """--methods / --seeds -> (variant names, seeds); `local` is added since PA is measured against it."""
+    import compare
+    for given, flag in [(args.method, "--method"), (args.no_replay, "--no-replay"), (args.no_masks, "--no-masks"),
+                        (args.resume or None, "--resume"), (args.stop_after_rounds, "--stop-after-rounds")]:
+        if given is not None:
+            raise CliError(f"{flag} does not go with --methods / --seeds (a comparison resumes its runs by itself)")
+    names = (args.methods or config["method"]).split(",")
+    unknown = [n for n in names if n not in compare.VARIANTS]
+    if unknown:
+        raise CliError(f"unknown method '{unknown[0]}' in --methods: choose from {', '.join(compare.VARIANTS)}")
+    if len(set(names)) != len(names):
+        raise CliError(f"--methods lists a method twice: {args.methods}")
+    try:
+        seeds = [int(s) for s in (args.seeds or str(config["seed"])).split(",")]
+    except ValueError:
+        raise CliError(f"--seeds must be comma-separated integers, got '{args.seeds}'") from None
+    if len(set(seeds)) != len(seeds):
+        raise CliError(f"--seeds lists a seed twice: {args.seeds}")
+    if "local" not in names:
+        names.insert(0, "local")
+    return names, seeds
 
 
 def validate(c):
@@ -114,6 +146,9 @@ def validate(c):
         raise CliError(f"unknown dataset '{c['dataset']}': choose from {', '.join(data.DATASETS)}")
     if c["method"] not in METHODS:
         raise CliError(f"unknown method '{c['method']}': choose from {', '.join(METHODS)}")
+    for flag in ["no_replay", "no_masks"]:
+        if c[flag] and c["method"] != "pfeddsh":
+            raise CliError(f"--{flag.replace('_', '-')} is an ablation of pfeddsh, not of {c['method']}")
     for key in ["batches", "clients_per_batch", "rounds", "clients_per_round", "local_steps", "batch_size",
                 "width", "hidden", "hyper_layers", "chunk_size", "embed_dim", "replay_images",
                 "replay_iterations", "replay_steps", "checkpoint_every"]:
@@ -136,7 +171,8 @@ def validate(c):
 
 
 def build(config, device):
-    """Data, clients, target model and server, all from one config."""
+    """Data, clients, target model and server (or a baseline standing in for it), all from one config."""
+    import baselines
     import data
     import federated as fl
     import hypernet as hn
@@ -151,18 +187,31 @@ def build(config, device):
                             alpha=config["alpha"], val_fraction=config["val_fraction"], seed=config["seed"])
     batches = data.assign_batches(num_clients, config["batches"], config["seed"])
     model = hn.ResNet18(dataset.num_classes, config["width"]).to(device)
-    gates = None
-    if config["method"] == "pfeddsh":
-        gates = masks.BatchGates(config["batches"], config["hyper_layers"], config["hidden"], num_clients,
-                                 s_max=config["s_max"])
-    hypernet = hn.HyperNetwork(model, num_clients, embed_dim=config["embed_dim"], hidden=config["hidden"],
-                               num_layers=config["hyper_layers"], chunk_size=config["chunk_size"],
-                               gates=gates).to(device)
-    clients = [fl.Client(cid, dataset, splits[cid], model, hypernet.unflatten, hypernet.flatten, config["seed"])
+    method = config["method"]
+    if method in ("local", "fedavg", "fedavg-ft"):
+        layout = hn.WeightLayout(model)
+        if method == "local":
+            server = baselines.Local(model, layout, batches)
+        else:
+            server = baselines.FedAvg(model, layout, batches, batch_size=config["batch_size"], lr=config["lr"],
+                                      finetune_steps=config["local_steps"] if method == "fedavg-ft" else 0,
+                                      seed=config["seed"])
+    else:
+        gates = None
+        if method == "pfeddsh" and not config["no_masks"]:
+            gates = masks.BatchGates(config["batches"], config["hyper_layers"], config["hidden"], num_clients,
+                                     s_max=config["s_max"])
+        hypernet = hn.HyperNetwork(model, num_clients, embed_dim=config["embed_dim"], hidden=config["hidden"],
+                                   num_layers=config["hyper_layers"], chunk_size=config["chunk_size"],
+                                   gates=gates).to(device)
+        layout = hypernet.layout
+        server_class = baselines.FrozenPFedHN if method == "pfedhn-frozen" else fl.Server
+        server = server_class(hypernet, model, batches, optimizer=config["server_optimizer"],
+                              server_lr=config["server_lr"], sparsity=config["sparsity"],
+                              image_size=dataset.image_size)
+    clients = [fl.Client(cid, dataset, splits[cid], model, layout.unflatten, layout.flatten, config["seed"])
                for cid in range(num_clients)]
-    server = fl.Server(hypernet, model, batches, optimizer=config["server_optimizer"],
-                       server_lr=config["server_lr"], sparsity=config["sparsity"], image_size=dataset.image_size)
-    return dataset, clients, server, batches
+    return dataset, clients, server, batches, model
 
 
 def print_table(accuracy_by_batch, ri_per_batch, neurons):
@@ -211,6 +260,10 @@ def report_replay(report, t, dataset, out, write=print):
           + (" -- DIVERGED (non-finite), undone" if report["dropped"] else ""))
 
 
+def run_name(config):
+    return config["method"] + "-no-replay" * bool(config["no_replay"]) + "-no-masks" * bool(config["no_masks"])
+
+
 def main(argv=None):
     """Parse, build, (resume,) train, write results.json. Signals are handled only while this runs."""
     caught = []
@@ -223,23 +276,59 @@ def main(argv=None):
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return run(argv, caught)
+        config, comparison = resolve_config(sys.argv[1:] if argv is None else argv)
+        if comparison is not None:
+            return run_comparison(config, *comparison, caught, argv)
+        return run(config, caught)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
 
 
-def run(argv, caught):
+def run_comparison(config, names, seeds, caught, argv):
+    """Every (method, seed) into <out>/<method>-s<seed>, then the report (compare.py)."""
+    import checkpoint
+    import compare
+
+    out = config["out"] or os.path.join("runs", f"compare-{config['dataset']}")
+    runs = {}
+    for name in names:
+        for seed in seeds:
+            run_config = dict(config, **compare.variant_config(name), seed=seed,
+                              out=os.path.join(out, f"{name}-s{seed}"))
+            results_path = os.path.join(run_config["out"], "results.json")
+            if os.path.exists(results_path) and not config["overwrite"]:
+                with open(results_path) as f:
+                    results = json.load(f)
+                differing = sorted(k for k in run_config if k not in checkpoint.RUN_ONLY_KEYS
+                                   and results["config"].get(k) != run_config[k])
+                if differing:
+                    raise CliError(f"{results_path} was made with other settings ({', '.join(differing)}): "
+                                   f"use another --out, or --overwrite to rerun every method")
+                print(f"== {name}, seed {seed}: finished earlier, reusing {results_path}")
+            else:
+                run_config["resume"] = (not config["overwrite"]
+                                        and os.path.exists(os.path.join(run_config["out"], checkpoint.FILENAME)))
+                print(f"== {name}, seed {seed}" + (": resuming" if run_config["resume"] else ""))
+                results = run(run_config, caught)
+            runs.setdefault(name, []).append(results)
+    command = "python train.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(compare.write_report(out, runs, command))
+    print(f"wrote {os.path.join(out, 'comparison.md')} and its plots")
+    return runs
+
+
+def run(config, caught):
     import checkpoint
     import data
     import federated as fl
     import hypernet as hn
     from tqdm import tqdm
 
-    config = resolve_config(argv)
+    config = dict(config)
     device = torch.device("cuda" if config["device"] == "auto" and torch.cuda.is_available()
                           else ("cpu" if config["device"] == "auto" else config["device"]))
-    out = config["out"] or os.path.join("runs", f"{config['method']}-{config['dataset']}-s{config['seed']}")
+    out = config["out"] or os.path.join("runs", f"{run_name(config)}-{config['dataset']}-s{config['seed']}")
     config["out"] = out
     results_path = os.path.join(out, "results.json")
     checkpoint_path = os.path.join(out, checkpoint.FILENAME)
@@ -257,7 +346,7 @@ def run(argv, caught):
         except checkpoint.CheckpointError as e:
             raise CliError(str(e)) from None
     try:
-        dataset, clients, server, batches = build(config, device)
+        dataset, clients, server, batches, model = build(config, device)
     except data.DataError as e:
         raise CliError(str(e)) from None
     progress, rng = fl.Progress(), None
@@ -270,16 +359,17 @@ def run(argv, caught):
         del state
     os.makedirs(out, exist_ok=True)
 
-    print(f"{config['method']} on {config['dataset']} | device {device} | {len(clients)} clients in "
+    hypernet = getattr(server, "hypernet", None)
+    print(f"{run_name(config)} on {config['dataset']} | device {device} | {len(clients)} clients in "
           f"{len(batches)} batches | ResNet-18 width {config['width']}: "
-          f"{hn.count_parameters(server.model) / 1e6:.2f} M weights, hypernetwork "
-          f"{hn.count_parameters(server.hypernet) / 1e6:.2f} M parameters"
+          f"{hn.count_parameters(model) / 1e6:.2f} M weights"
+          + (f", hypernetwork {hn.count_parameters(hypernet) / 1e6:.2f} M parameters" if hypernet else "")
           + (f" | resumed at stage {progress.stage} round {progress.round}" if config["resume"] else ""))
     rounds = config["rounds"]
     bar = tqdm(total=config["batches"] * rounds, initial=progress.stage * rounds + progress.round,
                desc="rounds", dynamic_ncols=True)
     replay = None
-    if config["method"] == "pfeddsh" and not config["no_replay"]:
+    if config["method"] == "pfeddsh" and not config["no_replay"]:     # with --no-masks: pfedhn + replay
         replay = dict(num_images=config["replay_images"], iterations=config["replay_iterations"],
                       steps=config["replay_steps"], lr=config["replay_lr"])
 
@@ -311,13 +401,13 @@ def run(argv, caught):
     print(f"mean accuracy {m['mean_acc']:.4f} (weighted {m['weighted_acc']:.4f}), RI {m['ri']:+.4f}")
     if any(server.faults.values()):
         print("numerical faults survived: " + ", ".join(f"{k} {v}" for k, v in server.faults.items()))
-    if config["method"] == "pfeddsh":
+    if neurons[-1] is not None:
         plot_neurons(neurons, os.path.join(out, "neurons.png"))
         if neurons[-1]["owned"] == 1.0:
             print("note: every hypernetwork unit is owned: later batches can only reuse (read) owned units "
                   "and learn their embeddings and gates")
     results = {"config": config, "batches": batches, "accuracy": accuracy, "metrics": m,
-               "neurons": neurons if config["method"] == "pfeddsh" else None,
+               "neurons": neurons if neurons[-1] is not None else None,
                "test_sizes": test_sizes, "time_s": stage_seconds, "device": str(device),
                "replay_s": [r["replay_s"] for r in replays], "replay": replays, "faults": dict(server.faults)}
     tmp = results_path + ".tmp"

@@ -8,6 +8,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import compare  # noqa: E402
 import train  # noqa: E402
 
 TINY = ["--dataset", "cifar10", "--batches", "2", "--clients-per-batch", "2", "--rounds", "4",
@@ -19,11 +20,23 @@ def run_tiny(tiny_data_dir, out, *extra):
     return train.main(TINY + ["--data-dir", str(tiny_data_dir), "--out", str(out), *extra])
 
 
-@pytest.mark.parametrize("method", ["pfedhn", "pfeddsh"])
-def test_two_batch_run_writes_valid_results(tiny_data_dir, tmp_path, method):
-    run_tiny(tiny_data_dir, tmp_path / method, "--method", method, "--no-replay")
-    results = json.loads((tmp_path / method / "results.json").read_text())
-    assert results["config"]["method"] == method and results["config"]["rounds"] == 4
+REPLAY_TINY = ["--replay-images", "4", "--replay-iterations", "3", "--replay-steps", "3"]
+SCHEMA = {"config", "batches", "accuracy", "metrics", "neurons", "test_sizes", "time_s", "device", "replay_s",
+          "replay", "faults"}
+
+
+def variant_args(name):
+    v = compare.variant_config(name)
+    return (["--method", v["method"]] + ["--no-replay"] * v["no_replay"] + ["--no-masks"] * v["no_masks"]
+            + REPLAY_TINY)
+
+
+@pytest.mark.parametrize("name", sorted(compare.VARIANTS))
+def test_every_method_runs_two_stages_and_writes_the_same_schema(tiny_data_dir, tmp_path, name):
+    run_tiny(tiny_data_dir, tmp_path / name, *variant_args(name))
+    results = json.loads((tmp_path / name / "results.json").read_text())
+    assert set(results) == SCHEMA
+    assert results["config"]["method"] == compare.variant_config(name)["method"] and results["config"]["rounds"] == 4
     batches = results["batches"]
     assert sorted(c for b in batches for c in b) == [0, 1, 2, 3] and len(batches) == 2
     accuracy = results["accuracy"]
@@ -34,12 +47,19 @@ def test_two_batch_run_writes_valid_results(tiny_data_dir, tmp_path, method):
         assert all(a is None or 0.0 <= a <= 1.0 for a in row)
     assert all(0.0 <= a <= 1.0 for a in accuracy[1])
     m = results["metrics"]
-    assert set(m) >= {"mean_acc", "weighted_acc", "ri", "ri_per_batch"} and len(m["ri_per_batch"]) == 1
+    assert set(m) == {"mean_acc", "weighted_acc", "ri", "ri_per_batch", "batch_acc"} and len(m["ri_per_batch"]) == 1
     expected_ri = sum(accuracy[1][c] - accuracy[0][c] for c in batches[0]) / len(batches[0])
     assert m["ri"] == pytest.approx(expected_ri)
     assert len(results["time_s"]) == 2
-    if method == "pfeddsh":
-        assert m["ri"] == 0.0                            # masks: batch 0 is bitwise frozen
+    replays = name in ("pfeddsh", "pfeddsh-no-masks")
+    assert len(results["replay"]) == len(results["replay_s"]) == (1 if replays else 0)
+    # Batch 0 cannot change after its stage where nothing it reads is written: masks without replay,
+    # a hypernetwork frozen after batch 0, or clients that train alone.
+    if name in ("pfeddsh-no-replay", "pfedhn-frozen", "local"):
+        assert m["ri"] == 0.0
+    has_masks = name in ("pfeddsh", "pfeddsh-no-replay")
+    assert (results["neurons"] is not None) == has_masks
+    if has_masks:
         assert [set(n) >= {"used", "owned", "reuse"} for n in results["neurons"]] == [True, True]
 
 
@@ -83,6 +103,10 @@ BAD_INPUT = {
     "negative lr": (["--lr", "-1"], "--lr must be positive"),
     "not a number": (["--batches", "two"], "invalid int value"),
     "unknown method": (["--method", "nope"], "unknown method"),
+    "ablation of a baseline": (["--method", "fedavg", "--no-masks"], "--no-masks is an ablation of pfeddsh"),
+    "unknown method in --methods": (["--methods", "fedavg,fedprox"], "unknown method 'fedprox' in --methods"),
+    "--methods with --method": (["--methods", "fedavg", "--method", "pfedhn"], "--method does not go with"),
+    "bad --seeds": (["--methods", "fedavg", "--seeds", "0,x"], "--seeds must be comma-separated integers"),
     "cuda without cuda": (["--device", "cuda"], "CUDA is not available"),
 }
 

@@ -1,0 +1,181 @@
+"""The comparison report: what pFedDSH buys over its baselines (seed: "First 3 experiments"; DESIGN.md §2, §6).
+
+    python train.py --methods local,fedavg,pfedhn,pfeddsh --seeds 0,1,2 --dataset cifar10 --batches 2 ...
+
+train.py runs every (method, seed) on the same split into <out>/<method>-s<seed>/results.json (a finished
+run is reused, an interrupted one resumed), then write_report reads them and writes
+  <out>/comparison.md          per method, mean ± std over seeds: mean and weighted accuracy, PA, RI,
+                               hypernetwork units used, wall time
+  <out>/batch_accuracy.png     each batch's accuracy after every stage, one line per method
+  <out>/pfeddsh_matrix.png     pFedDSH's accuracy matrix A[t][i] as a heatmap
+
+PA (plasticity, DESIGN §2 with the reference this project uses): for each batch t > 0, the mean over its
+clients of A[t][i] minus what the same client reaches with `local` (same seed, so the same split and the
+same number of local steps). PA <= 0 is the seed's failure signature "new clients fail to outperform
+local training".
+"""
+import json
+import os
+
+import numpy as np
+
+# A comparison entry is a method plus the ablation switches of pfeddsh.
+VARIANTS = {
+    "local": dict(method="local"),
+    "fedavg": dict(method="fedavg"),
+    "fedavg-ft": dict(method="fedavg-ft"),
+    "pfedhn": dict(method="pfedhn"),
+    "pfedhn-frozen": dict(method="pfedhn-frozen"),
+    "pfeddsh": dict(method="pfeddsh"),
+    "pfeddsh-no-replay": dict(method="pfeddsh", no_replay=True),
+    "pfeddsh-no-masks": dict(method="pfeddsh", no_masks=True),       # = pfedhn + replay
+}
+
+
+def variant_config(name):
+    """The config keys that make a run this variant (the switches of the others set back to off)."""
+    return dict(dict(no_replay=False, no_masks=False), **VARIANTS[name])
+
+
+def plasticity(results, local):
+    """PA per batch t > 0: the new clients' accuracy after their stage minus local's on the same clients."""
+    pa = []
+    for t, ids in enumerate(results["batches"][1:], start=1):
+        pa.append(float(np.mean([results["accuracy"][t][c] - local["accuracy"][t][c] for c in ids])))
+    return pa
+
+
+def hypernet_units(results):
+    """Fraction of the hypernetwork's hidden units written by the end: masks own part; pFedHN writes all."""
+    if results.get("neurons"):
+        return results["neurons"][-1]["owned"]
+    return 1.0 if results["config"]["method"].startswith("pfed") else None
+
+
+def summarize(runs):
+    """runs: {variant: [results.json of each seed]} -> {variant: {column: per-seed values}}."""
+    local = {r["config"]["seed"]: r for r in runs.get("local", [])}
+    table = {}
+    for name, seeds in runs.items():
+        columns = {"mean_acc": [], "weighted_acc": [], "pa": [], "ri": [], "units": [], "time_min": []}
+        for r in seeds:
+            m = r["metrics"]
+            columns["mean_acc"].append(100 * m["mean_acc"])
+            columns["weighted_acc"].append(100 * m["weighted_acc"])
+            if r["config"]["seed"] in local:
+                columns["pa"].append(100 * np.mean(plasticity(r, local[r["config"]["seed"]])))
+            columns["ri"].append(100 * m["ri"])
+            if hypernet_units(r) is not None:
+                columns["units"].append(hypernet_units(r))
+            columns["time_min"].append(sum(r["time_s"]) / 60)
+        table[name] = columns
+    return table
+
+
+def cell(values, signed=False, digits=2):
+    if not values:
+        return "–"
+    mean, std = float(np.mean(values)), float(np.std(values))
+    return f"{mean:{'+' if signed else ''}.{digits}f} ± {std:.{digits}f}"
+
+
+def markdown(runs, command):
+    table = summarize(runs)
+    seeds = sorted({r["config"]["seed"] for rs in runs.values() for r in rs})
+    c = next(iter(runs.values()))[0]["config"]
+    lines = [
+        f"# Comparison: {c['dataset']}, {c['batches']} batches of {c['clients_per_batch']} clients",
+        "",
+        f"Seeds {', '.join(map(str, seeds))}; mean ± std over seeds; accuracies and PA / RI in points (%).",
+        f"Protocol: width {c['width']}, {c['rounds']} rounds per stage, {c['clients_per_round']} clients per round, "
+        f"{c['local_steps']} local steps of batch {c['batch_size']}, device {next(iter(runs.values()))[0]['device']}.",
+        "",
+        f"    {command}",
+        "",
+        "| method | mean acc | weighted acc | PA (t > 0) | RI | hypernet units used | wall time (min) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, col in table.items():
+        lines.append(f"| {name} | {cell(col['mean_acc'])} | {cell(col['weighted_acc'])} | "
+                     f"{cell(col['pa'], signed=True)} | {cell(col['ri'], signed=True)} | "
+                     f"{cell(col['units'])} | {cell(col['time_min'], digits=1)} |")
+    lines += ["", "Each batch's accuracy (%) after its own stage and at the end:", ""]
+    num_batches = c["batches"]
+    header = [f"batch {b} after stage {b}" for b in range(num_batches)] + \
+             [f"batch {b} final" for b in range(num_batches - 1)]
+    lines += ["| method | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
+    for name, seeds_results in runs.items():
+        own = [[100 * r["metrics"]["batch_acc"][b][b] for r in seeds_results] for b in range(num_batches)]
+        final = [[100 * r["metrics"]["batch_acc"][-1][b] for r in seeds_results] for b in range(num_batches - 1)]
+        lines.append(f"| {name} | " + " | ".join(cell(v) for v in own + final) + " |")
+    lines += ["", "PA: new clients' accuracy after their stage minus `local` on the same clients and seed. "
+              "RI: final minus after-own-stage accuracy of earlier batches (negative = forgetting). "
+              "Hypernet units used: fraction of hidden units owned by some batch at the end (pFedHN "
+              "variants write all of them; FedAvg and local have no hypernetwork). Wall time: training, "
+              "replay and evaluation of one run.", ""]
+    return "\n".join(lines)
+
+
+def plot_batch_accuracy(runs, path):
+    """One panel per batch: its mean accuracy (over clients, then seeds) after each stage, a line per method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    num_batches = next(iter(runs.values()))[0]["config"]["batches"]
+    fig, axes = plt.subplots(1, num_batches, figsize=(4 * num_batches, 3.6), sharey=True, squeeze=False)
+    for b, ax in enumerate(axes[0]):
+        for name, seeds_results in runs.items():
+            stages = list(range(b, num_batches))
+            acc = [100 * np.mean([r["metrics"]["batch_acc"][t][b] for r in seeds_results]) for t in stages]
+            ax.plot(stages, acc, "o-", label=name)
+        ax.set_title(f"batch {b}")
+        ax.set_xlabel("after stage t")
+        ax.set_xticks(range(num_batches))
+    axes[0][0].set_ylabel("test accuracy (%)")
+    axes[0][-1].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_accuracy_matrix(results, path):
+    """A[t][i] of one run: a row per stage, a column per client (grouped by batch), blank before it joins."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = [c for ids in results["batches"] for c in ids]
+    matrix = np.array([[np.nan if row[c] is None else 100 * row[c] for c in order] for row in results["accuracy"]])
+    fig, ax = plt.subplots(figsize=(0.55 * len(order) + 2, 0.6 * len(matrix) + 1.6))
+    image = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    for t in range(matrix.shape[0]):
+        for k in range(matrix.shape[1]):
+            if not np.isnan(matrix[t, k]):
+                ax.text(k, t, f"{matrix[t, k]:.0f}", ha="center", va="center", fontsize=7,
+                        color="white" if matrix[t, k] < 60 else "black")
+    edges = np.cumsum([len(ids) for ids in results["batches"]])[:-1]
+    for e in edges:                                    # batch boundaries
+        ax.axvline(e - 0.5, color="red", linewidth=1)
+    ax.set_xticks(range(len(order)), [str(c) for c in order], fontsize=7)
+    ax.set_yticks(range(len(matrix)))
+    ax.set_xlabel("client (grouped by batch)")
+    ax.set_ylabel("after stage t")
+    ax.set_title(f"{results['config']['method']} accuracy matrix (%), seed {results['config']['seed']}", fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(out, runs, command):
+    """comparison.md, comparison.json (the per-seed numbers) and the plots; returns the markdown."""
+    text = markdown(runs, command)
+    with open(os.path.join(out, "comparison.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(out, "comparison.json"), "w") as f:
+        json.dump(summarize(runs), f, indent=1)
+    plot_batch_accuracy(runs, os.path.join(out, "batch_accuracy.png"))
+    if "pfeddsh" in runs:
+        plot_accuracy_matrix(runs["pfeddsh"][0], os.path.join(out, "pfeddsh_matrix.png"))
+    return text

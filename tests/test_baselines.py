@@ -1,0 +1,139 @@
+"""The baselines (baselines.py) do what their names say, and the comparison report (compare.py) adds up."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import baselines  # noqa: E402
+import compare  # noqa: E402
+import federated as fl  # noqa: E402
+import hypernet as hn  # noqa: E402
+import train  # noqa: E402
+
+TINY = ["--dataset", "cifar10", "--batches", "2", "--clients-per-batch", "2", "--rounds", "3",
+        "--clients-per-round", "2", "--local-steps", "2", "--batch-size", "16", "--width", "4",
+        "--hidden", "16", "--chunk-size", "256", "--embed-dim", "4", "--device", "cpu"]
+
+
+def build(tiny_data_dir, method):
+    config, _ = train.resolve_config(TINY + ["--data-dir", str(tiny_data_dir), "--method", method])
+    dataset, clients, server, batches, model = train.build(config, torch.device("cpu"))
+    return config, clients, server, batches
+
+
+def onboard(config, clients, server, batches):
+    return fl.onboard(server, clients, batches, rounds=config["rounds"], clients_per_round=config["clients_per_round"],
+                      local_steps=config["local_steps"], batch_size=config["batch_size"], lr=config["lr"],
+                      seed=config["seed"])
+
+
+def refuse(*args, **kwargs):
+    raise AssertionError("a server update happened")
+
+
+def test_local_never_communicates(tiny_data_dir, tmp_path, monkeypatch):
+    # No pFedHN gradient, no server optimizer step, no FedAvg averaging may run for `local`...
+    monkeypatch.setattr(hn, "pfedhn_gradients", refuse)
+    monkeypatch.setattr(hn.ServerOptimizer, "step", refuse)
+    monkeypatch.setattr(baselines.FedAvg, "train_round", refuse)
+    results = train.main(TINY + ["--data-dir", str(tiny_data_dir), "--method", "local", "--out", str(tmp_path)])
+    assert all(a is not None for a in results["accuracy"][1])
+    # ...and what a client ends with depends on its own data only: scramble everybody else's training
+    # images and its weights stay bitwise the same.
+    config, clients, server, batches = build(tiny_data_dir, "local")
+    onboard(config, clients, server, batches)
+    _, clients2, server2, _ = build(tiny_data_dir, "local")
+    for other in clients2[1:]:
+        other.x_train = other.x_train.flip(0)
+    onboard(config, clients2, server2, batches)
+    assert torch.equal(server.weights[0], server2.weights[0])
+    assert all(torch.equal(server.bn_stats[0][n], server2.bn_stats[0][n]) for n in server.bn_stats[0])
+    assert not torch.equal(server.weights[1], server2.weights[1])      # the control: the scramble mattered
+
+
+class SizedClient:
+    """Returns a fixed delta and BN statistics; holds `n` training images."""
+
+    def __init__(self, n, delta, bn_value):
+        self.y_train, self.delta, self.bn_value = torch.zeros(n), delta, bn_value
+
+    def local_train(self, flat_weights, bn_stats, steps, batch_size, lr):
+        bn = {name: torch.full_like(b, self.bn_value) for name, b in bn_stats.items()}
+        return fl.ClientUpdate(delta=self.delta, bn_stats=bn, label_counts=torch.ones(10), loss=0.0)
+
+
+def test_fedavg_moves_to_the_size_weighted_average_of_the_clients_models():
+    model = hn.ResNet18(10, 4)
+    layout = hn.WeightLayout(model)
+    server = baselines.FedAvg(model, layout, [[0, 1]])
+    start = server.weights.clone()
+    d0, d1 = torch.randn_like(start), torch.randn_like(start)
+    clients = [SizedClient(30, d0, 1.0), SizedClient(10, d1, 5.0)]
+    server.train_round([0, 1], clients, 0.0, steps=1, batch_size=1, lr=0.0)
+    torch.testing.assert_close(server.weights, start + 0.75 * d0 + 0.25 * d1)
+    torch.testing.assert_close(server.bn["bn1.running_mean"], torch.full_like(server.bn["bn1.running_mean"], 2.0))
+
+
+def test_fedavg_ft_trains_exactly_like_fedavg_and_finetunes_only_at_evaluation(tiny_data_dir):
+    config, clients, plain, batches = build(tiny_data_dir, "fedavg")
+    accuracy_plain = onboard(config, clients, plain, batches)[0]
+    config, clients, tuned, batches = build(tiny_data_dir, "fedavg-ft")
+    before = [c.generator.get_state() for c in clients]
+    tuned.begin_stage(0)
+    tuned.evaluate(clients[0])
+    assert all(torch.equal(b, c.generator.get_state()) for b, c in zip(before, clients))   # eval draws nothing
+    accuracy_tuned = onboard(config, clients, tuned, batches)[0]
+    assert torch.equal(plain.weights, tuned.weights)              # the same global model...
+    assert accuracy_plain != accuracy_tuned                       # ...evaluated after fine-tuning
+
+
+def test_frozen_pfedhn_moves_only_the_new_clients_embeddings_after_batch_0(tiny_data_dir):
+    config, clients, server, batches = build(tiny_data_dir, "pfedhn-frozen")
+    config["rounds"] = 2
+    server.begin_stage(0)
+    for r in range(2):
+        server.train_round(batches[0], clients, r, config["local_steps"], config["batch_size"], config["lr"])
+    after_0 = {n: p.detach().clone() for n, p in server.hypernet.named_parameters()}
+    generated_0 = {c: server.generate(c) for c in batches[0]}
+    server.begin_stage(1)
+    for r in range(2):
+        server.train_round(batches[1], clients, r, config["local_steps"], config["batch_size"], config["lr"])
+    for name, p in server.hypernet.named_parameters():
+        if name != "client_embeddings":
+            assert torch.equal(p, after_0[name]), name
+    emb = server.hypernet.client_embeddings
+    assert torch.equal(emb[batches[0]], after_0["client_embeddings"][batches[0]])
+    assert not torch.equal(emb[batches[1]], after_0["client_embeddings"][batches[1]])
+    assert all(torch.equal(server.generate(c), generated_0[c]) for c in batches[0])
+
+
+def test_pa_is_new_clients_accuracy_minus_local_on_the_same_clients():
+    run = {"batches": [[0, 1], [2, 3]], "accuracy": [[0.5, 0.5, None, None], [0.4, 0.6, 0.9, 0.7]]}
+    local = {"batches": [[0, 1], [2, 3]], "accuracy": [[0.6, 0.6, None, None], [0.6, 0.6, 0.8, 0.9]]}
+    assert compare.plasticity(run, local) == [pytest.approx((0.1 - 0.2) / 2)]
+
+
+def test_comparison_command_writes_report_and_plots_and_reuses_finished_runs(tiny_data_dir, tmp_path, capsys):
+    argv = TINY + ["--data-dir", str(tiny_data_dir), "--methods", "fedavg,pfeddsh-no-replay", "--seeds", "0,1",
+                   "--out", str(tmp_path)]
+    runs = train.main(argv)
+    assert list(runs) == ["local", "fedavg", "pfeddsh-no-replay"]       # local added: PA needs it
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["comparison.md", "comparison.json", "batch_accuracy.png"] + [f"{n}-s{s}" for n in runs for s in (0, 1)])
+    summary = json.loads((tmp_path / "comparison.json").read_text())
+    for seed in (0, 1):
+        fedavg, local = runs["fedavg"][seed], runs["local"][seed]
+        assert fedavg["batches"] == local["batches"]                        # the same split per seed
+        expected = 100 * compare.plasticity(fedavg, local)[0]
+        assert summary["fedavg"]["pa"][seed] == pytest.approx(expected)
+    assert summary["local"]["pa"] == [0.0, 0.0]
+    report = (tmp_path / "comparison.md").read_text()
+    assert report.count("| fedavg |") == 2 and "| pfeddsh-no-replay |" in report
+    capsys.readouterr()
+    assert train.main(argv)["fedavg"][1] == runs["fedavg"][1]               # finished runs are reused...
+    assert capsys.readouterr().out.count("reusing") == 6
+    with pytest.raises(train.CliError, match="other settings"):            # ...but only for the same settings
+        train.main(argv + ["--lr", "0.01"])
