@@ -70,7 +70,7 @@ class Client:
                             loss=float(np.mean(losses)) if losses else 0.0)
 
     @torch.no_grad()
-    def evaluate(self, flat_weights, bn_stats, split="test", batch_size=1000):
+    def evaluate(self, flat_weights, bn_stats, split="test", batch_size=128):
         """(accuracy, mean loss) of the model it is sent, on its own held-out data; only numbers go back."""
         x_all, y_all = (self.x_test, self.y_test) if split == "test" else (self.x_val, self.y_val)
         if len(y_all) == 0:
