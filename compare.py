@@ -99,15 +99,21 @@ def markdown(runs, command):
         lines.append(f"| {name} | {cell(col['mean_acc'])} | {cell(col['weighted_acc'])} | "
                      f"{cell(col['pa'], signed=True)} | {cell(col['ri'], signed=True)} | "
                      f"{cell(col['units'])} | {cell(col['time_min'], digits=1)} |")
-    lines += ["", "Each batch's accuracy (%) after its own stage and at the end:", ""]
+    lines += ["", "Each batch's accuracy (%) after its own stage and at the end, and replay (seconds per "
+              "onboarded batch; earlier clients whose replay update was accepted, per seed):", ""]
     num_batches = c["batches"]
-    header = [f"batch {b} after stage {b}" for b in range(num_batches)] + \
-             [f"batch {b} final" for b in range(num_batches - 1)]
+    header = ([f"batch {b} after stage {b}" for b in range(num_batches)]
+              + [f"batch {b} final" for b in range(num_batches - 1)] + ["replay s", "replay accepted"])
     lines += ["| method | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
     for name, seeds_results in runs.items():
         own = [[100 * r["metrics"]["batch_acc"][b][b] for r in seeds_results] for b in range(num_batches)]
         final = [[100 * r["metrics"]["batch_acc"][-1][b] for r in seeds_results] for b in range(num_batches - 1)]
-        lines.append(f"| {name} | " + " | ".join(cell(v) for v in own + final) + " |")
+        replay_s = [s for r in seeds_results for s in r["replay_s"]]
+        accepted = ", ".join(f"{sum(x['accepted'] for x in r['replay'])}/"
+                             f"{sum(x['accepted'] + x['rejected'] + x['skipped'] for x in r['replay'])}"
+                             for r in seeds_results if r["replay"])
+        lines.append(f"| {name} | " + " | ".join(cell(v) for v in own + final)
+                     + f" | {cell(replay_s, digits=1)} | {accepted or '–'} |")
     lines += ["", "PA: new clients' accuracy after their stage minus `local` on the same clients and seed. "
               "RI: final minus after-own-stage accuracy of earlier batches (negative = forgetting). "
               "Hypernet units used: fraction of hidden units owned by some batch at the end (pFedHN "
@@ -123,17 +129,21 @@ def plot_batch_accuracy(runs, path):
     import matplotlib.pyplot as plt
 
     num_batches = next(iter(runs.values()))[0]["config"]["batches"]
-    fig, axes = plt.subplots(1, num_batches, figsize=(4 * num_batches, 3.6), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, num_batches, figsize=(4 * num_batches + 1.5, 3.6), sharey=True, squeeze=False)
+    markers = "osv^DPX*<>"
     for b, ax in enumerate(axes[0]):
-        for name, seeds_results in runs.items():
+        for k, (name, seeds_results) in enumerate(runs.items()):
             stages = list(range(b, num_batches))
             acc = [100 * np.mean([r["metrics"]["batch_acc"][t][b] for r in seeds_results]) for t in stages]
-            ax.plot(stages, acc, "o-", label=name)
+            shift = 0.04 * (k - (len(runs) - 1) / 2)        # methods that coincide stay visible side by side
+            ax.plot([t + shift for t in stages], acc, marker=markers[k % len(markers)],
+                    linestyle="--" if "-no-" in name else "-", label=name)
+        ax.set_xlim(-0.5, num_batches - 0.5)
         ax.set_title(f"batch {b}")
         ax.set_xlabel("after stage t")
         ax.set_xticks(range(num_batches))
     axes[0][0].set_ylabel("test accuracy (%)")
-    axes[0][-1].legend(fontsize=7, loc="lower left")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -9,6 +9,7 @@ Owns:
                 (`end_stage`: masks are frozen there; `onboard` then runs replay).
   * onboard     the protocol: batch t trains for R rounds, then every client seen so far is evaluated
                 on its own test split with its generated model, filling the accuracy matrix A[t][i].
+                The baselines (baselines.py) stand in for Server in the same loop.
   * metrics     mean accuracy (unweighted and sample-weighted) and RI, retro-active improvement.
 """
 import time

@@ -4,6 +4,7 @@ Owns three things, in reading order:
   1. ResNet18       the target model every client runs: a CIFAR ResNet-18 with a width multiplier. It is
                     run *functionally* (torch.func.functional_call) on weights that the hypernetwork
                     generates, plus the client's own BatchNorm running statistics (never generated).
+                    WeightLayout turns its parameters into one flat vector and back.
   2. HyperNetwork   client embedding v_i + chunk embedding c_j -> MLP trunk -> one shared linear head that
                     emits one chunk of the flat weight vector (pFedHN's per-tensor heads would need ~1.1 B
                     parameters for ResNet-18; the shared head needs a few million). The trunk's hidden units
