@@ -137,3 +137,9 @@ def test_comparison_command_writes_report_and_plots_and_reuses_finished_runs(tin
     assert capsys.readouterr().out.count("reusing") == 6
     with pytest.raises(train.CliError, match="other settings"):            # ...but only for the same settings
         train.main(argv + ["--lr", "0.01"])
+    # A run that stopped before writing results.json is resumed from its checkpoint, not restarted.
+    (tmp_path / "fedavg-s1" / "results.json").unlink()
+    capsys.readouterr()
+    resumed = train.main(argv)["fedavg"][1]
+    assert "fedavg, seed 1: resuming" in capsys.readouterr().out
+    assert resumed["accuracy"] == runs["fedavg"][1]["accuracy"]
