@@ -53,8 +53,7 @@ def load(path, config, device):
     except Exception as e:              # truncated zip, bad pickle, wrong type: all mean "unreadable"
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"checkpoint {path} is unreadable ({reason}); delete it to start over") from None
-    differing = sorted(k for k in set(config) | set(state["config"]) if k not in RUN_ONLY_KEYS
-                       and config.get(k) != state["config"].get(k))
+    differing = differing_settings(config, state["config"])
     if differing:
         diffs = ", ".join(f"{k}: {state['config'].get(k)!r} there, {config.get(k)!r} here" for k in differing)
         raise CheckpointError(f"checkpoint {path} was made with a different configuration ({diffs}); "
@@ -63,6 +62,11 @@ def load(path, config, device):
         raise CheckpointError(f"checkpoint {path} was made on {state['device']}, this run is on {device}; "
                               f"pass --device {torch.device(state['device']).type}")
     return state
+
+
+def differing_settings(config, other):
+    """The settings (run-only keys aside) in which two configurations differ: they are different runs."""
+    return sorted(k for k in set(config) | set(other) if k not in RUN_ONLY_KEYS and config.get(k) != other.get(k))
 
 
 def restore(state, server, clients, progress_cls):

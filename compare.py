@@ -62,8 +62,9 @@ def summarize(runs):
             m = r["metrics"]
             columns["mean_acc"].append(100 * m["mean_acc"])
             columns["weighted_acc"].append(100 * m["weighted_acc"])
-            if r["config"]["seed"] in local:
-                columns["pa"].append(100 * np.mean(plasticity(r, local[r["config"]["seed"]])))
+            pa = plasticity(r, local[r["config"]["seed"]]) if r["config"]["seed"] in local else []
+            if pa:                                  # none with a single batch
+                columns["pa"].append(100 * np.mean(pa))
             columns["ri"].append(100 * m["ri"])
             if hypernet_units(r) is not None:
                 columns["units"].append(hypernet_units(r))

@@ -273,8 +273,8 @@ def main(argv=None):
 
     def on_signal(signum, frame):
         if caught:       # a second signal: the user does not want to wait for the round to end
-            raise Interrupted("interrupted again: stopped without waiting for the round; --resume continues "
-                              "from the last checkpoint", 128 + signum)
+            raise Interrupted("interrupted again: stopped without waiting for the round; the last checkpoint "
+                              "is kept", 128 + signum)
         caught.append(signum)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -303,8 +303,7 @@ def run_comparison(config, names, seeds, caught, argv):
             if os.path.exists(results_path) and not config["overwrite"]:
                 with open(results_path) as f:
                     results = json.load(f)
-                differing = sorted(k for k in run_config if k not in checkpoint.RUN_ONLY_KEYS
-                                   and results["config"].get(k) != run_config[k])
+                differing = checkpoint.differing_settings(run_config, results["config"])
                 if differing:
                     raise CliError(f"{results_path} was made with other settings ({', '.join(differing)}): "
                                    f"use another --out, or --overwrite to rerun every method")
@@ -313,7 +312,8 @@ def run_comparison(config, names, seeds, caught, argv):
                 run_config["resume"] = (not config["overwrite"]
                                         and os.path.exists(os.path.join(run_config["out"], checkpoint.FILENAME)))
                 print(f"== {name}, seed {seed}" + (": resuming" if run_config["resume"] else ""))
-                results = run(run_config, caught)
+                results = run(run_config, caught, how_to_continue="rerun the same command to continue "
+                                                                  "(finished runs are reused, this one resumes)")
             runs.setdefault(name, []).append(results)
     command = "python train.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print(compare.write_report(out, runs, command))
@@ -321,7 +321,7 @@ def run_comparison(config, names, seeds, caught, argv):
     return runs
 
 
-def run(config, caught):
+def run(config, caught, how_to_continue="rerun with --resume to continue"):
     import checkpoint
     import data
     import federated as fl
@@ -390,7 +390,7 @@ def run(config, caught):
             where = (f"after stage {progress.stage - 1}" if progress.round == 0
                      else f"at stage {progress.stage} round {progress.round} of {rounds}")
             raise Interrupted(f"interrupted ({signal.Signals(caught[0]).name}): checkpoint saved {where}; "
-                              f"rerun with --resume to continue", 128 + caught[0])
+                              f"{how_to_continue}", 128 + caught[0])
 
     accuracy, neurons, stage_seconds, replays = fl.onboard(
         server, clients, batches, rounds=rounds, clients_per_round=config["clients_per_round"],

@@ -1,5 +1,8 @@
 """The baselines (baselines.py) do what their names say, and the comparison report (compare.py) adds up."""
 import json
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -143,3 +146,20 @@ def test_comparison_command_writes_report_and_plots_and_reuses_finished_runs(tin
     resumed = train.main(argv)["fedavg"][1]
     assert "fedavg, seed 1: resuming" in capsys.readouterr().out
     assert resumed["accuracy"] == runs["fedavg"][1]["accuracy"]
+
+
+def test_interrupted_comparison_says_how_to_continue_and_the_same_command_finishes(tiny_data_dir, tmp_path):
+    argv = [sys.executable, str(Path(train.__file__)), *TINY, "--data-dir", str(tiny_data_dir), "--batches", "1",
+            "--rounds", "40", "--methods", "fedavg", "--out", str(tmp_path)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout.readline().startswith("== local, seed 0")
+    assert "local on cifar10" in proc.stdout.readline()               # the signal handlers are installed
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert "checkpoint saved" in last and "rerun the same command" in last and "Traceback" not in stderr
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "== local, seed 0: resuming" in done.stdout and (tmp_path / "comparison.md").exists()
