@@ -134,10 +134,14 @@ class HyperNetwork(nn.Module):
     embedding) and the shared head emits that chunk's `chunk_size` numbers. Each hidden layer's output
     is multiplied by the gate of the client's batch (masks.BatchGates); without masks (pFedHN) the
     gate is all ones.
+
+    batch_base=True (our extension, not in the paper; needs gates) adds a full-size offset per batch,
+    zero at first and written only by its own batch's stage: the shared base is frozen once batch 0 has
+    finished, and without an offset of its own a new batch can adapt only through its free units.
     """
 
     def __init__(self, target, num_clients, embed_dim=32, chunk_embed_dim=32, hidden=128, num_layers=3,
-                 chunk_size=4096, gates=None):
+                 chunk_size=4096, gates=None, batch_base=False):
         super().__init__()
         self.layout = WeightLayout(target)
         self.names, self.num_weights = self.layout.names, self.layout.num_weights
@@ -157,6 +161,11 @@ class HyperNetwork(nn.Module):
         self.register_buffer("offset", offset)
         # BASE: a learned full-size weight vector shared by all clients (a freshly initialised ResNet).
         self.base = nn.Parameter(offset + scale * torch.randn_like(scale))
+        self.batch_base = None
+        if batch_base:
+            if gates is None:
+                raise ValueError("batch_base needs gates: without masks every batch writes the shared base")
+            self.batch_base = nn.Parameter(torch.zeros(gates.embeddings.shape[0], self.num_weights))
 
     def forward(self, client_ids, batch_of_client, s=1.0):
         """Flat weights, shape (len(client_ids), num_weights), for clients in one batched call.
@@ -176,7 +185,10 @@ class HyperNetwork(nn.Module):
             if self.gates is not None:
                 h = h * gates[:, l]
         raw = self.head(h).reshape(n, self.num_chunks * self.chunk_size)[:, : self.num_weights]
-        return self.base + self.scale * raw
+        weights = self.base + self.scale * raw
+        if self.batch_base is not None:
+            weights = weights + self.batch_base[torch.as_tensor(batch_of_client, device=weights.device)]
+        return weights
 
     def unflatten(self, flat):
         return self.layout.unflatten(flat)

@@ -27,6 +27,7 @@ DEFAULTS = dict(dataset="cifar10", data_dir="data", batches=2, clients_per_batch
                 batch_size=64, lr=0.05, width=64, method="pfeddsh", seed=0, device="auto", out=None,
                 server_lr=3e-3, server_optimizer="adam", hidden=128, hyper_layers=3, chunk_size=4096,
                 embed_dim=32, sparsity=0.75, s_max=400.0, val_fraction=0.1, no_replay=False, no_masks=False,
+                batch_base=False,
                 replay_images=64, replay_iterations=200, replay_steps=30, replay_lr=3e-3)
 PRESETS = {
     # Same pipeline on a 2-core CPU in a few minutes: narrow ResNet-18, 5 clients per batch, short stages.
@@ -93,6 +94,8 @@ def build_parser():
     g.add_argument("--sparsity", type=float, help="HAT sparsity penalty c")
     g.add_argument("--s-max", type=float, help="HAT gate annealing s_max")
     g.add_argument("--val-fraction", type=float)
+    g.add_argument("--batch-base", action="store_true", default=None,
+                   help="pfeddsh: a full-size weight offset per batch (our extension, not in the paper)")
     r = p.add_argument_group("data-free replay (pfeddsh)")
     r.add_argument("--no-replay", action="store_true", default=None, help="ablation: masks only (RI is then exactly 0)")
     r.add_argument("--no-masks", action="store_true", default=None, help="ablation: no masks (pfedhn + replay)")
@@ -123,6 +126,7 @@ def parse_comparison(args, config):
     """--methods / --seeds -> (variant names, seeds); `local` is added since PA is measured against it."""
     import compare
     for given, flag in [(args.method, "--method"), (args.no_replay, "--no-replay"), (args.no_masks, "--no-masks"),
+                        (args.batch_base, "--batch-base"),
                         (args.resume or None, "--resume"), (args.stop_after_rounds, "--stop-after-rounds")]:
         if given is not None:
             raise CliError(f"{flag} does not go with --methods / --seeds (a comparison resumes its runs by itself)")
@@ -149,9 +153,11 @@ def validate(c):
         raise CliError(f"unknown dataset '{c['dataset']}': choose from {', '.join(data.DATASETS)}")
     if c["method"] not in METHODS:
         raise CliError(f"unknown method '{c['method']}': choose from {', '.join(METHODS)}")
-    for flag in ["no_replay", "no_masks"]:
+    for flag in ["no_replay", "no_masks", "batch_base"]:
         if c[flag] and c["method"] != "pfeddsh":
-            raise CliError(f"--{flag.replace('_', '-')} is an ablation of pfeddsh, not of {c['method']}")
+            raise CliError(f"--{flag.replace('_', '-')} is an option of pfeddsh, not of {c['method']}")
+    if c["batch_base"] and c["no_masks"]:
+        raise CliError("--batch-base needs the masks: without them every batch writes the shared base")
     for key in ["batches", "clients_per_batch", "rounds", "clients_per_round", "local_steps", "batch_size",
                 "width", "hidden", "hyper_layers", "chunk_size", "embed_dim", "replay_images",
                 "replay_iterations", "replay_steps", "checkpoint_every"]:
@@ -206,7 +212,7 @@ def build(config, device):
                                      s_max=config["s_max"])
         hypernet = hn.HyperNetwork(model, num_clients, embed_dim=config["embed_dim"], hidden=config["hidden"],
                                    num_layers=config["hyper_layers"], chunk_size=config["chunk_size"],
-                                   gates=gates).to(device)
+                                   gates=gates, batch_base=config["batch_base"]).to(device)
         layout = hypernet.layout
         server_class = baselines.FrozenPFedHN if method == "pfedhn-frozen" else fl.Server
         server = server_class(hypernet, model, batches, optimizer=config["server_optimizer"],
@@ -264,7 +270,8 @@ def report_replay(report, t, dataset, out, write=print):
 
 
 def run_name(config):
-    return config["method"] + "-no-replay" * bool(config["no_replay"]) + "-no-masks" * bool(config["no_masks"])
+    return (config["method"] + "-no-replay" * bool(config["no_replay"]) + "-no-masks" * bool(config["no_masks"])
+            + "-batch-base" * bool(config["batch_base"]))
 
 
 def main(argv=None):
@@ -303,7 +310,8 @@ def run_comparison(config, names, seeds, caught, argv):
             if os.path.exists(results_path) and not config["overwrite"]:
                 with open(results_path) as f:
                     results = json.load(f)
-                differing = checkpoint.differing_settings(run_config, results["config"])
+                # A setting missing from an older results.json did not exist then: it had its default.
+                differing = checkpoint.differing_settings(run_config, dict(DEFAULTS, **results["config"]))
                 if differing:
                     raise CliError(f"{results_path} was made with other settings ({', '.join(differing)}): "
                                    f"use another --out, or --overwrite to rerun every method")

@@ -24,12 +24,12 @@ class FakeClient:
                                loss=0.0)
 
 
-def make_server(with_masks, optimizer="sgd", hidden=16, layers=2, batches=((0, 1), (2, 3))):
+def make_server(with_masks, optimizer="sgd", hidden=16, layers=2, batches=((0, 1), (2, 3)), batch_base=False):
     torch.manual_seed(0)
     model = hn.ResNet18(10, 4)
     gates = masks.BatchGates(len(batches), layers, hidden, 4) if with_masks else None
     net = hn.HyperNetwork(model, 4, embed_dim=4, chunk_embed_dim=4, hidden=hidden, num_layers=layers,
-                          chunk_size=256, gates=gates)
+                          chunk_size=256, gates=gates, batch_base=batch_base)
     # Momentum AND weight decay on: both move parameters whose gradient is zero in torch.optim.
     server = fl.Server(net, model, [list(b) for b in batches], optimizer=optimizer, server_lr=0.05,
                        server_momentum=0.9, server_weight_decay=0.01)
@@ -43,9 +43,9 @@ def run_stage(server, clients, t, rounds=6):
     return server.end_stage(t)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_earlier_batch_weights_bitwise_unchanged_by_later_stage(optimizer):
-    server, clients = make_server(with_masks=True, optimizer=optimizer)
+@pytest.mark.parametrize("optimizer,batch_base", [("sgd", False), ("adam", False), ("sgd", True)])
+def test_earlier_batch_weights_bitwise_unchanged_by_later_stage(optimizer, batch_base):
+    server, clients = make_server(with_masks=True, optimizer=optimizer, batch_base=batch_base)
     run_stage(server, clients, 0)
     after_stage0 = {c: server.generate(c).clone() for c in (0, 1)}
     params_before = {n: p.detach().clone() for n, p in server.hypernet.named_parameters()}
@@ -58,6 +58,9 @@ def test_earlier_batch_weights_bitwise_unchanged_by_later_stage(optimizer):
     # ...and not because nothing trained: stage 1 wrote the hypernetwork.
     changed = [n for n, p in server.hypernet.named_parameters() if not torch.equal(p, params_before[n])]
     assert "client_embeddings" in changed and any(n.startswith("trunk") for n in changed)
+    if batch_base:                  # batch 1 wrote its own offset and nothing else of that tensor
+        offsets = server.hypernet.batch_base
+        assert torch.equal(offsets[0], params_before["batch_base"][0]) and offsets[1].abs().sum() > 0
 
 
 def test_without_masks_earlier_clients_drift():

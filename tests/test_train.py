@@ -28,7 +28,7 @@ SCHEMA = {"config", "batches", "accuracy", "metrics", "neurons", "test_sizes", "
 def variant_args(name):
     v = compare.variant_config(name)
     return (["--method", v["method"]] + ["--no-replay"] * v["no_replay"] + ["--no-masks"] * v["no_masks"]
-            + REPLAY_TINY)
+            + ["--batch-base"] * v["batch_base"] + REPLAY_TINY)
 
 
 @pytest.mark.parametrize("name", sorted(compare.VARIANTS))
@@ -51,13 +51,13 @@ def test_every_method_runs_two_stages_and_writes_the_same_schema(tiny_data_dir, 
     expected_ri = sum(accuracy[1][c] - accuracy[0][c] for c in batches[0]) / len(batches[0])
     assert m["ri"] == pytest.approx(expected_ri)
     assert len(results["time_s"]) == 2
-    replays = name in ("pfeddsh", "pfeddsh-no-masks")
+    replays = name in ("pfeddsh", "pfeddsh-no-masks", "pfeddsh-batch-base")
     assert len(results["replay"]) == len(results["replay_s"]) == (1 if replays else 0)
     # Batch 0 cannot change after its stage where nothing it reads is written: masks without replay,
     # a hypernetwork frozen after batch 0, or clients that train alone.
     if name in ("pfeddsh-no-replay", "pfedhn-frozen", "local"):
         assert m["ri"] == 0.0
-    has_masks = name in ("pfeddsh", "pfeddsh-no-replay")
+    has_masks = name in ("pfeddsh", "pfeddsh-no-replay", "pfeddsh-batch-base")
     assert (results["neurons"] is not None) == has_masks
     if has_masks:
         assert [set(n) >= {"used", "owned", "reuse"} for n in results["neurons"]] == [True, True]
@@ -103,7 +103,8 @@ BAD_INPUT = {
     "negative lr": (["--lr", "-1"], "--lr must be positive"),
     "not a number": (["--batches", "two"], "invalid int value"),
     "unknown method": (["--method", "nope"], "unknown method"),
-    "ablation of a baseline": (["--method", "fedavg", "--no-masks"], "--no-masks is an ablation of pfeddsh"),
+    "ablation of a baseline": (["--method", "fedavg", "--no-masks"], "--no-masks is an option of pfeddsh"),
+    "batch base without masks": (["--batch-base", "--no-masks"], "--batch-base needs the masks"),
     "unknown method in --methods": (["--methods", "fedavg,fedprox"], "unknown method 'fedprox' in --methods"),
     "--methods with --method": (["--methods", "fedavg", "--method", "pfedhn"], "--method does not go with"),
     "bad --seeds": (["--methods", "fedavg", "--seeds", "0,x"], "--seeds must be comma-separated integers"),
