@@ -99,9 +99,12 @@ class BatchGates(nn.Module):
         masks["head.bias"] = torch.full_like(hypernet.head.bias, 0.0 if anyone_finished else 1.0)
         masks["chunk_embeddings"] = torch.full_like(hypernet.chunk_embeddings, 0.0 if anyone_finished else 1.0)
         masks["base"] = torch.full_like(hypernet.base, 0.0 if anyone_finished else 1.0)
-        if hypernet.batch_base is not None:         # a batch writes its own offset, never another's
+        if hypernet.batch_base is not None:
+            # A batch writes its own offset, never another's. Batch 0 writes the shared base instead (its
+            # offset stays zero), so stage 0 trains exactly as without the extension.
             own = torch.zeros_like(hypernet.batch_base)
-            own[batch] = 1.0
+            if batch > 0:
+                own[batch] = 1.0
             masks["batch_base"] = own
         gates = torch.zeros_like(self.embeddings)
         gates[batch] = 1.0
