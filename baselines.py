@@ -22,10 +22,6 @@ import federated as fl
 import hypernet as hn
 
 
-def no_faults():
-    return {"dropped_updates": 0, "skipped_rounds": 0, "dropped_replays": 0}
-
-
 class Local:
     """Every client's own model. The weights live here only so that onboard() and checkpoints handle
     every method alike: no client ever reads another's entry, and there is no server step."""
@@ -34,7 +30,7 @@ class Local:
         start = layout.flatten(dict(model.named_parameters())).detach().clone()
         self.weights = {cid: start.clone() for ids in batches for cid in ids}
         self.bn_stats = {cid: hn.bn_stats_init(model) for ids in batches for cid in ids}
-        self.stage, self.faults = 0, no_faults()
+        self.stage, self.faults = 0, fl.no_faults()
 
     def begin_stage(self, t):
         self.stage = t
@@ -72,7 +68,7 @@ class FedAvg:
         self.weights = layout.flatten(dict(model.named_parameters())).detach().clone()
         self.bn = hn.bn_stats_init(model)       # BN running statistics are averaged like the weights
         self.finetune_steps, self.batch_size, self.lr, self.seed = finetune_steps, batch_size, lr, seed
-        self.stage, self.faults = 0, no_faults()
+        self.stage, self.faults = 0, fl.no_faults()
 
     def begin_stage(self, t):
         self.stage = t

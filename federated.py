@@ -106,7 +106,7 @@ class Server:
         self.free = {}
         # Numerical faults met and survived (reported in results.json): a NaN/Inf client update is
         # dropped, a round whose updates were all dropped makes no server step, a diverged replay is undone.
-        self.faults = {"dropped_updates": 0, "skipped_rounds": 0, "dropped_replays": 0}
+        self.faults = no_faults()
 
     # --- generation ----------------------------------------------------------------------------------
 
@@ -201,6 +201,11 @@ class Server:
         self.faults = dict(sd["faults"])
         # The free masks depend only on the ownership buffers, which do not change within a stage.
         self.free = self.free_masks(self.stage)
+
+
+def no_faults():
+    """The fault counters every server (and every baseline) reports in results.json, all zero."""
+    return {"dropped_updates": 0, "skipped_rounds": 0, "dropped_replays": 0}
 
 
 def is_finite_update(update):
