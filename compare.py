@@ -29,13 +29,13 @@ VARIANTS = {
     "pfeddsh": dict(method="pfeddsh"),
     "pfeddsh-no-replay": dict(method="pfeddsh", no_replay=True),
     "pfeddsh-no-masks": dict(method="pfeddsh", no_masks=True),       # = pfedhn + replay
-    "pfeddsh-batch-base": dict(method="pfeddsh", batch_base=True),   # our extension, not in the paper
+    "pfeddsh-paper": dict(method="pfeddsh", adapter_budget=0.0),      # the paper's shape: no adapters
 }
 
 
 def variant_config(name):
     """The config keys that make a run this variant (the switches of the others set back to off)."""
-    return dict(dict(no_replay=False, no_masks=False, batch_base=False), **VARIANTS[name])
+    return dict(dict(no_replay=False, no_masks=False), **VARIANTS[name])
 
 
 def plasticity(results, local):

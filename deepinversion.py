@@ -217,17 +217,26 @@ def distillation_loss(student_logits, teacher_logits, temperature):
                     reduction="batchmean") * temperature ** 2
 
 
-def backward_transfer(server, t, validate, *, num_images=32, iterations=100, steps=20, lr=1e-2, kd_weight=1.0,
-                      anchor_weight=1.0, temperature=2.0, validate_every=3, seed=0):
+def accept(gained, lost, z):
+    """One-sided paired (McNemar) test on the client's confirmation images: did the update fix more
+    images than it broke, by more than chance would? z = 1.645 lets noise through about 5 % of the time."""
+    return gained > lost and (gained - lost) >= z * math.sqrt(gained + lost)
+
+
+def backward_transfer(server, t, validate, confirm, *, num_images, iterations, steps, lr, kd_weight,
+                      anchor_weight, temperature, validate_every, confirm_z, seed, progress=None):
     """After stage t: dream images from batch t's clients and use them to improve every earlier client.
 
     The server uses only what it holds: its hypernetwork, each new client's BN statistics and label
-    counts. `validate(cid, flat_weights) -> (accuracy, loss)` runs ON the client, on its own validation
-    split, and only those two numbers come back. For earlier client i only its own embedding row and
-    its own borrow-gate row may change, so no other client can be disturbed. Every `validate_every`
-    steps the client scores the current model; the best point of the path is kept if it beats the
-    starting point (higher accuracy, or equal accuracy and lower loss), else i is restored bitwise.
-    `anchor_weight` adds KD toward i's own model before replay, so it changes only where it must.
+    counts. The client takes part in two ways, on its own data, sending back numbers only:
+    `validate(cid, flat) -> (accuracy, loss)` on half of its validation split, and `confirm(cid,
+    flat_before, flat_after) -> (gained, lost)` on the other half.
+    For earlier client i only what is i's alone may change: its embedding row, its borrow-gate row and
+    its replay offset (the classifier and BatchNorm weights: hypernet.REPLAY_ONLY), so no other client can
+    be disturbed. Every `validate_every` steps the client scores the current model; the best point of the
+    path is proposed if it beats the start, and kept only if the confirmation half agrees (`accept`);
+    otherwise i is restored bitwise. `anchor_weight` adds KD toward i's own model before replay.
+    No defaults here: train.py's DEFAULTS are the one place the settings live.
     """
     from hypernet import ServerOptimizer, run_model   # local import: deepinversion.py stays standalone
 
@@ -237,7 +246,9 @@ def backward_transfer(server, t, validate, *, num_images=32, iterations=100, ste
                 for j in new_clients]
     start = time.time()
     dreamed = synthesize(model, teachers, num_images=num_images, iterations=iterations, seed=seed,
-                         image_size=server.image_size)
+                         image_size=server.image_size,
+                         progress=None if progress is None else lambda it, loss: progress("synthesis", it + 1,
+                                                                                           iterations))
     synthesis_s = time.time() - start
     images = torch.cat([d.images for d in dreamed])
     labels = torch.cat([d.labels for d in dreamed])
@@ -246,7 +257,7 @@ def backward_transfer(server, t, validate, *, num_images=32, iterations=100, ste
         teacher_logits = torch.cat([run_model(model, teacher.weights, teacher.bn_stats, d.images)
                                     for teacher, d in zip(teachers, dreamed)])
 
-    params = {"client_embeddings": hypernet.client_embeddings}
+    params = {"client_embeddings": hypernet.client_embeddings, "replay_offsets": hypernet.replay_offsets}
     if gates is not None:
         params["gates.borrow"] = gates.borrow
 
@@ -255,44 +266,55 @@ def backward_transfer(server, t, validate, *, num_images=32, iterations=100, ste
 
     report = {"synthesis_s": synthesis_s, "bn_loss_start": [d.bn_loss_start for d in dreamed],
               "bn_loss_end": [d.bn_loss_end for d in dreamed], "accepted": 0, "rejected": 0, "skipped": 0,
-              "val_before": [], "val_after": [], "images": images, "labels": labels}
-    for k in range(t):
-        for i in server.batches[k]:
-            held = server.label_counts[i] > 0
-            keep = held.to(labels.device)[labels]
-            if not keep.any():                      # no new client dreamed any class client i holds
-                report["skipped"] += 1
-                continue
-            x, y, soft = images[keep], labels[keep], teacher_logits[keep]
-            classes = held.nonzero().flatten().to(x.device)
-            y_local = torch.searchsorted(classes, y)       # labels as positions in i's own class list
-            bn_i = server.bn_stats[i]
+              "val_before": [], "val_after": [], "confirm": [], "images": images, "labels": labels}
+    earlier = [(k, i) for k in range(t) for i in server.batches[k]]
+    for n, (k, i) in enumerate(earlier):
+        if progress is not None:
+            progress("fine-tune", n + 1, len(earlier))
+        held = server.label_counts[i] > 0
+        keep = held.to(labels.device)[labels]
+        if not keep.any():                      # no new client dreamed any class client i holds
+            report["skipped"] += 1
+            continue
+        x, y, soft = images[keep], labels[keep], teacher_logits[keep]
+        classes = held.nonzero().flatten().to(x.device)
+        y_local = torch.searchsorted(classes, y)       # labels as positions in i's own class list
+        bn_i = server.bn_stats[i]
+        start_flat = server.generate(i)
+        with torch.no_grad():
+            own = run_model(model, hypernet.unflatten(start_flat), bn_i, x)[:, classes]
+        saved = {name: p.detach().clone() for name, p in params.items()}
+        best = saved
+        free = {name: torch.zeros_like(p) for name, p in params.items()}
+        for mask in free.values():
+            mask[i] = 1.0
+        optimizer = ServerOptimizer(params, kind="adam", lr=lr)
+        before = best_score = validate(i, start_flat)
+        for step in range(1, steps + 1):
+            flat = hypernet([i], [k])[0]
+            logits = run_model(model, hypernet.unflatten(flat), bn_i, x)[:, classes]
+            loss = (F.cross_entropy(logits, y_local)
+                    + kd_weight * distillation_loss(logits, soft[:, classes], temperature)
+                    + anchor_weight * distillation_loss(logits, own, temperature))
+            grads = torch.autograd.grad(loss, list(params.values()))
+            optimizer.step(dict(zip(params, grads)), free)
+            if step % validate_every == 0 or step == steps:
+                score = validate(i, server.generate(i))
+                if better(score, best_score):
+                    best_score, best = score, {name: p.detach().clone() for name, p in params.items()}
+        counts = (0, 0)
+        if best is not saved:                   # a proposal: the confirmation half has the last word
             with torch.no_grad():
-                own = run_model(model, hypernet.unflatten(server.generate(i)), bn_i, x)[:, classes]
-            saved = {name: p.detach().clone() for name, p in params.items()}
-            best = saved
-            free = {name: torch.zeros_like(p) for name, p in params.items()}
-            free["client_embeddings"][i] = 1.0
-            if gates is not None:
-                free["gates.borrow"][i] = 1.0
-            optimizer = ServerOptimizer(params, kind="adam", lr=lr)
-            before = best_score = validate(i, server.generate(i))
-            for step in range(1, steps + 1):
-                flat = hypernet([i], [k])[0]
-                logits = run_model(model, hypernet.unflatten(flat), bn_i, x)[:, classes]
-                loss = (F.cross_entropy(logits, y_local)
-                        + kd_weight * distillation_loss(logits, soft[:, classes], temperature)
-                        + anchor_weight * distillation_loss(logits, own, temperature))
-                grads = torch.autograd.grad(loss, list(params.values()))
-                optimizer.step(dict(zip(params, grads)), free)
-                if step % validate_every == 0 or step == steps:
-                    score = validate(i, server.generate(i))
-                    if better(score, best_score):
-                        best_score, best = score, {name: p.detach().clone() for name, p in params.items()}
-            with torch.no_grad():                   # the best point of the path, or exactly the start
                 for name, p in params.items():
                     p.copy_(best[name])
-            report["val_before"].append(list(before))
-            report["val_after"].append(list(best_score))
-            report["accepted" if best is not saved else "rejected"] += 1
+            counts = confirm(i, start_flat, server.generate(i))
+            if not accept(*counts, confirm_z):
+                best = saved
+        with torch.no_grad():                   # the confirmed point of the path, or exactly the start
+            for name, p in params.items():
+                p.copy_(best[name])
+        report["val_before"].append(list(before))
+        report["val_after"].append(list(best_score))
+        report["confirm"].append(list(counts))
+        report["accepted" if best is not saved else "rejected"] += 1
     return report

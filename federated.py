@@ -70,22 +70,43 @@ class Client:
         return ClientUpdate(delta=delta, bn_stats=bn_stats, label_counts=self.label_counts.clone(),
                             loss=float(np.mean(losses)) if losses else 0.0)
 
+    def held_out(self, split):
+        """test, val, or one of the validation split's halves: val_select (replay picks its best point
+        there) and val_confirm (which then has to confirm the pick, so a lucky pick rarely passes)."""
+        if split == "test":
+            return self.x_test, self.y_test
+        half = {"val": slice(None), "val_select": slice(0, None, 2), "val_confirm": slice(1, None, 2)}[split]
+        return self.x_val[half], self.y_val[half]
+
     @torch.no_grad()
-    def evaluate(self, flat_weights, bn_stats, split="test", batch_size=128):
-        """(accuracy, mean loss) of the model it is sent, on its own held-out data; only numbers go back."""
-        x_all, y_all = (self.x_test, self.y_test) if split == "test" else (self.x_val, self.y_val)
-        if len(y_all) == 0:
-            return float("nan"), float("nan")
+    def correct(self, flat_weights, bn_stats, split="test", batch_size=128):
+        """(per-image correctness, summed loss) of the model it is sent, on its own held-out data."""
+        x_all, y_all = self.held_out(split)
         weights = self.unflatten(flat_weights)
         self.model.eval()
-        correct, loss = 0, 0.0
+        correct, loss = [], 0.0
         for start in range(0, len(y_all), batch_size):
             x = data.normalize(x_all[start:start + batch_size], self.mean, self.std)
             y = y_all[start:start + batch_size]
             logits = hn.run_model(self.model, weights, bn_stats, x)
-            correct += (logits.argmax(1) == y).sum().item()
+            correct.append(logits.argmax(1) == y)
             loss += F.cross_entropy(logits, y, reduction="sum").item()
-        return correct / len(y_all), loss / len(y_all)
+        return (torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)), loss
+
+    def evaluate(self, flat_weights, bn_stats, split="test"):
+        """(accuracy, mean loss) on its own held-out data; only these numbers go back."""
+        correct, loss = self.correct(flat_weights, bn_stats, split)
+        if len(correct) == 0:
+            return float("nan"), float("nan")
+        return correct.float().mean().item(), loss / len(correct)
+
+    def confirm(self, flat_before, flat_after, bn_stats):
+        """Images of val_confirm that the new model gets right and the old one wrong, and the reverse.
+
+        Two counts go back, nothing else: what the server needs for a paired (McNemar) test."""
+        before, _ = self.correct(flat_before, bn_stats, "val_confirm")
+        after, _ = self.correct(flat_after, bn_stats, "val_confirm")
+        return int((after & ~before).sum()), int((before & ~after).sum())
 
 
 class Server:
@@ -95,7 +116,10 @@ class Server:
                  server_weight_decay=0.0, grad_clip=50.0, sparsity=0.75, image_size=32):
         self.hypernet, self.model, self.batches, self.image_size = hypernet, model, batches, image_size
         self.batch_of = {cid: t for t, ids in enumerate(batches) for cid in ids}
-        self.params = dict(hypernet.named_parameters())
+        # The server's optimizer owns everything but the gates (masks.BatchGates.step learns them, HAT's
+        # way) and what only replay writes.
+        self.params = {name: p for name, p in hypernet.named_parameters()
+                       if not name.startswith("gates.") and name not in hn.REPLAY_ONLY}
         self.optimizer = hn.ServerOptimizer(
             self.params, kind=optimizer, lr=server_lr, momentum=server_momentum, weight_decay=server_weight_decay)
         self.grad_clip, self.sparsity = grad_clip, sparsity
@@ -153,24 +177,16 @@ class Server:
             return float("nan")
         kept_ids = [client_ids[k] for k in kept]
         deltas = torch.stack([updates[k].delta for k in kept])
-        grads = hn.pfedhn_gradients(flat[kept], deltas, self.params)
+        with_gates = dict(self.params, **({"gates.embeddings": gates.embeddings} if gates is not None else {}))
+        grads = hn.pfedhn_gradients(flat[kept], deltas, with_gates)
         if gates is not None:
-            penalty = self.sparsity * gates.sparsity_penalty(self.stage, self.s)
-            grads["gates.embeddings"] += torch.autograd.grad(penalty, gates.embeddings)[0]
-            grads["gates.embeddings"] = gates.compensate(grads["gates.embeddings"], self.stage, self.s)
-        # Clip the hypernetwork's gradient, not the gates': HAT's compensation scales gate gradients by up
-        # to s_max/s (1e5 early in a stage), which would otherwise swallow every other gradient in the clip.
-        gate_grad = grads.pop("gates.embeddings", None)
+            gates.step(grads.pop("gates.embeddings"), self.stage, self.s, self.sparsity)
         grads, _ = hn.clip_gradients(grads, self.grad_clip)
-        if gate_grad is not None:
-            grads["gates.embeddings"] = gate_grad
         free = dict(self.free)
         rows = torch.zeros_like(self.hypernet.client_embeddings)
         rows[kept_ids] = 1.0                # only the embeddings of clients whose update was kept may move
         free["client_embeddings"] = rows
         self.optimizer.step(grads, free)
-        if gates is not None:
-            gates.clamp_(self.stage)
         for k in kept:
             self.bn_stats[client_ids[k]] = updates[k].bn_stats
             self.label_counts[client_ids[k]] = updates[k].label_counts
@@ -281,17 +297,19 @@ def run_replay(server, clients, t, seed, replay):
     """deepinversion.backward_transfer, undone when it diverged (non-finite images, BN loss or weights)."""
     import deepinversion
 
-    # Replay writes only these two (embedding rows and borrow gates): keep a copy to undo a divergence.
-    changed = {"client_embeddings": server.hypernet.client_embeddings}
-    if server.hypernet.gates is not None:
-        changed["gates.borrow"] = server.hypernet.gates.borrow
+    # Replay writes only these (hypernet.REPLAY_ONLY and the embedding rows): a copy undoes a divergence.
+    changed = {name: p for name, p in server.hypernet.named_parameters()
+               if name in hn.REPLAY_ONLY or name == "client_embeddings"}
     saved = {name: p.detach().clone() for name, p in changed.items()}
 
-    def validate(cid, flat):        # runs on client cid, with its own validation data
-        return clients[cid].evaluate(flat, server.bn_stats[cid], split="val")
+    def validate(cid, flat):            # runs on client cid: its own validation data, two numbers back
+        return clients[cid].evaluate(flat, server.bn_stats[cid], split="val_select")
+
+    def confirm(cid, flat_before, flat_after):      # on client cid too: two counts back
+        return clients[cid].confirm(flat_before, flat_after, server.bn_stats[cid])
 
     replay_start = time.time()
-    report = deepinversion.backward_transfer(server, t, validate, seed=seed + t, **replay)
+    report = deepinversion.backward_transfer(server, t, validate, confirm, seed=seed + t, **replay)
     report["replay_s"] = time.time() - replay_start
     finite = (bool(torch.isfinite(report["images"]).all())
               and all(np.isfinite(report["bn_loss_end"])) and all(bool(torch.isfinite(p).all())

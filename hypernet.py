@@ -78,6 +78,11 @@ class WeightLayout:
         self.shapes = [p.shape for _, p in model.named_parameters()]
         self.numels = [p.numel() for _, p in model.named_parameters()]
         self.num_weights = sum(self.numels)
+        # Flat positions of everything that is not a convolution: BatchNorm gains and biases and the
+        # classifier. Small (3.7 k of 0.70 M at width 16), and what a client needs to re-weigh features.
+        starts = torch.tensor([0] + self.numels).cumsum(0)[:-1].tolist()
+        self.non_conv_index = torch.cat([torch.arange(s, s + n) for s, n, shape in
+                                         zip(starts, self.numels, self.shapes) if len(shape) < 4])
 
     def unflatten(self, flat):
         """Flat vector -> {parameter name: tensor (a view)} for run_model."""
@@ -127,6 +132,56 @@ def init_scale_and_offset(model):
     return torch.cat(scales), torch.cat(offsets)
 
 
+class BatchAdapters(nn.Module):
+    """Each batch's own small weight offset, written only during its own stage (our plasticity extension).
+
+    The shared base and every owned unit are frozen once batch 0 has finished (that is what keeps earlier
+    clients bitwise unchanged), so without an offset of its own a new batch can adapt only through the
+    few free units. A full-size offset per batch fixes that but costs one model per batch. This one costs
+    at most `budget` x the model's weights per batch (docs/design.md):
+      * a full offset for the non-convolution weights (BatchNorm gains and biases, the classifier):
+        new classes need their own classifier rows;
+      * a rank-r offset U_b V_b for every convolution (LoRA: Hu et al., ICLR 2022), r the largest rank
+        that keeps the whole within the budget. U starts at zero, so the offset starts at exactly zero.
+    Batch 0 trains the shared base instead; its offset stays zero.
+    """
+
+    def __init__(self, layout, num_batches, budget):
+        super().__init__()
+        self.layout = layout
+        self.register_buffer("non_conv_index", layout.non_conv_index.clone())
+        convs = [(name, shape) for name, shape in zip(layout.names, layout.shapes) if len(shape) == 4]
+        self.conv_dims = {name: (shape[0], shape[1:].numel()) for name, shape in convs}   # (out, in * k * k)
+        dense = len(layout.non_conv_index)
+        per_rank = sum(o + i for o, i in self.conv_dims.values())
+        self.rank = max(0, int((budget * layout.num_weights - dense) // per_rank))
+        r = self.rank
+        self.dense = nn.Parameter(torch.zeros(num_batches, dense))
+        self.lora_out = nn.Parameter(torch.zeros(num_batches, sum(o * r for o, _ in self.conv_dims.values())))
+        # V ~ N(0, 1/r): an Adam step on U then moves each weight by about the learning rate, as a full offset would.
+        self.lora_in = nn.Parameter(torch.randn(num_batches, sum(r * i for _, i in self.conv_dims.values()))
+                                    / math.sqrt(max(r, 1)))
+
+    def per_batch_cost(self):
+        return self.dense.shape[1] + self.lora_out.shape[1] + self.lora_in.shape[1]
+
+    def forward(self, batch_ids):
+        """(len(batch_ids), num_weights) offsets, one row per client in the call."""
+        n, r = len(batch_ids), self.rank
+        outs = self.lora_out[batch_ids].split([o * r for o, _ in self.conv_dims.values()], dim=1)
+        ins = self.lora_in[batch_ids].split([r * i for _, i in self.conv_dims.values()], dim=1)
+        pieces = iter(zip(outs, ins, self.conv_dims.values()))
+        flat = []
+        for name, numel in zip(self.layout.names, self.layout.numels):
+            if name in self.conv_dims:
+                u, v, (o, i) = next(pieces)
+                flat.append((u.view(n, o, r) @ v.view(n, r, i)).view(n, numel))
+            else:
+                flat.append(self.dense.new_zeros(n, numel))     # filled from `dense` just below
+        offsets = torch.cat(flat, dim=1)
+        return offsets.index_add(1, self.non_conv_index, self.dense[batch_ids])
+
+
 class HyperNetwork(nn.Module):
     """phi: (client i) -> theta_i, all of ResNet-18's weights, generated chunk by chunk.
 
@@ -135,13 +190,14 @@ class HyperNetwork(nn.Module):
     is multiplied by the gate of the client's batch (masks.BatchGates); without masks (pFedHN) the
     gate is all ones.
 
-    batch_base=True (our extension, not in the paper; needs gates) adds a full-size offset per batch,
-    zero at first and written only by its own batch's stage: the shared base is frozen once batch 0 has
-    finished, and without an offset of its own a new batch can adapt only through its free units.
+    Two additions of ours (docs/design.md), both zero until trained, so they change nothing before:
+      * adapter_budget > 0 (needs gates) gives every batch a small offset of its own (BatchAdapters);
+      * replay_offsets: per client, an offset of its non-convolution weights that only replay writes
+        (deepinversion.backward_transfer), so replay can move an earlier client without touching others.
     """
 
     def __init__(self, target, num_clients, embed_dim=32, chunk_embed_dim=32, hidden=128, num_layers=3,
-                 chunk_size=4096, gates=None, batch_base=False):
+                 chunk_size=4096, gates=None, adapter_budget=0.0):
         super().__init__()
         self.layout = WeightLayout(target)
         self.names, self.num_weights = self.layout.names, self.layout.num_weights
@@ -161,11 +217,13 @@ class HyperNetwork(nn.Module):
         self.register_buffer("offset", offset)
         # BASE: a learned full-size weight vector shared by all clients (a freshly initialised ResNet).
         self.base = nn.Parameter(offset + scale * torch.randn_like(scale))
-        self.batch_base = None
-        if batch_base:
+        self.adapters = None
+        if adapter_budget > 0:
             if gates is None:
-                raise ValueError("batch_base needs gates: without masks every batch writes the shared base")
-            self.batch_base = nn.Parameter(torch.zeros(gates.embeddings.shape[0], self.num_weights))
+                raise ValueError("adapters need gates: without masks every batch writes the shared base anyway")
+            self.adapters = BatchAdapters(self.layout, gates.embeddings.shape[0], adapter_budget)
+        self.register_buffer("non_conv_index", self.layout.non_conv_index.clone())
+        self.replay_offsets = nn.Parameter(torch.zeros(num_clients, len(self.layout.non_conv_index)))
 
     def forward(self, client_ids, batch_of_client, s=1.0):
         """Flat weights, shape (len(client_ids), num_weights), for clients in one batched call.
@@ -186,15 +244,19 @@ class HyperNetwork(nn.Module):
                 h = h * gates[:, l]
         raw = self.head(h).reshape(n, self.num_chunks * self.chunk_size)[:, : self.num_weights]
         weights = self.base + self.scale * raw
-        if self.batch_base is not None:
-            weights = weights + self.batch_base[torch.as_tensor(batch_of_client, device=weights.device)]
-        return weights
+        if self.adapters is not None:
+            weights = weights + self.adapters(torch.as_tensor(batch_of_client, device=weights.device))
+        return weights.index_add(1, self.non_conv_index, self.replay_offsets[ids])
 
     def unflatten(self, flat):
         return self.layout.unflatten(flat)
 
     def flatten(self, weights):
         return self.layout.flatten(weights)
+
+
+# Written only by replay (deepinversion.backward_transfer), never by the server's training rounds.
+REPLAY_ONLY = ("replay_offsets", "gates.borrow")
 
 
 def count_parameters(module):

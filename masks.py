@@ -24,12 +24,19 @@ import torch.nn as nn
 
 
 class BatchGates(nn.Module):
-    def __init__(self, num_batches, num_layers, hidden, num_clients, s_max=400.0, clamp=6.0):
+    def __init__(self, num_batches, num_layers, hidden, num_clients, s_max=400.0, clamp=6.0, lr=0.05,
+                 max_grad_norm=10_000.0, free_start=0.0):
         super().__init__()
         self.s_max, self.clamp = s_max, clamp
-        # HAT initialises gate embeddings N(0, 1): about half the units start "on" for a new batch.
+        # HAT trains the gate embeddings with plain SGD at the model's rate (0.05), not with the server's
+        # Adam: Adam would normalise away the compensation below and move a gate by ~lr a step, far too
+        # little for a mask to be learned in a stage of tens of server steps.
+        self.lr, self.max_grad_norm = lr, max_grad_norm
+        # Where a batch's gate starts on units nobody owns yet (prepare): 0 = undecided, so the stage's
+        # gradients alone (task against sparsity) decide which units it takes; None keeps HAT's N(0, 1).
+        self.free_start = free_start
         self.embeddings = nn.Parameter(torch.randn(num_batches, num_layers, hidden))
-        # Replay's "borrow" gates (our proposal, DESIGN §5): how much client i reads units that LATER
+        # Replay's "borrow" gates (our proposal, docs/design.md): how much client i reads units that LATER
         # batches own. Exactly zero until replay trains them, so they change nothing before that.
         self.borrow = nn.Parameter(torch.zeros(num_clients, num_layers, hidden))
         self.register_buffer("binary", torch.zeros(num_batches, num_layers, hidden))
@@ -38,9 +45,9 @@ class BatchGates(nn.Module):
 
     # --- the gate itself -----------------------------------------------------------------------------
 
-    def scale(self, progress):
-        """s for a point `progress` in [0, 1] of the stage: linear from 1/s_max to s_max (HAT)."""
-        return 1.0 / self.s_max + (self.s_max - 1.0 / self.s_max) * progress
+    def scale(self, stage_fraction):
+        """s at a point in [0, 1] of the stage: linear from 1/s_max to s_max (HAT)."""
+        return 1.0 / self.s_max + (self.s_max - 1.0 / self.s_max) * stage_fraction
 
     def gate(self, batch, s):
         """(num_layers, hidden) gate of `batch`: frozen 0/1 once its stage is over, soft while it trains."""
@@ -56,6 +63,25 @@ class BatchGates(nn.Module):
         borrowable = (self.owned & (self.binary[batch] == 0)).float()
         return gate + self.borrow[client] * borrowable     # + 0.0 exactly while borrow is zero
 
+    # --- learning the gate (HAT) ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, task_grad, batch, s, sparsity):
+        """One HAT update of `batch`'s gate embedding from the task's gradient (the server's VJP).
+
+        Adds the sparsity penalty's gradient, compensates, clips (HAT clips at 10^4), takes a plain SGD
+        step on this batch's row only and clamps. Earlier batches' rows are never touched.
+        """
+        with torch.enable_grad():
+            penalty = sparsity * self.sparsity_penalty(batch, s)
+            grad = task_grad + torch.autograd.grad(penalty, self.embeddings)[0]
+        grad = self.compensate(grad, batch, s)[batch]
+        norm = torch.linalg.vector_norm(grad)
+        grad = grad * torch.clamp(self.max_grad_norm / (norm + 1e-12), max=1.0)
+        self.embeddings[batch] -= self.lr * grad
+        self.clamp_(batch)
+        return norm.item()
+
     # --- what the optimizer sees ---------------------------------------------------------------------
 
     def sparsity_penalty(self, batch, s):
@@ -65,9 +91,13 @@ class BatchGates(nn.Module):
         return (gate * free).sum() / free.sum().clamp(min=1.0)
 
     def compensate(self, grad, batch, s):
-        """HAT's embedding-gradient compensation: undo the vanishing slope of sigmoid(s*e) at small s."""
+        """HAT's embedding-gradient compensation: undo the vanishing slope of sigmoid(s*e) at small s.
+
+        d sigmoid(s e)/de = s sigmoid'(s e); times (s_max/s)(cosh(s e)+1)/(cosh(e)+1) it becomes
+        s_max sigmoid'(e): the same push early and late in the stage, whatever s is.
+        """
         e = self.embeddings[batch].detach()
-        numerator = torch.cosh(torch.clamp(s * e, -50.0, 50.0)) + 1
+        numerator = torch.cosh(torch.clamp(s * e, -50.0, 50.0)) + 1       # HAT's thres_cosh = 50
         denominator = torch.cosh(e) + 1
         grad = grad.clone()
         grad[batch] *= (self.s_max / s) * numerator / denominator
@@ -99,17 +129,14 @@ class BatchGates(nn.Module):
         masks["head.bias"] = torch.full_like(hypernet.head.bias, 0.0 if anyone_finished else 1.0)
         masks["chunk_embeddings"] = torch.full_like(hypernet.chunk_embeddings, 0.0 if anyone_finished else 1.0)
         masks["base"] = torch.full_like(hypernet.base, 0.0 if anyone_finished else 1.0)
-        if hypernet.batch_base is not None:
-            # A batch writes its own offset, never another's. Batch 0 writes the shared base instead (its
-            # offset stays zero), so stage 0 trains exactly as without the extension.
-            own = torch.zeros_like(hypernet.batch_base)
-            if batch > 0:
-                own[batch] = 1.0
-            masks["batch_base"] = own
-        gates = torch.zeros_like(self.embeddings)
-        gates[batch] = 1.0
-        masks["gates.embeddings"] = gates
-        masks["gates.borrow"] = torch.zeros_like(self.borrow)    # only replay writes these
+        if hypernet.adapters is not None:
+            # A batch writes its own adapter, never another's. Batch 0 writes the shared base instead (its
+            # adapter stays zero), so stage 0 trains exactly as without them.
+            for name, p in hypernet.adapters.named_parameters():
+                own = torch.zeros_like(p)
+                if batch > 0:
+                    own[batch] = 1.0
+                masks[f"adapters.{name}"] = own
         return masks
 
     @torch.no_grad()
@@ -118,12 +145,16 @@ class BatchGates(nn.Module):
 
         Head columns of units nobody owns are zeroed, so fresh units add exactly nothing to the new
         clients' first models (random columns would add noise on top of the owned units' knowledge);
-        they still learn, since their gradient is their activation times the output gradient. The new
-        gate starts "on" for every owned unit (reading them is free) and HAT-random elsewhere.
+        they still learn, since their gradient is their activation times the output gradient. Batch 0
+        finds nothing owned and keeps the random head: zeroing it would give every client the same first
+        model and a zero gradient to the trunk, embeddings and gates in round 0. The new gate starts "on"
+        for every owned unit (reading them is free) and at `free_start` elsewhere.
         """
-        hypernet.head.weight[:, ~self.owned[-1]] = 0.0
+        if self.owned.any():
+            hypernet.head.weight[:, ~self.owned[-1]] = 0.0
         e = self.embeddings[batch]
-        e.copy_(torch.where(self.owned, e.abs(), e))
+        free = e if self.free_start is None else torch.full_like(e, self.free_start)   # None: HAT's N(0, 1)
+        e.copy_(torch.where(self.owned, e.abs().clamp(min=1.0), free))
 
     # --- end of a stage ------------------------------------------------------------------------------
 

@@ -26,9 +26,10 @@ DEFAULTS = dict(dataset="cifar10", data_dir="data", batches=2, clients_per_batch
                 partition="pathological", alpha=0.5, rounds=300, clients_per_round=5, local_steps=50,
                 batch_size=64, lr=0.05, width=64, method="pfeddsh", seed=0, device="auto", out=None,
                 server_lr=3e-3, server_optimizer="adam", hidden=128, hyper_layers=3, chunk_size=4096,
-                embed_dim=32, sparsity=0.75, s_max=400.0, val_fraction=0.1, no_replay=False, no_masks=False,
-                batch_base=False,
-                replay_images=64, replay_iterations=200, replay_steps=30, replay_lr=3e-3)
+                embed_dim=32, sparsity=0.75, s_max=400.0, gate_lr=0.05, val_fraction=0.1, no_replay=False,
+                no_masks=False, adapter_budget=0.05,
+                replay_images=64, replay_iterations=200, replay_steps=30, replay_lr=3e-3, replay_kd=1.0,
+                replay_anchor=1.0, replay_temperature=2.0, replay_validate_every=3, replay_confirm_z=1.645)
 PRESETS = {
     # Same pipeline on a 2-core CPU in a few minutes: narrow ResNet-18, 5 clients per batch, short stages.
     "cpu-demo": dict(width=16, clients_per_batch=5, rounds=40, clients_per_round=5, local_steps=5,
@@ -93,16 +94,24 @@ def build_parser():
     g.add_argument("--embed-dim", type=int)
     g.add_argument("--sparsity", type=float, help="HAT sparsity penalty c")
     g.add_argument("--s-max", type=float, help="HAT gate annealing s_max")
+    g.add_argument("--gate-lr", type=float, help="SGD rate of the gate embeddings (HAT's optimiser)")
     g.add_argument("--val-fraction", type=float)
-    g.add_argument("--batch-base", action="store_true", default=None,
-                   help="pfeddsh: a full-size weight offset per batch (our extension, not in the paper)")
+    g.add_argument("--adapter-budget", type=float,
+                   help="pfeddsh: each batch's own weight offset, at most this fraction of the model "
+                        "(our extension, not in the paper); 0 = the paper's shape, no adapters")
     r = p.add_argument_group("data-free replay (pfeddsh)")
     r.add_argument("--no-replay", action="store_true", default=None, help="ablation: masks only (RI is then exactly 0)")
     r.add_argument("--no-masks", action="store_true", default=None, help="ablation: no masks (pfedhn + replay)")
     r.add_argument("--replay-images", type=int, help="synthetic images per new client")
     r.add_argument("--replay-iterations", type=int, help="DeepInversion iterations")
     r.add_argument("--replay-steps", type=int, help="fine-tuning steps per earlier client")
-    r.add_argument("--replay-lr", type=float)
+    r.add_argument("--replay-lr", type=float, help="Adam rate of what replay trains (an earlier client's own rows)")
+    r.add_argument("--replay-kd", type=float, help="weight of KD toward the dreaming client's model")
+    r.add_argument("--replay-anchor", type=float, help="weight of KD toward the earlier client's own model")
+    r.add_argument("--replay-temperature", type=float, help="KD temperature")
+    r.add_argument("--replay-validate-every", type=int, help="fine-tuning steps between the client's scores")
+    r.add_argument("--replay-confirm-z", type=float,
+                   help="z of the paired test on the client's confirmation images that accepts an update")
     return p
 
 
@@ -126,7 +135,6 @@ def parse_comparison(args, config):
     """--methods / --seeds -> (variant names, seeds); `local` is added since PA is measured against it."""
     import compare
     for given, flag in [(args.method, "--method"), (args.no_replay, "--no-replay"), (args.no_masks, "--no-masks"),
-                        (args.batch_base, "--batch-base"),
                         (args.resume or None, "--resume"), (args.stop_after_rounds, "--stop-after-rounds")]:
         if given is not None:
             raise CliError(f"{flag} does not go with --methods / --seeds (a comparison resumes its runs by itself)")
@@ -153,21 +161,22 @@ def validate(c):
         raise CliError(f"unknown dataset '{c['dataset']}': choose from {', '.join(data.DATASETS)}")
     if c["method"] not in METHODS:
         raise CliError(f"unknown method '{c['method']}': choose from {', '.join(METHODS)}")
-    for flag in ["no_replay", "no_masks", "batch_base"]:
+    for flag in ["no_replay", "no_masks"]:
         if c[flag] and c["method"] != "pfeddsh":
             raise CliError(f"--{flag.replace('_', '-')} is an option of pfeddsh, not of {c['method']}")
-    if c["batch_base"] and c["no_masks"]:
-        raise CliError("--batch-base needs the masks: without them every batch writes the shared base")
+    if not 0 <= c["adapter_budget"] < 1:
+        raise CliError(f"--adapter-budget must be in [0, 1), got {c['adapter_budget']}")
     for key in ["batches", "clients_per_batch", "rounds", "clients_per_round", "local_steps", "batch_size",
                 "width", "hidden", "hyper_layers", "chunk_size", "embed_dim", "replay_images",
-                "replay_iterations", "replay_steps", "checkpoint_every"]:
+                "replay_iterations", "replay_steps", "replay_validate_every", "checkpoint_every"]:
         if c[key] < 1:
             raise CliError(f"--{key.replace('_', '-')} must be a positive integer, got {c[key]}")
-    for key in ["lr", "server_lr", "alpha", "s_max", "replay_lr"]:
+    for key in ["lr", "server_lr", "alpha", "s_max", "gate_lr", "replay_lr", "replay_temperature"]:
         if not c[key] > 0:
             raise CliError(f"--{key.replace('_', '-')} must be positive, got {c[key]}")
-    if c["sparsity"] < 0:
-        raise CliError(f"--sparsity must be >= 0, got {c['sparsity']}")
+    for key in ["sparsity", "replay_kd", "replay_anchor", "replay_confirm_z"]:
+        if not c[key] >= 0:
+            raise CliError(f"--{key.replace('_', '-')} must be >= 0, got {c[key]}")
     if c["classes_per_client"] is not None and c["classes_per_client"] < 1:
         raise CliError(f"--classes-per-client must be a positive integer, got {c['classes_per_client']}")
     if c["classes_per_client"] is not None and c["classes_per_client"] > data.DATASETS[c["dataset"]]:
@@ -209,10 +218,11 @@ def build(config, device):
         gates = None
         if method == "pfeddsh" and not config["no_masks"]:
             gates = masks.BatchGates(config["batches"], config["hyper_layers"], config["hidden"], num_clients,
-                                     s_max=config["s_max"])
+                                     s_max=config["s_max"], lr=config["gate_lr"])
         hypernet = hn.HyperNetwork(model, num_clients, embed_dim=config["embed_dim"], hidden=config["hidden"],
                                    num_layers=config["hyper_layers"], chunk_size=config["chunk_size"],
-                                   gates=gates, batch_base=config["batch_base"]).to(device)
+                                   gates=gates, adapter_budget=config["adapter_budget"] if gates is not None else 0.0
+                                   ).to(device)
         layout = hypernet.layout
         server_class = baselines.FrozenPFedHN if method == "pfedhn-frozen" else fl.Server
         server = server_class(hypernet, model, batches, optimizer=config["server_optimizer"],
@@ -271,7 +281,8 @@ def report_replay(report, t, dataset, out, write=print):
 
 def run_name(config):
     return (config["method"] + "-no-replay" * bool(config["no_replay"]) + "-no-masks" * bool(config["no_masks"])
-            + "-batch-base" * bool(config["batch_base"]))
+            + "-paper" * (config["method"] == "pfeddsh" and not config["no_masks"]
+                          and config["adapter_budget"] == 0))
 
 
 def main(argv=None):
@@ -375,6 +386,9 @@ def run(config, caught, how_to_continue="rerun with --resume to continue"):
           f"{len(batches)} batches | ResNet-18 width {config['width']}: "
           f"{hn.count_parameters(model) / 1e6:.2f} M weights"
           + (f", hypernetwork {hn.count_parameters(hypernet) / 1e6:.2f} M parameters" if hypernet else "")
+          + (f", adapters of rank {hypernet.adapters.rank}: {hypernet.adapters.per_batch_cost() / 1e3:.1f} k "
+             f"per batch ({hypernet.adapters.per_batch_cost() / hypernet.num_weights:.1%} of the model)"
+             if hypernet is not None and hypernet.adapters is not None else "")
           + (f" | resumed at stage {progress.stage} round {progress.round}" if config["resume"] else ""))
     rounds = config["rounds"]
     bar = tqdm(total=config["batches"] * rounds, initial=progress.stage * rounds + progress.round,
@@ -382,7 +396,9 @@ def run(config, caught, how_to_continue="rerun with --resume to continue"):
     replay = None
     if config["method"] == "pfeddsh" and not config["no_replay"]:     # with --no-masks: pfedhn + replay
         replay = dict(num_images=config["replay_images"], iterations=config["replay_iterations"],
-                      steps=config["replay_steps"], lr=config["replay_lr"])
+                      steps=config["replay_steps"], lr=config["replay_lr"], kd_weight=config["replay_kd"],
+                      anchor_weight=config["replay_anchor"], temperature=config["replay_temperature"],
+                      validate_every=config["replay_validate_every"], confirm_z=config["replay_confirm_z"])
 
     def after_round(progress, rng, stage_done):
         """Between rounds: png of a finished replay, checkpoint when due, and stop here after a signal."""

@@ -24,15 +24,16 @@ class FakeClient:
                                loss=0.0)
 
 
-def make_server(with_masks, optimizer="sgd", hidden=16, layers=2, batches=((0, 1), (2, 3)), batch_base=False):
+def make_server(with_masks, optimizer="sgd", hidden=16, layers=2, batches=((0, 1), (2, 3)), adapter_budget=0.0,
+                sparsity=0.75):
     torch.manual_seed(0)
     model = hn.ResNet18(10, 4)
     gates = masks.BatchGates(len(batches), layers, hidden, 4) if with_masks else None
     net = hn.HyperNetwork(model, 4, embed_dim=4, chunk_embed_dim=4, hidden=hidden, num_layers=layers,
-                          chunk_size=256, gates=gates, batch_base=batch_base)
+                          chunk_size=256, gates=gates, adapter_budget=adapter_budget)
     # Momentum AND weight decay on: both move parameters whose gradient is zero in torch.optim.
     server = fl.Server(net, model, [list(b) for b in batches], optimizer=optimizer, server_lr=0.05,
-                       server_momentum=0.9, server_weight_decay=0.01)
+                       server_momentum=0.9, server_weight_decay=0.01, sparsity=sparsity)
     return server, [FakeClient(c) for c in range(4)]
 
 
@@ -43,9 +44,9 @@ def run_stage(server, clients, t, rounds=6):
     return server.end_stage(t)
 
 
-@pytest.mark.parametrize("optimizer,batch_base", [("sgd", False), ("adam", False), ("sgd", True)])
-def test_earlier_batch_weights_bitwise_unchanged_by_later_stage(optimizer, batch_base):
-    server, clients = make_server(with_masks=True, optimizer=optimizer, batch_base=batch_base)
+@pytest.mark.parametrize("optimizer,adapter_budget", [("sgd", 0.0), ("adam", 0.0), ("sgd", 0.3), ("adam", 0.3)])
+def test_earlier_batch_weights_bitwise_unchanged_by_later_stage(optimizer, adapter_budget):
+    server, clients = make_server(with_masks=True, optimizer=optimizer, adapter_budget=adapter_budget)
     run_stage(server, clients, 0)
     after_stage0 = {c: server.generate(c).clone() for c in (0, 1)}
     params_before = {n: p.detach().clone() for n, p in server.hypernet.named_parameters()}
@@ -58,9 +59,12 @@ def test_earlier_batch_weights_bitwise_unchanged_by_later_stage(optimizer, batch
     # ...and not because nothing trained: stage 1 wrote the hypernetwork.
     changed = [n for n, p in server.hypernet.named_parameters() if not torch.equal(p, params_before[n])]
     assert "client_embeddings" in changed and any(n.startswith("trunk") for n in changed)
-    if batch_base:                  # batch 1 wrote its own offset; batch 0's stays zero (it has the base)
-        offsets = server.hypernet.batch_base
+    if adapter_budget:              # batch 1 wrote its own adapter; batch 0's stays zero (it has the base)
+        adapters = server.hypernet.adapters
+        assert adapters.rank >= 1
+        offsets = adapters(torch.tensor([0, 1]))
         assert offsets[0].abs().sum() == 0 and offsets[1].abs().sum() > 0
+        assert adapters.lora_out[1].abs().sum() > 0 and adapters.dense[1].abs().sum() > 0
 
 
 def test_without_masks_earlier_clients_drift():
@@ -111,7 +115,86 @@ def test_free_masks_freeze_exactly_what_earlier_batches_read():
     assert w1[0, 1] == 1 and w1[2, 0] == 1        # one end fresh: writable
     assert free["head.weight"][:, :2].sum() == 0 and free["head.weight"][:, 2:].all()
     assert free["head.bias"].sum() == 0 and free["chunk_embeddings"].sum() == 0
-    assert free["gates.embeddings"][0].sum() == 0 and free["gates.embeddings"][1].all()
+    assert "gates.embeddings" not in free and "gates.borrow" not in free    # not the server optimizer's
+    assert "gates.embeddings" not in server.params and "replay_offsets" not in server.params
+
+
+def test_gate_step_moves_only_its_own_batch_row():
+    torch.manual_seed(0)
+    gates = masks.BatchGates(num_batches=3, num_layers=2, hidden=8, num_clients=1)
+    before = gates.embeddings.detach().clone()
+    gates.step(torch.randn(3, 2, 8), batch=1, s=10.0, sparsity=0.75)
+    after = gates.embeddings.detach()
+    assert torch.equal(after[0], before[0]) and torch.equal(after[2], before[2])
+    assert not torch.equal(after[1], before[1])
+
+
+@pytest.mark.parametrize("s", [1 / 400, 0.3, 5.0, 400.0])
+def test_compensate_is_hats(s):
+    """HAT's compensation turns d sigmoid(s e)/de into s_max sigmoid'(e): the same push at every s."""
+    torch.manual_seed(0)
+    gates = masks.BatchGates(num_batches=2, num_layers=1, hidden=6, num_clients=1, s_max=400.0)
+    with torch.no_grad():
+        gates.embeddings[1] = torch.tensor([[-0.02, -0.01, 0.0, 0.005, 0.01, 0.02]])   # |s e| <= 8: no underflow
+    w = torch.randn(6)
+    loss = (w * gates.gate(1, s)).sum()
+    grad = torch.autograd.grad(loss, gates.embeddings)[0]
+    compensated = gates.compensate(grad, 1, s)
+    e = gates.embeddings[1].detach()
+    expected = w * 400.0 * torch.sigmoid(e) * (1 - torch.sigmoid(e))
+    assert torch.allclose(compensated[1], expected, rtol=1e-4, atol=1e-6)
+    assert torch.equal(compensated[0], grad[0])                  # other batches: untouched
+    if s < 1:
+        assert grad[1].abs().max() < 0.01 * expected.abs().max()   # without it the gate would hardly move
+
+
+def test_clamp_keeps_only_its_batch_within_hats_bound():
+    gates = masks.BatchGates(num_batches=2, num_layers=1, hidden=3, num_clients=1)
+    with torch.no_grad():
+        gates.embeddings.copy_(torch.tensor([[[-9.0, 2.0, 9.0]], [[-9.0, 2.0, 9.0]]]))
+    gates.clamp_(1)
+    assert gates.embeddings[1].tolist() == [[-6.0, 2.0, 6.0]]
+    assert gates.embeddings[0].tolist() == [[-9.0, 2.0, 9.0]]
+
+
+def units_on(gates, batch):
+    return (gates.embeddings[batch] > 0).float().mean().item()
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 20.0])
+def test_masks_learn_a_large_penalty_switches_units_off(sparsity):
+    """From HAT's random start (half on), a stage with a large sparsity weight ends with far fewer units
+    on; without the penalty about as many as it started with. Fails if the gates do not learn."""
+    server, clients = make_server(with_masks=True, optimizer="adam", hidden=32, sparsity=sparsity)
+    gates = server.hypernet.gates
+    gates.free_start = None                      # HAT's start: N(0, 1), about half the units on
+    server.begin_stage(0)
+    started = units_on(gates, 0)
+    assert 0.3 < started < 0.7
+    for r in range(10):
+        server.train_round([0, 1], clients, r / 9, steps=1, batch_size=1, lr=0.0)
+    used = server.end_stage(0)["used"]
+    if sparsity > 0:
+        assert used < 0.25 * started
+    else:
+        assert used > 0.6 * started
+
+
+def test_prepare_leaves_the_head_alone_at_stage_0_and_zeroes_fresh_columns_later():
+    server, clients = make_server(with_masks=True, hidden=8, layers=2)
+    head = server.hypernet.head.weight
+    before = head.detach().clone()
+    server.begin_stage(0)
+    assert torch.equal(head, before) and head.abs().sum() > 0
+    g0 = server.hypernet([0, 1], [0, 0])
+    assert not torch.equal(g0[0], g0[1])          # batch-0 clients start from different models
+    gates = server.hypernet.gates
+    with torch.no_grad():
+        gates.embeddings[0] = torch.tensor([[1.0] * 4 + [-1.0] * 4] * 2)
+    server.end_stage(0)
+    server.begin_stage(1)
+    assert head[:, 4:].abs().sum() == 0 and torch.equal(head[:, :4], before[:, :4])
+    assert (gates.embeddings[1][:, :4] >= 1).all() and (gates.embeddings[1][:, 4:] == gates.free_start).all()
 
 
 def test_annealing_runs_from_one_over_smax_to_smax():

@@ -23,6 +23,18 @@ def two_stage_server():
     return server
 
 
+REPLAY = dict(num_images=4, iterations=3, steps=3, lr=3e-2, kd_weight=1.0, anchor_weight=1.0, temperature=2.0,
+              validate_every=1, confirm_z=1.645, seed=0)
+
+
+def confirm_yes(cid, before, after):      # a client whose confirmation half agrees with any change
+    return (40, 2) if not torch.equal(before, after) else (0, 0)
+
+
+def confirm_no(cid, before, after):       # ... and one whose confirmation half sees nothing but noise
+    return (6, 5)
+
+
 def snapshot(server):
     return {c: server.generate(c).clone() for c in range(4)}
 
@@ -36,7 +48,7 @@ def test_replay_touches_only_the_client_being_improved():
         calls.append(cid)
         return (1.0, 0.0) if not torch.equal(flat, before[cid]) else (0.5, 1.0)
 
-    report = deepinversion.backward_transfer(server, 1, validate, num_images=4, iterations=3, steps=3)
+    report = deepinversion.backward_transfer(server, 1, validate, confirm_yes, **REPLAY)
     after = snapshot(server)
     assert report["accepted"] >= 1
     changed = [c for c in range(4) if not torch.equal(before[c], after[c])]
@@ -49,8 +61,8 @@ def test_rejected_update_leaves_client_bitwise_unchanged():
     server = two_stage_server()
     before = snapshot(server)
     params_before = {n: p.detach().clone() for n, p in server.hypernet.named_parameters()}
-    report = deepinversion.backward_transfer(server, 1, lambda cid, flat: (0.0, 1.0), num_images=4,
-                                             iterations=3, steps=3)   # never better: always rejected
+    report = deepinversion.backward_transfer(server, 1, lambda cid, flat: (0.0, 1.0), confirm_yes,
+                                             **REPLAY)   # never better on the selection half: rejected
     assert report["accepted"] == 0 and report["rejected"] + report["skipped"] == 2
     after = snapshot(server)
     assert all(torch.equal(before[c], after[c]) for c in range(4))
@@ -67,10 +79,57 @@ def test_server_replay_never_receives_client_samples():
         received.append(flat)            # what the server sends: its own generated weights
         return 0.0, 1.0                  # what comes back: two floats
 
-    deepinversion.backward_transfer(server, 1, validate, num_images=4, iterations=2, steps=1)
+    deepinversion.backward_transfer(server, 1, validate, confirm_no, **dict(REPLAY, iterations=2, steps=1))
     assert all(f.shape == (server.hypernet.num_weights,) for f in received)
     # The server's state holds BN statistics and label counts per client, never image-shaped tensors.
     for stats in server.bn_stats.values():
         assert all(t.dim() <= 1 for t in stats.values())
     assert all(c.dim() == 1 for c in server.label_counts.values())
     assert not any(isinstance(v, FakeClient) for v in vars(server).values())
+
+
+def test_a_pick_the_confirmation_half_does_not_confirm_is_undone_bitwise():
+    server = two_stage_server()
+    before = snapshot(server)
+    params_before = {n: p.detach().clone() for n, p in server.hypernet.named_parameters()}
+    pleased = lambda cid, flat: (1.0, 0.0) if not torch.equal(flat, before[cid]) else (0.5, 1.0)  # noqa: E731
+    report = deepinversion.backward_transfer(server, 1, pleased, confirm_no, **REPLAY)
+    assert report["accepted"] == 0 and report["rejected"] >= 1 and report["confirm"][0] == [6, 5]
+    assert all(torch.equal(p, params_before[n]) for n, p in server.hypernet.named_parameters())
+
+
+def test_replay_moves_the_earlier_clients_model():
+    """Replay must be able to move a model, not only in principle: the client's classifier and BN
+    weights (its replay offset) change by a fair fraction of their size."""
+    server = two_stage_server()
+    before = {c: server.hypernet.unflatten(server.generate(c)) for c in (0, 1)}
+    calls = {"n": 0}
+
+    def improving(cid, flat):               # each score a little better than the last: the last is best
+        calls["n"] += 1
+        return (calls["n"] / 100.0, 0.0)
+
+    report = deepinversion.backward_transfer(server, 1, improving, confirm_yes, **dict(REPLAY, steps=30))
+    assert report["accepted"] >= 1
+    moved = [c for c in (0, 1) if not torch.equal(server.generate(c), server.hypernet.flatten(before[c]))]
+    assert moved
+    c = moved[0]
+    after = server.hypernet.unflatten(server.generate(c))
+    fc_change = (after["fc.weight"] - before[c]["fc.weight"]).norm() / before[c]["fc.weight"].norm()
+    assert fc_change > 0.05, fc_change
+
+
+def test_acceptance_rule_lets_noise_through_rarely_and_real_gains_often():
+    """Two models of equal accuracy with independent errors pass about 5 % of the time (z = 1.645);
+    a model 8 points better on 250 confirmation images passes most of the time."""
+    g = torch.Generator().manual_seed(0)
+
+    def rate(acc_before, acc_after, n=250, trials=2000):
+        before = torch.rand(trials, n, generator=g) < acc_before
+        after = torch.rand(trials, n, generator=g) < acc_after
+        gained, lost = (after & ~before).sum(1), (before & ~after).sum(1)
+        return sum(deepinversion.accept(int(a), int(b), 1.645) for a, b in zip(gained, lost)) / trials
+
+    assert rate(0.8, 0.8) < 0.08
+    assert rate(0.8, 0.88) > 0.7
+    assert not deepinversion.accept(1, 0, 1.645) and deepinversion.accept(3, 0, 1.645)

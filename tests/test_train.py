@@ -28,7 +28,7 @@ SCHEMA = {"config", "batches", "accuracy", "metrics", "neurons", "test_sizes", "
 def variant_args(name):
     v = compare.variant_config(name)
     return (["--method", v["method"]] + ["--no-replay"] * v["no_replay"] + ["--no-masks"] * v["no_masks"]
-            + ["--batch-base"] * v["batch_base"] + REPLAY_TINY)
+            + (["--adapter-budget", str(v["adapter_budget"])] if "adapter_budget" in v else []) + REPLAY_TINY)
 
 
 @pytest.mark.parametrize("name", sorted(compare.VARIANTS))
@@ -51,13 +51,13 @@ def test_every_method_runs_two_stages_and_writes_the_same_schema(tiny_data_dir, 
     expected_ri = sum(accuracy[1][c] - accuracy[0][c] for c in batches[0]) / len(batches[0])
     assert m["ri"] == pytest.approx(expected_ri)
     assert len(results["time_s"]) == 2
-    replays = name in ("pfeddsh", "pfeddsh-no-masks", "pfeddsh-batch-base")
+    replays = name in ("pfeddsh", "pfeddsh-no-masks", "pfeddsh-paper")
     assert len(results["replay"]) == len(results["replay_s"]) == (1 if replays else 0)
     # Batch 0 cannot change after its stage where nothing it reads is written: masks without replay,
     # a hypernetwork frozen after batch 0, or clients that train alone.
     if name in ("pfeddsh-no-replay", "pfedhn-frozen", "local"):
         assert m["ri"] == 0.0
-    has_masks = name in ("pfeddsh", "pfeddsh-no-replay", "pfeddsh-batch-base")
+    has_masks = name in ("pfeddsh", "pfeddsh-no-replay", "pfeddsh-paper")
     assert (results["neurons"] is not None) == has_masks
     if has_masks:
         assert [set(n) >= {"used", "owned", "reuse"} for n in results["neurons"]] == [True, True]
@@ -104,7 +104,7 @@ BAD_INPUT = {
     "not a number": (["--batches", "two"], "invalid int value"),
     "unknown method": (["--method", "nope"], "unknown method"),
     "ablation of a baseline": (["--method", "fedavg", "--no-masks"], "--no-masks is an option of pfeddsh"),
-    "batch base without masks": (["--batch-base", "--no-masks"], "--batch-base needs the masks"),
+    "adapter budget of a whole model": (["--adapter-budget", "1"], "--adapter-budget must be in [0, 1)"),
     "unknown method in --methods": (["--methods", "fedavg,fedprox"], "unknown method 'fedprox' in --methods"),
     "--methods with --method": (["--methods", "fedavg", "--method", "pfedhn"], "--method does not go with"),
     "bad --seeds": (["--methods", "fedavg", "--seeds", "0,x"], "--seeds must be comma-separated integers"),
