@@ -51,7 +51,7 @@ class Local:
         return None
 
     def evaluate(self, client):
-        return client.evaluate(self.weights[client.cid], self.bn_stats[client.cid])[0]
+        return client.accuracy(self.weights[client.cid], self.bn_stats[client.cid])
 
     def state_dict(self):
         return {"weights": self.weights, "bn_stats": self.bn_stats, "stage": self.stage, "faults": dict(self.faults)}
@@ -94,14 +94,14 @@ class FedAvg:
 
     def evaluate(self, client):
         if self.finetune_steps == 0:
-            return client.evaluate(self.weights, self.bn)[0]
+            return client.accuracy(self.weights, self.bn)
         # FedAvg-FT: the client fine-tunes a copy with a generator of its own for this (stage, client),
         # so evaluating never changes what later rounds draw, and FedAvg and FedAvg-FT train identically.
         generator = torch.Generator(device=client.y_train.device)
         generator.manual_seed(1_000_003 * self.seed + 10_007 * self.stage + client.cid)
         update = client.local_train(self.weights, self.bn, self.finetune_steps, self.batch_size, self.lr,
                                     generator=generator)
-        return client.evaluate(self.weights + update.delta, update.bn_stats)[0]
+        return client.accuracy(self.weights + update.delta, update.bn_stats)
 
     def state_dict(self):
         return {"weights": self.weights, "bn": self.bn, "stage": self.stage, "faults": dict(self.faults)}

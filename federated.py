@@ -100,6 +100,10 @@ class Client:
             return float("nan"), float("nan")
         return correct.float().mean().item(), loss / len(correct)
 
+    def accuracy(self, flat_weights, bn_stats):
+        """(test, validation) accuracy: the first is reported, the second is what settings are chosen on."""
+        return self.evaluate(flat_weights, bn_stats, "test")[0], self.evaluate(flat_weights, bn_stats, "val")[0]
+
     def confirm(self, flat_before, flat_after, bn_stats):
         """Images of val_confirm that the new model gets right and the old one wrong, and the reverse.
 
@@ -140,8 +144,8 @@ class Server:
         return self.hypernet([cid], [self.batch_of[cid]], s=self.s)[0]
 
     def evaluate(self, client):
-        """Test accuracy of the client's generated model, measured by the client on its own test split."""
-        return client.evaluate(self.generate(client.cid), self.bn_stats[client.cid])[0]
+        """(test, validation) accuracy of the client's generated model, measured by the client."""
+        return client.accuracy(self.generate(client.cid), self.bn_stats[client.cid])
 
     # --- a stage -------------------------------------------------------------------------------------
 
@@ -248,6 +252,7 @@ class Progress:
     round: int = 0
     stage_elapsed: float = 0.0      # seconds the current stage had taken before a resume
     accuracy: list = field(default_factory=list)
+    val_accuracy: list = field(default_factory=list)     # the same on validation splits: for choosing settings
     neurons: list = field(default_factory=list)
     stage_seconds: list = field(default_factory=list)
     replays: list = field(default_factory=list)
@@ -255,7 +260,7 @@ class Progress:
 
 def onboard(server, clients, batches, *, rounds, clients_per_round, local_steps, batch_size, lr, seed,
             progress_bar=None, replay=None, progress=None, rng=None, after_round=None):
-    """Run every stage; returns (accuracy matrix, neuron accounting, seconds per stage, replay reports).
+    """Run every stage; returns the final Progress (accuracy matrices, neurons, seconds per stage, replays).
 
     `replay`: None, or the keyword arguments of deepinversion.backward_transfer, run after every stage
     t > 0 once batch t's masks are frozen.
@@ -285,12 +290,13 @@ def onboard(server, clients, batches, *, rounds, clients_per_round, local_steps,
             p.replays.append(run_replay(server, clients, t, seed, replay))
         seen = [cid for b in batches[:t + 1] for cid in b]
         acc = evaluate_all(server, clients, seen)
-        p.accuracy.append([acc.get(cid) for cid in range(num_clients)])
+        p.accuracy.append([acc[cid][0] if cid in acc else None for cid in range(num_clients)])
+        p.val_accuracy.append([acc[cid][1] if cid in acc else None for cid in range(num_clients)])
         p.stage_seconds.append(time.time() - start)
         p.stage, p.round, p.stage_elapsed = t + 1, 0, 0.0
         if after_round is not None:
             after_round(p, rng, stage_done=True)
-    return p.accuracy, p.neurons, p.stage_seconds, p.replays
+    return p
 
 
 def run_replay(server, clients, t, seed, replay):

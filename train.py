@@ -416,11 +416,12 @@ def run(config, caught, how_to_continue="rerun with --resume to continue"):
             raise Interrupted(f"interrupted ({signal.Signals(caught[0]).name}): checkpoint saved {where}; "
                               f"{how_to_continue}", 128 + caught[0])
 
-    accuracy, neurons, stage_seconds, replays = fl.onboard(
+    progress = fl.onboard(
         server, clients, batches, rounds=rounds, clients_per_round=config["clients_per_round"],
         local_steps=config["local_steps"], batch_size=config["batch_size"], lr=config["lr"],
         seed=config["seed"], progress_bar=bar, replay=replay, progress=progress, rng=rng, after_round=after_round)
     bar.close()
+    accuracy, neurons, stage_seconds, replays = progress.accuracy, progress.neurons, progress.stage_seconds, progress.replays
 
     test_sizes = [len(c.y_test) for c in clients]
     m = fl.metrics(accuracy, batches, test_sizes)
@@ -434,6 +435,7 @@ def run(config, caught, how_to_continue="rerun with --resume to continue"):
             print("note: every hypernetwork unit is owned: later batches can only reuse (read) owned units "
                   "and learn their embeddings and gates")
     results = {"config": config, "batches": batches, "accuracy": accuracy, "metrics": m,
+               "val_accuracy": progress.val_accuracy, "val_metrics": fl.metrics(progress.val_accuracy, batches, test_sizes),
                "neurons": neurons if neurons[-1] is not None else None,
                "test_sizes": test_sizes, "time_s": stage_seconds, "device": str(device),
                "replay_s": [r["replay_s"] for r in replays], "replay": replays, "faults": dict(server.faults)}

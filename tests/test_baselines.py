@@ -82,13 +82,13 @@ def test_fedavg_moves_to_the_size_weighted_average_of_the_clients_models():
 
 def test_fedavg_ft_trains_exactly_like_fedavg_and_finetunes_only_at_evaluation(tiny_data_dir):
     config, clients, plain, batches = build(tiny_data_dir, "fedavg")
-    accuracy_plain = onboard(config, clients, plain, batches)[0]
+    accuracy_plain = onboard(config, clients, plain, batches).accuracy
     config, clients, tuned, batches = build(tiny_data_dir, "fedavg-ft")
     before = [c.generator.get_state() for c in clients]
     tuned.begin_stage(0)
     tuned.evaluate(clients[0])
     assert all(torch.equal(b, c.generator.get_state()) for b, c in zip(before, clients))   # eval draws nothing
-    accuracy_tuned = onboard(config, clients, tuned, batches)[0]
+    accuracy_tuned = onboard(config, clients, tuned, batches).accuracy
     assert torch.equal(plain.weights, tuned.weights)              # the same global model...
     assert accuracy_plain != accuracy_tuned                       # ...evaluated after fine-tuning
 

@@ -21,7 +21,7 @@ def run_tiny(tiny_data_dir, out, *extra):
 
 
 REPLAY_TINY = ["--replay-images", "4", "--replay-iterations", "3", "--replay-steps", "3"]
-SCHEMA = {"config", "batches", "accuracy", "metrics", "neurons", "test_sizes", "time_s", "device", "replay_s",
+SCHEMA = {"config", "batches", "accuracy", "val_accuracy", "metrics", "val_metrics", "neurons", "test_sizes", "time_s", "device", "replay_s",
           "replay", "faults"}
 
 
