@@ -117,15 +117,19 @@ class Server:
     """The hypernetwork and all per-client state the server may hold (embeddings, BN statistics)."""
 
     def __init__(self, hypernet, model, batches, *, optimizer="adam", server_lr=3e-3, server_momentum=0.9,
-                 server_weight_decay=0.0, grad_clip=50.0, sparsity=0.75, image_size=32):
+                 server_weight_decay=0.0, grad_clip=50.0, sparsity=0.75, image_size=32, adapter_lr=None):
         self.hypernet, self.model, self.batches, self.image_size = hypernet, model, batches, image_size
         self.batch_of = {cid: t for t, ids in enumerate(batches) for cid in ids}
         # The server's optimizer owns everything but the gates (masks.BatchGates.step learns them, HAT's
         # way) and what only replay writes.
         self.params = {name: p for name, p in hypernet.named_parameters()
                        if not name.startswith("gates.") and name not in hn.REPLAY_ONLY}
+        # A new batch has a stage of tens of server steps to move its adapter as far as the classifier's own
+        # scale: at the hypernetwork's rate it would not get there (docs/design.md), so it has a rate of its own.
+        adapter_rates = {name: adapter_lr for name in self.params if name.startswith("adapters.") and adapter_lr}
         self.optimizer = hn.ServerOptimizer(
-            self.params, kind=optimizer, lr=server_lr, momentum=server_momentum, weight_decay=server_weight_decay)
+            self.params, kind=optimizer, lr=server_lr, momentum=server_momentum, weight_decay=server_weight_decay,
+            lr_of=adapter_rates)
         self.grad_clip, self.sparsity = grad_clip, sparsity
         fresh = hn.bn_stats_init(model)
         self.bn_stats = {cid: {n: b.clone() for n, b in fresh.items()} for ids in batches for cid in ids}

@@ -297,8 +297,9 @@ class ServerOptimizer:
     """
 
     def __init__(self, params, kind="adam", lr=1e-3, momentum=0.9, weight_decay=0.0, betas=(0.9, 0.999),
-                 eps=1e-8):
+                 eps=1e-8, lr_of=None):
         self.params, self.kind, self.lr = params, kind, lr
+        self.lr_of = lr_of or {}            # parameter name -> a rate of its own (the adapters')
         self.momentum, self.weight_decay, self.betas, self.eps = momentum, weight_decay, betas, eps
         self.reset()
 
@@ -315,16 +316,17 @@ class ServerOptimizer:
             is_free = free[name] > 0 if name in free else torch.ones_like(p, dtype=torch.bool)
             g = grads[name] + self.weight_decay * p
             m, v = self.state[name]["m"], self.state[name]["v"]
+            lr = self.lr_of.get(name, self.lr)
             if self.kind == "adam":
                 m_new = beta1 * m + (1 - beta1) * g
                 v_new = beta2 * v + (1 - beta2) * g * g
                 m_hat = m_new / (1 - beta1 ** self.steps)
                 v_hat = v_new / (1 - beta2 ** self.steps)
-                update = self.lr * m_hat / (v_hat.sqrt() + self.eps)
+                update = lr * m_hat / (v_hat.sqrt() + self.eps)
             else:
                 m_new = self.momentum * m + g
                 v_new = v
-                update = self.lr * m_new
+                update = lr * m_new
             m.copy_(torch.where(is_free, m_new, m))
             v.copy_(torch.where(is_free, v_new, v))
             p.copy_(torch.where(is_free, p - update, p))

@@ -26,8 +26,8 @@ DEFAULTS = dict(dataset="cifar10", data_dir="data", batches=2, clients_per_batch
                 partition="pathological", alpha=0.5, rounds=300, clients_per_round=5, local_steps=50,
                 batch_size=64, lr=0.05, width=64, method="pfeddsh", seed=0, device="auto", out=None,
                 server_lr=3e-3, server_optimizer="adam", hidden=128, hyper_layers=3, chunk_size=4096,
-                embed_dim=32, sparsity=0.75, s_max=400.0, gate_lr=0.05, val_fraction=0.1, no_replay=False,
-                no_masks=False, adapter_budget=0.05,
+                embed_dim=32, sparsity=0.01, s_max=400.0, gate_lr=0.05, gate_start=0.0, val_fraction=0.1, no_replay=False,
+                no_masks=False, adapter_budget=0.05, adapter_lr=3e-2,
                 replay_images=64, replay_iterations=200, replay_steps=30, replay_lr=3e-3, replay_kd=1.0,
                 replay_anchor=1.0, replay_temperature=2.0, replay_validate_every=3, replay_confirm_z=1.645)
 PRESETS = {
@@ -94,7 +94,10 @@ def build_parser():
     g.add_argument("--embed-dim", type=int)
     g.add_argument("--sparsity", type=float, help="HAT sparsity penalty c")
     g.add_argument("--s-max", type=float, help="HAT gate annealing s_max")
+    g.add_argument("--adapter-lr", type=float, help="server Adam rate of the adapters")
     g.add_argument("--gate-lr", type=float, help="SGD rate of the gate embeddings (HAT's optimiser)")
+    g.add_argument("--gate-start", type=float,
+                   help="where a new batch's gate embedding starts on units nobody owns (0 = undecided)")
     g.add_argument("--val-fraction", type=float)
     g.add_argument("--adapter-budget", type=float,
                    help="pfeddsh: each batch's own weight offset, at most this fraction of the model "
@@ -171,7 +174,7 @@ def validate(c):
                 "replay_iterations", "replay_steps", "replay_validate_every", "checkpoint_every"]:
         if c[key] < 1:
             raise CliError(f"--{key.replace('_', '-')} must be a positive integer, got {c[key]}")
-    for key in ["lr", "server_lr", "alpha", "s_max", "gate_lr", "replay_lr", "replay_temperature"]:
+    for key in ["lr", "server_lr", "adapter_lr", "alpha", "s_max", "gate_lr", "replay_lr", "replay_temperature"]:
         if not c[key] > 0:
             raise CliError(f"--{key.replace('_', '-')} must be positive, got {c[key]}")
     for key in ["sparsity", "replay_kd", "replay_anchor", "replay_confirm_z"]:
@@ -218,7 +221,7 @@ def build(config, device):
         gates = None
         if method == "pfeddsh" and not config["no_masks"]:
             gates = masks.BatchGates(config["batches"], config["hyper_layers"], config["hidden"], num_clients,
-                                     s_max=config["s_max"], lr=config["gate_lr"])
+                                     s_max=config["s_max"], lr=config["gate_lr"], free_start=config["gate_start"])
         hypernet = hn.HyperNetwork(model, num_clients, embed_dim=config["embed_dim"], hidden=config["hidden"],
                                    num_layers=config["hyper_layers"], chunk_size=config["chunk_size"],
                                    gates=gates, adapter_budget=config["adapter_budget"] if gates is not None else 0.0
@@ -227,6 +230,7 @@ def build(config, device):
         server_class = baselines.FrozenPFedHN if method == "pfedhn-frozen" else fl.Server
         server = server_class(hypernet, model, batches, optimizer=config["server_optimizer"],
                               server_lr=config["server_lr"], sparsity=config["sparsity"],
+                              adapter_lr=config["adapter_lr"],
                               image_size=dataset.image_size)
     clients = [fl.Client(cid, dataset, splits[cid], model, layout.unflatten, layout.flatten, config["seed"])
                for cid in range(num_clients)]
