@@ -232,7 +232,7 @@ def backward_transfer(server, t, validate, confirm, *, num_images, iterations, s
     `validate(cid, flat) -> (accuracy, loss)` on half of its validation split, and `confirm(cid,
     flat_before, flat_after) -> (gained, lost)` on the other half.
     For earlier client i only what is i's alone may change: its embedding row, its borrow-gate row and
-    its replay offset (the classifier and BatchNorm weights: hypernet.REPLAY_ONLY), so no other client can
+    its own offset of the classifier and BatchNorm weights (hypernet.client_offsets), so no other client can
     be disturbed. Every `validate_every` steps the client scores the current model; the best point of the
     path is proposed if it beats the start, and kept only if the confirmation half agrees (`accept`);
     otherwise i is restored bitwise. `anchor_weight` adds KD toward i's own model before replay.
@@ -257,7 +257,7 @@ def backward_transfer(server, t, validate, confirm, *, num_images, iterations, s
         teacher_logits = torch.cat([run_model(model, teacher.weights, teacher.bn_stats, d.images)
                                     for teacher, d in zip(teachers, dreamed)])
 
-    params = {"client_embeddings": hypernet.client_embeddings, "replay_offsets": hypernet.replay_offsets}
+    params = {"client_embeddings": hypernet.client_embeddings, "client_offsets": hypernet.client_offsets}
     if gates is not None:
         params["gates.borrow"] = gates.borrow
 

@@ -123,10 +123,11 @@ class Server:
         # The server's optimizer owns everything but the gates (masks.BatchGates.step learns them, HAT's
         # way) and what only replay writes.
         self.params = {name: p for name, p in hypernet.named_parameters()
-                       if not name.startswith("gates.") and name not in hn.REPLAY_ONLY}
+                       if not name.startswith("gates.") and name not in hn.replay_only(hypernet)}
         # A new batch has a stage of tens of server steps to move its adapter as far as the classifier's own
         # scale: at the hypernetwork's rate it would not get there (docs/design.md), so it has a rate of its own.
-        adapter_rates = {name: adapter_lr for name in self.params if name.startswith("adapters.") and adapter_lr}
+        adapter_rates = {name: adapter_lr for name in self.params
+                         if (name.startswith("adapters.") or name == "client_offsets") and adapter_lr}
         self.optimizer = hn.ServerOptimizer(
             self.params, kind=optimizer, lr=server_lr, momentum=server_momentum, weight_decay=server_weight_decay,
             lr_of=adapter_rates)
@@ -194,6 +195,8 @@ class Server:
         rows = torch.zeros_like(self.hypernet.client_embeddings)
         rows[kept_ids] = 1.0                # only the embeddings of clients whose update was kept may move
         free["client_embeddings"] = rows
+        if "client_offsets" in self.params:
+            free["client_offsets"] = rows[:, :1].expand_as(self.hypernet.client_offsets)
         self.optimizer.step(grads, free)
         for k in kept:
             self.bn_stats[client_ids[k]] = updates[k].bn_stats
@@ -307,9 +310,9 @@ def run_replay(server, clients, t, seed, replay):
     """deepinversion.backward_transfer, undone when it diverged (non-finite images, BN loss or weights)."""
     import deepinversion
 
-    # Replay writes only these (hypernet.REPLAY_ONLY and the embedding rows): a copy undoes a divergence.
+    # Replay writes only these: a copy undoes a divergence.
     changed = {name: p for name, p in server.hypernet.named_parameters()
-               if name in hn.REPLAY_ONLY or name == "client_embeddings"}
+               if name in ("client_embeddings", "client_offsets", "gates.borrow")}
     saved = {name: p.detach().clone() for name, p in changed.items()}
 
     def validate(cid, flat):            # runs on client cid: its own validation data, two numbers back

@@ -133,40 +133,34 @@ def init_scale_and_offset(model):
 
 
 class BatchAdapters(nn.Module):
-    """Each batch's own small weight offset, written only during its own stage (our plasticity extension).
+    """Each batch's own low-rank offset of the convolutions, written only during its own stage (ours).
 
     The shared base and every owned unit are frozen once batch 0 has finished (that is what keeps earlier
     clients bitwise unchanged), so without an offset of its own a new batch can adapt only through the
-    few free units. A full-size offset per batch fixes that but costs one model per batch. This one costs
-    at most `budget` x the model's weights per batch (docs/design.md):
-      * a full offset for the non-convolution weights (BatchNorm gains and biases, the classifier):
-        new classes need their own classifier rows;
-      * a rank-r offset U_b V_b for every convolution (LoRA: Hu et al., ICLR 2022), r the largest rank
-        that keeps the whole within the budget. U starts at zero, so the offset starts at exactly zero.
+    few free units. A full-size offset per batch fixes that but costs one model per batch. This one is a
+    rank-r offset U_b V_b of every convolution (LoRA: Hu et al., ICLR 2022), r the largest rank whose cost
+    fits `budget` x the model's weights once `reserved` entries per batch (the clients' own offsets,
+    HyperNetwork.client_offsets) are counted. U starts at zero, so the offset starts at exactly zero.
     Batch 0 trains the shared base instead; its offset stays zero.
     """
 
-    def __init__(self, layout, num_batches, budget):
+    def __init__(self, layout, num_batches, budget, reserved=0):
         super().__init__()
         self.layout = layout
-        self.register_buffer("non_conv_index", layout.non_conv_index.clone())
-        convs = [(name, shape) for name, shape in zip(layout.names, layout.shapes) if len(shape) == 4]
-        self.conv_dims = {name: (shape[0], shape[1:].numel()) for name, shape in convs}   # (out, in * k * k)
-        dense = len(layout.non_conv_index)
+        self.conv_dims = {name: (shape[0], shape[1:].numel())              # (out, in * k * k)
+                          for name, shape in zip(layout.names, layout.shapes) if len(shape) == 4}
         per_rank = sum(o + i for o, i in self.conv_dims.values())
-        self.rank = max(0, int((budget * layout.num_weights - dense) // per_rank))
-        r = self.rank
-        self.dense = nn.Parameter(torch.zeros(num_batches, dense))
+        self.rank = r = max(0, int((budget * layout.num_weights - reserved) // per_rank))
         self.lora_out = nn.Parameter(torch.zeros(num_batches, sum(o * r for o, _ in self.conv_dims.values())))
         # V ~ N(0, 1/r): an Adam step on U then moves each weight by about the learning rate, as a full offset would.
         self.lora_in = nn.Parameter(torch.randn(num_batches, sum(r * i for _, i in self.conv_dims.values()))
                                     / math.sqrt(max(r, 1)))
 
     def per_batch_cost(self):
-        return self.dense.shape[1] + self.lora_out.shape[1] + self.lora_in.shape[1]
+        return self.lora_out.shape[1] + self.lora_in.shape[1]
 
     def forward(self, batch_ids):
-        """(len(batch_ids), num_weights) offsets, one row per client in the call."""
+        """(len(batch_ids), num_weights) offsets, one row per client in the call (zero off the convolutions)."""
         n, r = len(batch_ids), self.rank
         outs = self.lora_out[batch_ids].split([o * r for o, _ in self.conv_dims.values()], dim=1)
         ins = self.lora_in[batch_ids].split([r * i for _, i in self.conv_dims.values()], dim=1)
@@ -177,9 +171,8 @@ class BatchAdapters(nn.Module):
                 u, v, (o, i) = next(pieces)
                 flat.append((u.view(n, o, r) @ v.view(n, r, i)).view(n, numel))
             else:
-                flat.append(self.dense.new_zeros(n, numel))     # filled from `dense` just below
-        offsets = torch.cat(flat, dim=1)
-        return offsets.index_add(1, self.non_conv_index, self.dense[batch_ids])
+                flat.append(self.lora_out.new_zeros(n, numel))
+        return torch.cat(flat, dim=1)
 
 
 class HyperNetwork(nn.Module):
@@ -191,9 +184,11 @@ class HyperNetwork(nn.Module):
     gate is all ones.
 
     Two additions of ours (docs/design.md), both zero until trained, so they change nothing before:
-      * adapter_budget > 0 (needs gates) gives every batch a small offset of its own (BatchAdapters);
-      * replay_offsets: per client, an offset of its non-convolution weights that only replay writes
-        (deepinversion.backward_transfer), so replay can move an earlier client without touching others.
+      * client_offsets: per client, an offset of its non-convolution weights (BatchNorm gains and biases,
+        the classifier): a classifier of its own, which a hypernetwork shared by clients with other
+        classes gives it only slowly. With adapters the server trains it in the client's own stage;
+        replay (deepinversion.backward_transfer) may move it later; nobody else ever writes it.
+      * adapter_budget > 0 (needs gates) gives every batch a low-rank offset of its own (BatchAdapters).
     """
 
     def __init__(self, target, num_clients, embed_dim=32, chunk_embed_dim=32, hidden=128, num_layers=3,
@@ -217,13 +212,16 @@ class HyperNetwork(nn.Module):
         self.register_buffer("offset", offset)
         # BASE: a learned full-size weight vector shared by all clients (a freshly initialised ResNet).
         self.base = nn.Parameter(offset + scale * torch.randn_like(scale))
+        self.register_buffer("non_conv_index", self.layout.non_conv_index.clone())
+        self.client_offsets = nn.Parameter(torch.zeros(num_clients, len(self.layout.non_conv_index)))
         self.adapters = None
         if adapter_budget > 0:
             if gates is None:
                 raise ValueError("adapters need gates: without masks every batch writes the shared base anyway")
-            self.adapters = BatchAdapters(self.layout, gates.embeddings.shape[0], adapter_budget)
-        self.register_buffer("non_conv_index", self.layout.non_conv_index.clone())
-        self.replay_offsets = nn.Parameter(torch.zeros(num_clients, len(self.layout.non_conv_index)))
+            num_batches = gates.embeddings.shape[0]
+            clients_per_batch = math.ceil(num_clients / num_batches)
+            self.adapters = BatchAdapters(self.layout, num_batches, adapter_budget,
+                                          reserved=clients_per_batch * self.client_offsets.shape[1])
 
     def forward(self, client_ids, batch_of_client, s=1.0):
         """Flat weights, shape (len(client_ids), num_weights), for clients in one batched call.
@@ -246,7 +244,7 @@ class HyperNetwork(nn.Module):
         weights = self.base + self.scale * raw
         if self.adapters is not None:
             weights = weights + self.adapters(torch.as_tensor(batch_of_client, device=weights.device))
-        return weights.index_add(1, self.non_conv_index, self.replay_offsets[ids])
+        return weights.index_add(1, self.non_conv_index, self.client_offsets[ids])
 
     def unflatten(self, flat):
         return self.layout.unflatten(flat)
@@ -255,8 +253,9 @@ class HyperNetwork(nn.Module):
         return self.layout.flatten(weights)
 
 
-# Written only by replay (deepinversion.backward_transfer), never by the server's training rounds.
-REPLAY_ONLY = ("replay_offsets", "gates.borrow")
+def replay_only(hypernet):
+    """What only replay (deepinversion.backward_transfer) writes, never the server's training rounds."""
+    return ("gates.borrow",) + (("client_offsets",) if hypernet.adapters is None else ())
 
 
 def count_parameters(module):

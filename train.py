@@ -391,7 +391,9 @@ def run(config, caught, how_to_continue="rerun with --resume to continue"):
           f"{hn.count_parameters(model) / 1e6:.2f} M weights"
           + (f", hypernetwork {hn.count_parameters(hypernet) / 1e6:.2f} M parameters" if hypernet else "")
           + (f", adapters of rank {hypernet.adapters.rank}: {hypernet.adapters.per_batch_cost() / 1e3:.1f} k "
-             f"per batch ({hypernet.adapters.per_batch_cost() / hypernet.num_weights:.1%} of the model)"
+             f"per batch ({hypernet.adapters.per_batch_cost() / hypernet.num_weights:.1%} of the model) + "
+             f"{hypernet.client_offsets.shape[1] / 1e3:.1f} k per client "
+             f"({hypernet.client_offsets.shape[1] / hypernet.num_weights:.1%})"
              if hypernet is not None and hypernet.adapters is not None else "")
           + (f" | resumed at stage {progress.stage} round {progress.round}" if config["resume"] else ""))
     rounds = config["rounds"]

@@ -87,8 +87,8 @@ def test_hypernet_is_much_smaller_than_a_per_tensor_head():
     target = hn.ResNet18(10, 64)
     net = hn.HyperNetwork(target, 50)
     weights = hn.count_parameters(target)
-    # everything but the shared base vector and the per-client replay offsets (per-client state)
-    generator = hn.count_parameters(net) - net.base.numel() - net.replay_offsets.numel()
+    # everything but the shared base vector and the clients' own offsets (per-client state)
+    generator = hn.count_parameters(net) - net.base.numel() - net.client_offsets.numel()
     assert net.base.numel() == weights
     assert generator < 0.1 * weights                              # pFedHN's heads: hidden x weights = 100x
 
