@@ -74,10 +74,24 @@ def summarize(runs):
     return table
 
 
+# Student's t, 97.5 % quantile, by degrees of freedom: a 95 % interval over a handful of seeds.
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def paired_interval(a, b):
+    """Mean of a - b over seeds (paired) and its 95 % t interval; None with fewer than two seeds."""
+    d = np.asarray(a) - np.asarray(b)
+    if len(d) < 2:
+        return None
+    half = T975.get(len(d) - 1, 1.96) * d.std(ddof=1) / np.sqrt(len(d))
+    return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
+
+
 def cell(values, signed=False, digits=2):
     if not values:
         return "–"
-    mean, std = float(np.mean(values)), float(np.std(values))
+    # the sample std (ddof = 1): seeds are a sample of what a user would see; one seed has no spread
+    mean, std = float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else 0.0)
     return f"{mean:{'+' if signed else ''}.{digits}f} ± {std:.{digits}f}"
 
 
@@ -94,7 +108,7 @@ def markdown(runs, command):
         "",
         f"    {command}",
         "",
-        "| method | mean acc | weighted acc | PA (t > 0) | RI | hypernet units used | wall time (min) |",
+        "| method | mean acc | weighted acc | PA (t > 0) | RI | hypernet units owned at the end | wall time (min) |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, col in table.items():
@@ -116,12 +130,58 @@ def markdown(runs, command):
                              for r in seeds_results if r["replay"])
         lines.append(f"| {name} | " + " | ".join(cell(v) for v in own + final)
                      + f" | {cell(replay_s, digits=1)} | {accepted or '–'} |")
+    lines += per_batch_transfer(runs, num_batches)
+    lines += neuron_table(runs)
+    if "pfeddsh" in runs and "pfeddsh-no-replay" in runs:
+        by_seed = {r["config"]["seed"]: r for r in runs["pfeddsh-no-replay"]}
+        pairs = [(100 * r["metrics"]["ri"], 100 * by_seed[r["config"]["seed"]]["metrics"]["ri"])
+                 for r in runs["pfeddsh"] if r["config"]["seed"] in by_seed]
+        share = paired_interval([p[0] for p in pairs], [p[1] for p in pairs])
+        if share:
+            lines += ["", f"Replay's share of RI (pfeddsh minus pfeddsh-no-replay, paired by seed, {len(pairs)} "
+                          f"seeds): {share[0]:+.2f} points, 95 % t interval [{share[1]:+.2f}, {share[2]:+.2f}]."]
     lines += ["", "PA: new clients' accuracy after their stage minus `local` on the same clients and seed. "
               "RI: final minus after-own-stage accuracy of earlier batches (negative = forgetting). "
-              "Hypernet units used: fraction of hidden units owned by some batch at the end (pFedHN "
+              "Hypernet units owned at the end: fraction of hidden units owned by some batch (pFedHN "
               "variants write all of them; FedAvg and local have no hypernetwork). Wall time: training, "
               "replay and evaluation of one run.", ""]
     return "\n".join(lines)
+
+
+def per_batch_transfer(runs, num_batches):
+    """PA of every batch t > 0 and RI of every batch t < T-1, per method (mean ± std over seeds)."""
+    local = {r["config"]["seed"]: r for r in runs.get("local", [])}
+    header = [f"PA batch {t}" for t in range(1, num_batches)] + [f"RI batch {t}" for t in range(num_batches - 1)]
+    lines = ["", "Transfer per batch (points):", "", "| method | " + " | ".join(header) + " |",
+             "|---" * (len(header) + 1) + "|"]
+    for name, seeds_results in runs.items():
+        pa = [[100 * plasticity(r, local[r["config"]["seed"]])[t - 1] for r in seeds_results
+               if r["config"]["seed"] in local] for t in range(1, num_batches)]
+        ri = [[100 * r["metrics"]["ri_per_batch"][t] for r in seeds_results] for t in range(num_batches - 1)]
+        lines.append(f"| {name} | " + " | ".join(cell(v, signed=True) for v in pa + ri) + " |")
+    return lines
+
+
+def neuron_table(runs):
+    """Hypernetwork units per stage for the methods with masks: used by batch t, owned by batches <= t, and
+    reuse (the share of batch t's units that earlier batches already owned), mean over seeds."""
+    lines = []
+    for name, seeds_results in runs.items():
+        if not seeds_results[0].get("neurons"):
+            continue
+        stages = len(seeds_results[0]["neurons"])
+        if not lines:
+            lines = ["", "Hypernetwork units per stage (fraction of hidden units; mean over seeds): "
+                         "used by batch t / owned by batches <= t / reuse by batch t:", "",
+                     "| method | " + " | ".join(f"stage {t}" for t in range(stages)) + " |",
+                     "|---" * (stages + 1) + "|"]
+        row = []
+        for t in range(stages):
+            used, owned, reuse = (float(np.mean([r["neurons"][t][k] for r in seeds_results]))
+                                  for k in ("used", "owned", "reuse"))
+            row.append(f"{used:.2f} / {owned:.2f} / {reuse:.2f}")
+        lines.append(f"| {name} | " + " | ".join(row) + " |")
+    return lines
 
 
 def plot_batch_accuracy(runs, path):

@@ -27,7 +27,7 @@ DEFAULTS = dict(dataset="cifar10", data_dir="data", batches=2, clients_per_batch
                 batch_size=64, lr=0.05, width=64, method="pfeddsh", seed=0, device="auto", out=None,
                 server_lr=3e-3, server_optimizer="adam", hidden=128, hyper_layers=3, chunk_size=4096,
                 embed_dim=32, sparsity=0.01, s_max=400.0, gate_lr=0.05, gate_start=0.0, val_fraction=0.1, no_replay=False,
-                no_masks=False, adapter_budget=0.05, adapter_lr=3e-2,
+                no_masks=False, adapter_budget=0.05, adapter_lr=1e-2,
                 replay_images=64, replay_iterations=200, replay_steps=30, replay_lr=3e-3, replay_kd=1.0,
                 replay_anchor=1.0, replay_temperature=2.0, replay_validate_every=3, replay_confirm_z=1.645)
 PRESETS = {
