@@ -134,15 +134,17 @@ class Server:
         gates = self.hypernet.gates
         return gates.free_masks(self.hypernet, t) if gates is not None else {}
 
-    def train_round(self, client_ids, clients, progress, steps, batch_size, lr):
+    def train_round(self, client_ids, clients, stage_fraction, steps, batch_size, lr):
         """One pFedHN round: generate for the round's clients in one call, local training, one server step.
+
+        `stage_fraction` in [0, 1]: how far into the stage this round is (it sets the gates' annealing s).
 
         An update holding NaN or Inf (a client that diverged) is dropped: it moves nothing and its BN
         statistics are not stored. Returns the mean local loss of the kept updates (NaN if none was kept).
         """
         gates = self.hypernet.gates
         if gates is not None:
-            self.s = gates.scale(progress)
+            self.s = gates.scale(stage_fraction)
         flat = self.hypernet(client_ids, [self.batch_of[c] for c in client_ids], s=self.s)
         updates = [clients[c].local_train(flat[k], self.bn_stats[c], steps, batch_size, lr)
                    for k, c in enumerate(client_ids)]
@@ -222,7 +224,7 @@ def evaluate_all(server, clients, seen):
 
 
 @dataclass
-class Progress:
+class OnboardingState:
     """Where onboarding stands, apart from the server and the clients: what a checkpoint needs to resume.
 
     `stage` is the stage running (len(batches) once all are done) and `round` how many of its rounds are
@@ -238,16 +240,17 @@ class Progress:
 
 
 def onboard(server, clients, batches, *, rounds, clients_per_round, local_steps, batch_size, lr, seed,
-            progress_bar=None, replay=None, progress=None, rng=None, after_round=None):
+            progress_bar=None, replay=None, onboarding=None, rng=None, after_round=None):
     """Run every stage; returns (accuracy matrix, neuron accounting, seconds per stage, replay reports).
 
     `replay`: None, or the keyword arguments of deepinversion.backward_transfer, run after every stage
     t > 0 once batch t's masks are frozen.
-    Resuming: pass the restored `progress` and round-sampling `rng` (a numpy Generator), with the server
-    and the clients' generators restored too. `after_round(progress, rng, stage_done)` is called after
-    every round and after every stage (where train.py writes checkpoints and notices signals).
+    Resuming: pass the restored `onboarding` (an OnboardingState) and round-sampling `rng` (a numpy
+    Generator), with the server and the clients' generators restored too. `after_round(onboarding, rng,
+    stage_done)` is called after every round and after every stage (where train.py writes checkpoints and
+    notices signals).
     """
-    p = progress if progress is not None else Progress()
+    p = onboarding if onboarding is not None else OnboardingState()
     rng = rng if rng is not None else np.random.default_rng(seed)
     num_clients = sum(len(b) for b in batches)
     for t in range(p.stage, len(batches)):

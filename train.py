@@ -360,10 +360,10 @@ def run(config, caught, how_to_continue="rerun with --resume to continue"):
         dataset, clients, server, batches, model = build(config, device)
     except data.DataError as e:
         raise CliError(str(e)) from None
-    progress, rng = fl.Progress(), None
+    onboarding, rng = fl.OnboardingState(), None
     if state is not None:
         try:
-            progress, rng = checkpoint.restore(state, server, clients, fl.Progress)
+            onboarding, rng = checkpoint.restore(state, server, clients, fl.OnboardingState)
         except Exception as e:          # passed the config check yet does not fit: corrupt inside
             raise CliError(f"checkpoint {checkpoint_path} does not fit this run ({type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''}); delete it to start over") from None
@@ -375,35 +375,36 @@ def run(config, caught, how_to_continue="rerun with --resume to continue"):
           f"{len(batches)} batches | ResNet-18 width {config['width']}: "
           f"{hn.count_parameters(model) / 1e6:.2f} M weights"
           + (f", hypernetwork {hn.count_parameters(hypernet) / 1e6:.2f} M parameters" if hypernet else "")
-          + (f" | resumed at stage {progress.stage} round {progress.round}" if config["resume"] else ""))
+          + (f" | resumed at stage {onboarding.stage} round {onboarding.round}" if config["resume"] else ""))
     rounds = config["rounds"]
-    bar = tqdm(total=config["batches"] * rounds, initial=progress.stage * rounds + progress.round,
+    bar = tqdm(total=config["batches"] * rounds, initial=onboarding.stage * rounds + onboarding.round,
                desc="rounds", dynamic_ncols=True)
     replay = None
     if config["method"] == "pfeddsh" and not config["no_replay"]:     # with --no-masks: pfedhn + replay
         replay = dict(num_images=config["replay_images"], iterations=config["replay_iterations"],
                       steps=config["replay_steps"], lr=config["replay_lr"])
 
-    def after_round(progress, rng, stage_done):
+    def after_round(onboarding, rng, stage_done):
         """Between rounds: png of a finished replay, checkpoint when due, and stop here after a signal."""
-        if stage_done and progress.replays and "images" in progress.replays[-1]:
-            report_replay(progress.replays[-1], progress.stage - 1, dataset, out, write=tqdm.write)
-        done = progress.stage * rounds + progress.round
+        if stage_done and onboarding.replays and "images" in onboarding.replays[-1]:
+            report_replay(onboarding.replays[-1], onboarding.stage - 1, dataset, out, write=tqdm.write)
+        done = onboarding.stage * rounds + onboarding.round
         if not stage_done and done == config["stop_after_rounds"]:
             os.kill(os.getpid(), signal.SIGINT)         # handled by on_signal right here, like a real Ctrl-C
         if stage_done or caught or done % config["checkpoint_every"] == 0:
-            checkpoint.save(checkpoint_path, checkpoint.capture(config, device, server, clients, rng, progress))
+            checkpoint.save(checkpoint_path, checkpoint.capture(config, device, server, clients, rng, onboarding))
         if caught:
             bar.close()
-            where = (f"after stage {progress.stage - 1}" if progress.round == 0
-                     else f"at stage {progress.stage} round {progress.round} of {rounds}")
+            where = (f"after stage {onboarding.stage - 1}" if onboarding.round == 0
+                     else f"at stage {onboarding.stage} round {onboarding.round} of {rounds}")
             raise Interrupted(f"interrupted ({signal.Signals(caught[0]).name}): checkpoint saved {where}; "
                               f"{how_to_continue}", 128 + caught[0])
 
     accuracy, neurons, stage_seconds, replays = fl.onboard(
         server, clients, batches, rounds=rounds, clients_per_round=config["clients_per_round"],
         local_steps=config["local_steps"], batch_size=config["batch_size"], lr=config["lr"],
-        seed=config["seed"], progress_bar=bar, replay=replay, progress=progress, rng=rng, after_round=after_round)
+        seed=config["seed"], progress_bar=bar, replay=replay, onboarding=onboarding, rng=rng,
+        after_round=after_round)
     bar.close()
 
     test_sizes = [len(c.y_test) for c in clients]
