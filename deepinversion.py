@@ -218,7 +218,7 @@ def distillation_loss(student_logits, teacher_logits, temperature):
 
 
 def backward_transfer(server, t, validate, *, num_images=32, iterations=100, steps=20, lr=1e-2, kd_weight=1.0,
-                      anchor_weight=1.0, temperature=2.0, validate_every=3, seed=0):
+                      anchor_weight=1.0, temperature=2.0, validate_every=3, seed=0, progress=None):
     """After stage t: dream images from batch t's clients and use them to improve every earlier client.
 
     The server uses only what it holds: its hypernetwork, each new client's BN statistics and label
@@ -228,6 +228,8 @@ def backward_transfer(server, t, validate, *, num_images=32, iterations=100, ste
     steps the client scores the current model; the best point of the path is kept if it beats the
     starting point (higher accuracy, or equal accuracy and lower loss), else i is restored bitwise.
     `anchor_weight` adds KD toward i's own model before replay, so it changes only where it must.
+    `progress(phase, done, total)`, if given, is called as it goes: ("synthesis", iteration, iterations),
+    then ("fine-tune", earlier clients done, earlier clients).
     """
     from hypernet import ServerOptimizer, run_model   # local import: deepinversion.py stays standalone
 
@@ -237,7 +239,8 @@ def backward_transfer(server, t, validate, *, num_images=32, iterations=100, ste
                 for j in new_clients]
     start = time.time()
     dreamed = synthesize(model, teachers, num_images=num_images, iterations=iterations, seed=seed,
-                         image_size=server.image_size)
+                         image_size=server.image_size,
+                         progress=None if progress is None else lambda it, _: progress("synthesis", it + 1, iterations))
     synthesis_s = time.time() - start
     images = torch.cat([d.images for d in dreamed])
     labels = torch.cat([d.labels for d in dreamed])
@@ -256,8 +259,11 @@ def backward_transfer(server, t, validate, *, num_images=32, iterations=100, ste
     report = {"synthesis_s": synthesis_s, "bn_loss_start": [d.bn_loss_start for d in dreamed],
               "bn_loss_end": [d.bn_loss_end for d in dreamed], "accepted": 0, "rejected": 0, "skipped": 0,
               "val_before": [], "val_after": [], "images": images, "labels": labels}
+    earlier = [i for k in range(t) for i in server.batches[k]]
     for k in range(t):
         for i in server.batches[k]:
+            if progress is not None:
+                progress("fine-tune", earlier.index(i), len(earlier))
             held = server.label_counts[i] > 0
             keep = held.to(labels.device)[labels]
             if not keep.any():                      # no new client dreamed any class client i holds
@@ -295,4 +301,6 @@ def backward_transfer(server, t, validate, *, num_images=32, iterations=100, ste
             report["val_before"].append(list(before))
             report["val_after"].append(list(best_score))
             report["accepted" if best is not saved else "rejected"] += 1
+    if progress is not None:
+        progress("fine-tune", len(earlier), len(earlier))
     return report

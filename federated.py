@@ -240,11 +240,13 @@ class OnboardingState:
 
 
 def onboard(server, clients, batches, *, rounds, clients_per_round, local_steps, batch_size, lr, seed,
-            progress_bar=None, replay=None, onboarding=None, rng=None, after_round=None):
+            progress_bar=None, replay=None, onboarding=None, rng=None, after_round=None,
+            replay_progress=None):
     """Run every stage; returns (accuracy matrix, neuron accounting, seconds per stage, replay reports).
 
     `replay`: None, or the keyword arguments of deepinversion.backward_transfer, run after every stage
-    t > 0 once batch t's masks are frozen.
+    t > 0 once batch t's masks are frozen; `replay_progress(phase, done, total)`, if given, hears how it
+    advances (backward_transfer's `progress`).
     Resuming: pass the restored `onboarding` (an OnboardingState) and round-sampling `rng` (a numpy
     Generator), with the server and the clients' generators restored too. `after_round(onboarding, rng,
     stage_done)` is called after every round and after every stage (where train.py writes checkpoints and
@@ -269,7 +271,7 @@ def onboard(server, clients, batches, *, rounds, clients_per_round, local_steps,
                 after_round(p, rng, stage_done=False)
         p.neurons.append(server.end_stage(t))
         if replay is not None and t > 0:
-            p.replays.append(run_replay(server, clients, t, seed, replay))
+            p.replays.append(run_replay(server, clients, t, seed, replay, progress=replay_progress))
         seen = [cid for b in batches[:t + 1] for cid in b]
         acc = evaluate_all(server, clients, seen)
         p.accuracy.append([acc.get(cid) for cid in range(num_clients)])
@@ -280,7 +282,7 @@ def onboard(server, clients, batches, *, rounds, clients_per_round, local_steps,
     return p.accuracy, p.neurons, p.stage_seconds, p.replays
 
 
-def run_replay(server, clients, t, seed, replay):
+def run_replay(server, clients, t, seed, replay, progress=None):
     """deepinversion.backward_transfer, undone when it diverged (non-finite images, BN loss or weights)."""
     import deepinversion
 
@@ -294,7 +296,7 @@ def run_replay(server, clients, t, seed, replay):
         return clients[cid].evaluate(flat, server.bn_stats[cid], split="val")
 
     replay_start = time.time()
-    report = deepinversion.backward_transfer(server, t, validate, seed=seed + t, **replay)
+    report = deepinversion.backward_transfer(server, t, validate, seed=seed + t, progress=progress, **replay)
     report["replay_s"] = time.time() - replay_start
     finite = (bool(torch.isfinite(report["images"]).all())
               and all(np.isfinite(report["bn_loss_end"])) and all(bool(torch.isfinite(p).all())

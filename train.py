@@ -400,11 +400,27 @@ def run(config, caught, how_to_continue="rerun with --resume to continue"):
             raise Interrupted(f"interrupted ({signal.Signals(caught[0]).name}): checkpoint saved {where}; "
                               f"{how_to_continue}", 128 + caught[0])
 
+    replay_bar = None
+
+    def on_replay(phase, done, total):
+        """Replay's progress on a second bar under the rounds (synthesis iterations, then earlier clients)."""
+        nonlocal replay_bar
+        if replay_bar is None:
+            replay_bar = tqdm(total=total, desc=f"replay {phase}", position=1, leave=False, dynamic_ncols=True)
+        elif replay_bar.desc != f"replay {phase}":
+            replay_bar.reset(total=total)
+            replay_bar.set_description(f"replay {phase}")
+        replay_bar.n = done
+        replay_bar.refresh()
+        if phase == "fine-tune" and done == total:
+            replay_bar.close()
+            replay_bar = None
+
     accuracy, neurons, stage_seconds, replays = fl.onboard(
         server, clients, batches, rounds=rounds, clients_per_round=config["clients_per_round"],
         local_steps=config["local_steps"], batch_size=config["batch_size"], lr=config["lr"],
         seed=config["seed"], progress_bar=bar, replay=replay, onboarding=onboarding, rng=rng,
-        after_round=after_round)
+        after_round=after_round, replay_progress=on_replay)
     bar.close()
 
     test_sizes = [len(c.y_test) for c in clients]

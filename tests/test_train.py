@@ -128,3 +128,13 @@ def test_bad_input_exits_2_with_one_line(case, tiny_data_dir, tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert expected in lines[0] and "Traceback" not in done.stderr
+
+
+def test_replay_reports_its_progress():
+    from test_replay import two_stage_server
+    import deepinversion
+    calls = []
+    deepinversion.backward_transfer(two_stage_server(), 1, lambda cid, flat: (0.0, 1.0), num_images=4,
+                                    iterations=3, steps=1, progress=lambda *a: calls.append(a))
+    assert calls[:3] == [("synthesis", 1, 3), ("synthesis", 2, 3), ("synthesis", 3, 3)]
+    assert calls[3:] == [("fine-tune", 0, 2), ("fine-tune", 1, 2), ("fine-tune", 2, 2)]
