@@ -21,7 +21,8 @@ import torch
 FORMAT = 2          # 2: the onboarding state is stored under "onboarding" (1 called it "progress")
 FILENAME = "checkpoint.pt"
 # Settings that say how to run, not what to compute: they may differ between a run and its resume.
-RUN_ONLY_KEYS = {"out", "overwrite", "resume", "checkpoint_every", "device", "stop_after_rounds"}
+RUN_ONLY_KEYS = {"out", "overwrite", "resume", "checkpoint_every", "device", "stop_after_rounds",
+                 "preset", "preset_auto"}    # a preset only sets other keys, which are compared themselves
 
 
 class CheckpointError(Exception):

@@ -18,24 +18,31 @@ import json
 import os
 import signal
 import sys
+import textwrap
+import time
 
 import torch
 
-# Defaults are the paper-scale protocol (hours on one GPU); presets override whatever was not given.
+# Every flag's default, and the one place defaults live (--help renders them): the paper-scale protocol,
+# hours on one GPU. A preset overrides what it names, except what is given on the command line.
 DEFAULTS = dict(dataset="cifar10", data_dir="data", batches=2, clients_per_batch=10, classes_per_client=None,
                 partition="pathological", alpha=0.5, rounds=300, clients_per_round=5, local_steps=50,
                 batch_size=64, lr=0.05, width=64, method="pfeddsh", seed=0, device="auto", out=None,
                 server_lr=3e-3, server_optimizer="adam", hidden=128, hyper_layers=3, chunk_size=4096,
                 embed_dim=32, sparsity=0.75, s_max=400.0, val_fraction=0.1, no_replay=False, no_masks=False,
                 batch_base=False,
-                replay_images=64, replay_iterations=200, replay_steps=30, replay_lr=3e-3)
+                replay_images=64, replay_iterations=200, replay_steps=30, replay_lr=3e-3, checkpoint_every=10)
 PRESETS = {
-    # Same pipeline on a 2-core CPU in a few minutes: narrow ResNet-18, 5 clients per batch, short stages.
+    # The paper-scale protocol: DEFAULTS as they are. Wants a GPU.
+    "paper": {},
+    # The same pipeline on a 2-core CPU in a few minutes: narrow ResNet-18, 5 clients per batch, short stages.
     "cpu-demo": dict(width=16, clients_per_batch=5, rounds=40, clients_per_round=5, local_steps=5,
                      replay_images=32, replay_iterations=100, replay_steps=30),
 }
+PRESET_NOTES = {"paper": "the paper-scale protocol, hours on one GPU", "cpu-demo": "a few minutes on a 2-core CPU"}
 # local, fedavg, fedavg-ft and pfedhn-frozen live in baselines.py; pfedhn is federated.Server without masks.
 METHODS = ["local", "fedavg", "fedavg-ft", "pfedhn", "pfedhn-frozen", "pfeddsh"]
+SEED_LIMIT = 2 ** 32      # seeds are mixed into torch generator seeds (seed * 1_000_003 + ...): keep them < 2^64
 
 
 class CliError(Exception):
@@ -55,71 +62,123 @@ class Parser(argparse.ArgumentParser):
         raise CliError(message)
 
 
+def show(value):
+    return "off" if value is False else str(value)
+
+
+def presets_help():
+    """The epilog of --help: what each preset sets."""
+    lines = ["presets (--preset; the default, auto, picks paper when the run uses CUDA and cpu-demo otherwise;",
+             "a flag given on the command line always wins over the preset):"]
+    for name, values in PRESETS.items():
+        sets = " ".join(f"--{k.replace('_', '-')} {show(v)}" for k, v in values.items()) or "every default as listed"
+        lines += textwrap.wrap(f"{name}: {PRESET_NOTES[name]}: {sets}", width=100, initial_indent="  ",
+                               subsequent_indent="      ", break_on_hyphens=False)
+    return "\n".join(lines)
+
+
 def build_parser():
-    p = Parser(description=__doc__.split("\n")[0])
-    a = p.add_argument
+    p = Parser(description=__doc__.split("\n")[0], epilog=presets_help(),
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def flag(group, name, help="", **kwargs):
+        """An option whose help ends with its default (and the cpu-demo value where that preset differs)."""
+        key = name[2:].replace("-", "_")
+        if key in DEFAULTS and DEFAULTS[key] is not None:
+            default = f"default {show(DEFAULTS[key])}"
+            if PRESETS["cpu-demo"].get(key, DEFAULTS[key]) != DEFAULTS[key]:
+                default += f"; cpu-demo {show(PRESETS['cpu-demo'][key])}"
+            help = f"{help} ({default})" if help else f"({default})"
+        group.add_argument(name, help=help, **kwargs)
+
+    a = lambda *args, **kwargs: flag(p, *args, **kwargs)    # noqa: E731
     a("--dataset", help="cifar10 | cifar100 | tinyimagenet")
-    a("--data-dir", help="folder holding <dataset>/train_*.npz, test.npz (default: data)")
+    a("--data-dir", help="folder holding <dataset>/train_*.npz, test.npz; CIFAR is downloaded there when missing")
     a("--batches", type=int, help="number of client batches that join one after another (T)")
     a("--clients-per-batch", type=int)
-    a("--classes-per-client", type=int, help="pathological split: classes per client (default 2/10/20)")
+    a("--classes-per-client", type=int,
+      help="pathological split: classes per client (default 2 for cifar10, 10 for cifar100, 20 for tinyimagenet)")
     a("--partition", choices=["pathological", "dirichlet"])
     a("--alpha", type=float, help="Dirichlet concentration")
     a("--rounds", type=int, help="server rounds per stage")
-    a("--clients-per-round", type=int)
+    a("--clients-per-round", type=int, help="capped at --clients-per-batch")
     a("--local-steps", type=int, help="client SGD steps per round (K)")
     a("--batch-size", type=int)
     a("--lr", type=float, help="client SGD learning rate")
     a("--width", type=int, help="ResNet-18 width multiplier (64 = standard)")
     a("--method", help=" | ".join(METHODS))
-    a("--seed", type=int)
+    a("--seed", type=int, help=f"0 .. {SEED_LIMIT - 1}")
     a("--methods", help="comparison: comma-separated methods, plus the ablations pfeddsh-no-replay and "
                         "pfeddsh-no-masks; each runs into <out>/<method>-s<seed>, then <out>/comparison.md")
     a("--seeds", help="comparison: comma-separated seeds (default: --seed)")
-    a("--device", choices=["auto", "cpu", "cuda"])
+    a("--device", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
     a("--out", help="output folder (default runs/<method>-<dataset>-s<seed>)")
-    a("--preset", choices=sorted(PRESETS))
+    a("--preset", choices=["auto"] + list(PRESETS),
+      help="protocol: auto (default) is paper with CUDA, cpu-demo without; what each sets is listed below")
     a("--overwrite", action="store_true", help="replace results (and a checkpoint) already in --out")
     a("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
-    a("--checkpoint-every", type=int, default=10, help="rounds between checkpoints (also after every stage)")
+    a("--checkpoint-every", type=int, help="rounds between checkpoints (also after every stage)")
     # Testing only: send SIGINT to ourselves after this many rounds in all, so a kill is deterministic.
-    a("--stop-after-rounds", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--stop-after-rounds", type=int, help=argparse.SUPPRESS)
     g = p.add_argument_group("hypernetwork and masks")
-    g.add_argument("--server-lr", type=float)
-    g.add_argument("--server-optimizer", choices=["adam", "sgd"])
-    g.add_argument("--hidden", type=int, help="hypernetwork trunk width")
-    g.add_argument("--hyper-layers", type=int, help="hypernetwork trunk depth")
-    g.add_argument("--chunk-size", type=int)
-    g.add_argument("--embed-dim", type=int)
-    g.add_argument("--sparsity", type=float, help="HAT sparsity penalty c")
-    g.add_argument("--s-max", type=float, help="HAT gate annealing s_max")
-    g.add_argument("--val-fraction", type=float)
-    g.add_argument("--batch-base", action="store_true", default=None,
-                   help="pfeddsh: a full-size weight offset per batch (our extension, not in the paper)")
+    flag(g, "--server-lr", type=float)
+    flag(g, "--server-optimizer", choices=["adam", "sgd"])
+    flag(g, "--hidden", type=int, help="hypernetwork trunk width")
+    flag(g, "--hyper-layers", type=int, help="hypernetwork trunk depth")
+    flag(g, "--chunk-size", type=int, help="weights the head emits per call")
+    flag(g, "--embed-dim", type=int, help="client embedding size")
+    flag(g, "--sparsity", type=float, help="HAT sparsity penalty c")
+    flag(g, "--s-max", type=float, help="HAT gate annealing s_max")
+    flag(g, "--val-fraction", type=float, help="share of each client's training data held out for validation")
+    flag(g, "--batch-base", action="store_true", default=None,
+         help="pfeddsh: a full-size weight offset per batch (our extension, not in the paper)")
     r = p.add_argument_group("data-free replay (pfeddsh)")
-    r.add_argument("--no-replay", action="store_true", default=None, help="ablation: masks only (RI is then exactly 0)")
-    r.add_argument("--no-masks", action="store_true", default=None, help="ablation: no masks (pfedhn + replay)")
-    r.add_argument("--replay-images", type=int, help="synthetic images per new client")
-    r.add_argument("--replay-iterations", type=int, help="DeepInversion iterations")
-    r.add_argument("--replay-steps", type=int, help="fine-tuning steps per earlier client")
-    r.add_argument("--replay-lr", type=float)
+    flag(r, "--no-replay", action="store_true", default=None, help="ablation: masks only (RI is then exactly 0)")
+    flag(r, "--no-masks", action="store_true", default=None, help="ablation: no masks (pfedhn + replay)")
+    flag(r, "--replay-images", type=int, help="synthetic images per new client")
+    flag(r, "--replay-iterations", type=int, help="DeepInversion iterations")
+    flag(r, "--replay-steps", type=int, help="fine-tuning steps per earlier client")
+    flag(r, "--replay-lr", type=float, help="fine-tuning learning rate")
     return p
 
 
+def auto_preset(device):
+    """`--preset auto`: the paper protocol when the run will use CUDA, the CPU protocol otherwise."""
+    return "paper" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu-demo"
+
+
 def resolve_config(argv):
+    """Command line -> config: a flag given wins, then the preset (auto: by device), then DEFAULTS."""
     args = build_parser().parse_args(argv)
-    preset = PRESETS.get(args.preset, {})
+    chosen = args.preset in (None, "auto")
+    preset_name = auto_preset(args.device or DEFAULTS["device"]) if chosen else args.preset
+    preset = PRESETS[preset_name]
     config = {}
     for key, default in DEFAULTS.items():
         given = getattr(args, key)
         config[key] = given if given is not None else preset.get(key, default)
-    config["preset"], config["overwrite"], config["resume"] = args.preset, args.overwrite, args.resume
-    config["checkpoint_every"], config["stop_after_rounds"] = args.checkpoint_every, args.stop_after_rounds
+    config["preset"], config["preset_auto"] = preset_name, chosen
+    config["overwrite"], config["resume"] = args.overwrite, args.resume
+    config["stop_after_rounds"] = args.stop_after_rounds
     validate(config)
     comparison = None
     if args.methods is not None or args.seeds is not None:
         comparison = parse_comparison(args, config)
     return config, comparison
+
+
+def describe_protocol(config):
+    """One line: which protocol runs, why, and how to get the other."""
+    name = config["preset"]
+    other = "cpu-demo" if name == "paper" else "paper"
+    if config["preset_auto"]:
+        why = "CUDA found" if name == "paper" else ("--device cpu" if config["device"] == "cpu" else "no CUDA")
+        why = f"chosen by --preset auto: {why}"
+    else:
+        why = f"--preset {name}"
+    return (f"protocol {name} ({why}): ResNet-18 width {config['width']}, {config['clients_per_batch']} clients "
+            f"per batch, {config['rounds']} rounds x {config['clients_per_round']} clients x "
+            f"{config['local_steps']} local steps per stage; --preset {other} for {PRESET_NOTES[other]}")
 
 
 def parse_comparison(args, config):
@@ -269,6 +328,24 @@ def report_replay(report, t, dataset, out, write=print):
           + (" -- DIVERGED (non-finite), undone" if report["dropped"] else ""))
 
 
+def estimate_seconds(config, round_s, rounds_left, replay_stages):
+    """Rough length of what is left, from one timed round: the rounds, plus replay after each stage in
+    `replay_stages`, counted in image passes against a round's. The factor 1.5 is the cpu-demo protocol's
+    on a 2-core AMD EPYC CPU (replay about 30 s next to rounds of about 1.3 s); elsewhere it is rough."""
+    c = config
+    round_images = min(c["clients_per_round"], c["clients_per_batch"]) * c["local_steps"] * c["batch_size"]
+    replay_images = sum(c["clients_per_batch"] * c["replay_images"] * (c["replay_iterations"]
+                                                                       + t * c["replay_steps"])
+                        for t in replay_stages)
+    return round_s * (rounds_left + 1.5 * replay_images / round_images)
+
+
+def duration(seconds):
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
 def run_name(config):
     return (config["method"] + "-no-replay" * bool(config["no_replay"]) + "-no-masks" * bool(config["no_masks"])
             + "-batch-base" * bool(config["batch_base"]))
@@ -287,6 +364,7 @@ def main(argv=None):
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         config, comparison = resolve_config(sys.argv[1:] if argv is None else argv)
+        print(describe_protocol(config))
         if comparison is not None:
             return run_comparison(config, *comparison, caught, argv)
         return run(config, caught)
@@ -384,8 +462,19 @@ def run(config, caught, how_to_continue="rerun with --resume to continue"):
         replay = dict(num_images=config["replay_images"], iterations=config["replay_iterations"],
                       steps=config["replay_steps"], lr=config["replay_lr"])
 
+    clock = {"start": time.time(), "estimated": False}
+
     def after_round(onboarding, rng, stage_done):
-        """Between rounds: png of a finished replay, checkpoint when due, and stop here after a signal."""
+        """Between rounds: the run's estimated length after its first round, png of a finished replay,
+        checkpoint when due, and stop here after a signal."""
+        if not stage_done and not clock["estimated"]:
+            clock["estimated"] = True
+            round_s = time.time() - clock["start"]
+            rounds_left = config["batches"] * rounds - (onboarding.stage * rounds + onboarding.round)
+            replay_stages = range(max(onboarding.stage, 1), config["batches"]) if replay is not None else []
+            tqdm.write(f"first round: {round_s:.1f} s; estimated length of this run: about "
+                       f"{duration(round_s + estimate_seconds(config, round_s, rounds_left, replay_stages))}"
+                       + (" with replay" if replay_stages else "") + " (rough: the first round includes warm-up)")
         if stage_done and onboarding.replays and "images" in onboarding.replays[-1]:
             report_replay(onboarding.replays[-1], onboarding.stage - 1, dataset, out, write=tqdm.write)
         done = onboarding.stage * rounds + onboarding.round
@@ -400,21 +489,22 @@ def run(config, caught, how_to_continue="rerun with --resume to continue"):
             raise Interrupted(f"interrupted ({signal.Signals(caught[0]).name}): checkpoint saved {where}; "
                               f"{how_to_continue}", 128 + caught[0])
 
-    replay_bar = None
+    replay_bar = {"bar": None, "phase": None}
 
     def on_replay(phase, done, total):
         """Replay's progress on a second bar under the rounds (synthesis iterations, then earlier clients)."""
-        nonlocal replay_bar
-        if replay_bar is None:
-            replay_bar = tqdm(total=total, desc=f"replay {phase}", position=1, leave=False, dynamic_ncols=True)
-        elif replay_bar.desc != f"replay {phase}":
-            replay_bar.reset(total=total)
-            replay_bar.set_description(f"replay {phase}")
-        replay_bar.n = done
-        replay_bar.refresh()
+        if replay_bar["bar"] is None:
+            replay_bar["bar"] = tqdm(total=total, position=1, leave=False, dynamic_ncols=True,
+                                     bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}]")
+        if replay_bar["phase"] != phase:
+            replay_bar["phase"] = phase
+            replay_bar["bar"].set_description(f"replay after stage {onboarding.stage}: {phase}", refresh=False)
+            replay_bar["bar"].reset(total=total)
+        replay_bar["bar"].n = done
+        replay_bar["bar"].refresh()
         if phase == "fine-tune" and done == total:
-            replay_bar.close()
-            replay_bar = None
+            replay_bar["bar"].close()
+            replay_bar["bar"] = replay_bar["phase"] = None
 
     accuracy, neurons, stage_seconds, replays = fl.onboard(
         server, clients, batches, rounds=rounds, clients_per_round=config["clients_per_round"],

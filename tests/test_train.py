@@ -138,3 +138,41 @@ def test_replay_reports_its_progress():
                                     iterations=3, steps=1, progress=lambda *a: calls.append(a))
     assert calls[:3] == [("synthesis", 1, 3), ("synthesis", 2, 3), ("synthesis", 3, 3)]
     assert calls[3:] == [("fine-tune", 0, 2), ("fine-tune", 1, 2), ("fine-tune", 2, 2)]
+
+
+def test_auto_preset_follows_the_device(monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config, _ = train.resolve_config([])
+    assert (config["preset"], config["preset_auto"], config["width"], config["rounds"]) == ("cpu-demo", True, 16, 40)
+    assert "protocol cpu-demo" in train.describe_protocol(config) and "--preset paper" in train.describe_protocol(config)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    config, _ = train.resolve_config([])
+    assert (config["preset"], config["width"], config["rounds"]) == ("paper", 64, 300)
+    assert "--preset cpu-demo" in train.describe_protocol(config)
+    config, _ = train.resolve_config(["--device", "cpu"])             # CUDA there, but not asked for
+    assert config["preset"] == "cpu-demo"
+
+
+def test_explicit_preset_and_flags_win_over_auto(monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    config, _ = train.resolve_config(["--preset", "cpu-demo", "--rounds", "7"])
+    assert (config["preset"], config["preset_auto"], config["width"], config["rounds"]) == ("cpu-demo", False, 16, 7)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config, _ = train.resolve_config(["--preset", "paper", "--width", "8"])
+    assert (config["preset"], config["width"], config["rounds"]) == ("paper", 8, 300)
+    assert {k: v for k, v in config.items() if k in train.DEFAULTS and k != "width"} == \
+        {k: v for k, v in train.DEFAULTS.items() if k != "width"}
+
+
+def test_help_shows_every_default_and_the_presets(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")          # one line per option, whatever the terminal
+    with pytest.raises(SystemExit):
+        train.build_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "(default 64; cpu-demo 16)" in text and "(default 300; cpu-demo 40)" in text
+    assert "cpu-demo: a few minutes on a 2-core CPU: --width 16" in text
+    for action in train.build_parser()._actions:          # every option with a default says it
+        if action.dest in train.DEFAULTS:
+            assert "default" in action.help, action.dest
