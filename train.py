@@ -409,6 +409,7 @@ def run_comparison(config, names, seeds, caught, argv):
 
 def run(config, caught, how_to_continue="rerun with --resume to continue"):
     import checkpoint
+    import compare
     import data
     import federated as fl
     import hypernet as hn
@@ -532,7 +533,8 @@ def run(config, caught, how_to_continue="rerun with --resume to continue"):
     with open(tmp, "w") as f:
         json.dump(results, f, indent=1)
     os.replace(tmp, results_path)       # never leave a half-written results.json behind
-    print(f"wrote {results_path}")
+    plots = compare.write_run_plots(results, out, run_name(config))
+    print(f"wrote {results_path} and {', '.join(os.path.basename(p) for p in plots)}")
     return results
 
 

@@ -36,6 +36,8 @@ def test_every_method_runs_two_stages_and_writes_the_same_schema(tiny_data_dir, 
     run_tiny(tiny_data_dir, tmp_path / name, *variant_args(name))
     results = json.loads((tmp_path / name / "results.json").read_text())
     assert set(results) == SCHEMA
+    for plot in ("accuracy_matrix.png", "batch_accuracy.png"):    # every run draws its own plots
+        assert (tmp_path / name / plot).stat().st_size > 0
     assert results["config"]["method"] == compare.variant_config(name)["method"] and results["config"]["rounds"] == 4
     batches = results["batches"]
     assert sorted(c for b in batches for c in b) == [0, 1, 2, 3] and len(batches) == 2
