@@ -15,6 +15,7 @@ the current round, write a checkpoint and exit with 130 / 143.
 """
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -42,6 +43,8 @@ PRESETS = {
 PRESET_NOTES = {"paper": "the paper-scale protocol, hours on one GPU", "cpu-demo": "a few minutes on a 2-core CPU"}
 # local, fedavg, fedavg-ft and pfedhn-frozen live in baselines.py; pfedhn is federated.Server without masks.
 METHODS = ["local", "fedavg", "fedavg-ft", "pfedhn", "pfedhn-frozen", "pfeddsh"]
+# Sizes of the datasets data.py reads (train, test images): to refuse early what cannot fit.
+DATASET_IMAGES = {"cifar10": (50_000, 10_000), "cifar100": (50_000, 10_000), "tinyimagenet": (100_000, 10_000)}
 SEED_LIMIT = 2 ** 32      # seeds are mixed into torch generator seeds (seed * 1_000_003 + ...): keep them < 2^64
 
 
@@ -199,6 +202,8 @@ def parse_comparison(args, config):
         seeds = [int(s) for s in (args.seeds or str(config["seed"])).split(",")]
     except ValueError:
         raise CliError(f"--seeds must be comma-separated integers, got '{args.seeds}'") from None
+    for seed in seeds:
+        check_seed(seed, "--seeds")
     if len(set(seeds)) != len(seeds):
         raise CliError(f"--seeds lists a seed twice: {args.seeds}")
     if "local" not in names:
@@ -223,10 +228,17 @@ def validate(c):
         if c[key] < 1:
             raise CliError(f"--{key.replace('_', '-')} must be a positive integer, got {c[key]}")
     for key in ["lr", "server_lr", "alpha", "s_max", "replay_lr"]:
-        if not c[key] > 0:
-            raise CliError(f"--{key.replace('_', '-')} must be positive, got {c[key]}")
-    if c["sparsity"] < 0:
-        raise CliError(f"--sparsity must be >= 0, got {c['sparsity']}")
+        if not 0 < c[key] < math.inf:
+            raise CliError(f"--{key.replace('_', '-')} must be positive and finite, got {c[key]}")
+    if not 0 <= c["sparsity"] < math.inf:
+        raise CliError(f"--sparsity must be >= 0 and finite, got {c['sparsity']}")
+    if c["s_max"] < 1:
+        raise CliError(f"--s-max must be >= 1 (the gates anneal from s = 1/s_max up to s_max), got {c['s_max']}")
+    check_seed(c["seed"], "--seed")
+    clients, test_images = c["batches"] * c["clients_per_batch"], DATASET_IMAGES[c["dataset"]][1]
+    if clients > test_images:
+        raise CliError(f"{clients} clients (--batches x --clients-per-batch) is more than the data supports: "
+                       f"{c['dataset']} has {test_images} test images and every client needs some")
     if c["classes_per_client"] is not None and c["classes_per_client"] < 1:
         raise CliError(f"--classes-per-client must be a positive integer, got {c['classes_per_client']}")
     if c["classes_per_client"] is not None and c["classes_per_client"] > data.DATASETS[c["dataset"]]:
@@ -236,6 +248,92 @@ def validate(c):
         raise CliError(f"--val-fraction must be in [0, 1), got {c['val_fraction']}")
     if c["device"] == "cuda" and not torch.cuda.is_available():
         raise CliError("--device cuda was asked for but CUDA is not available here; use --device cpu or auto")
+
+
+def check_seed(seed, flag):
+    if not 0 <= seed < SEED_LIMIT:
+        raise CliError(f"{flag} must be an integer in 0 .. {SEED_LIMIT - 1}, got {seed}")
+
+
+def check_out(out):
+    """--out must be (or become) a folder we can write: refuse a file, or a parent that is not writable."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CliError(f"--out {out} is a file, not a folder: pick another --out")
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise CliError(f"--out {out}: {parent} is a file, not a folder: pick another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CliError(f"--out {out}: cannot write in {parent}: pick another --out")
+
+
+def memory_estimate(config):
+    """A lower estimate of the bytes a run holds at once, from the config alone, before anything is allocated.
+
+    Returns {part: bytes}. Counted in float32: the target model's weights (with its gradient and SGD
+    momentum while a client trains) and a training batch's activations; the hypernetwork's parameters with
+    their gradients and Adam moments, its scale/offset buffers and one round of generation; replay's
+    images and activations; the dataset as uint8. The ResNet is built on the meta device: shapes only.
+    """
+    import data
+    import hypernet as hn
+
+    c = config
+    num_classes, size = data.DATASETS[c["dataset"]], 64 if c["dataset"] == "tinyimagenet" else 32
+    with torch.device("meta"):
+        model = hn.ResNet18(num_classes, c["width"])
+        activations = []
+        hooks = [m.register_forward_hook(lambda m, i, o: activations.append(o.numel()))
+                 for m in model.modules() if not list(m.children())]
+        model(torch.empty(1, 3, size, size))
+        for h in hooks:
+            h.remove()
+    weights, per_image = hn.count_parameters(model), sum(activations)
+    clients = c["batches"] * c["clients_per_batch"]
+    round_clients = min(c["clients_per_round"], c["clients_per_batch"])
+    floats = {"client training (--width, --batch-size)": 3 * weights + c["batch_size"] * (per_image + 3 * size ** 2)}
+    if c["method"] in ("pfedhn", "pfedhn-frozen", "pfeddsh"):
+        chunks, h, layers, e = -(-weights // c["chunk_size"]), c["hidden"], c["hyper_layers"], c["embed_dim"]
+        params = (clients * e + chunks * 32 + (e + 32) * h + (layers - 1) * h * h + layers * h
+                  + (h + 1) * c["chunk_size"] + weights)
+        masks = c["method"] == "pfeddsh" and not c["no_masks"]
+        if masks:
+            params += (c["batches"] + clients) * layers * h
+        if c["batch_base"]:
+            params += c["batches"] * weights
+        generation = round_clients * (2 * chunks * h * layers + chunks * c["chunk_size"] + 2 * weights)
+        floats["hypernetwork, its gradients and Adam state (--width, --chunk-size, --hidden, --hyper-layers, "
+               "--embed-dim, --batches, --clients-per-batch)"] = 4 * params + 2 * weights + generation
+    elif c["method"] == "local":
+        floats["one model per client (--width, --batches, --clients-per-batch)"] = clients * weights
+    if c["method"] == "pfeddsh" and not c["no_replay"]:
+        images = c["clients_per_batch"] * c["replay_images"]
+        floats["replay (--replay-images, --clients-per-batch, --width)"] = (images * (per_image + 3 * size ** 2)
+                                                                            + c["clients_per_batch"] * weights)
+    parts = {name: 4 * n for name, n in floats.items()}
+    train_images, test_images = DATASET_IMAGES[c["dataset"]]
+    parts["the dataset"] = (train_images + test_images) * 3 * size * size
+    return parts
+
+
+def check_memory(config, device):
+    """Refuse, before allocating anything, a run that cannot fit in the device's memory."""
+    try:
+        parts = memory_estimate(config)
+    except (RuntimeError, OverflowError, ValueError, TypeError) as e:   # sizes torch cannot even describe
+        raise CliError(f"this model is too large to build ({str(e).splitlines()[0]}): use a smaller --width, "
+                       "--hidden, --chunk-size or --embed-dim") from None
+    if device.type == "cuda":
+        available, where = torch.cuda.mem_get_info(device)[0], f"free on {torch.cuda.get_device_name(device)}"
+    else:
+        available, where = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "of memory on this machine"
+    needed = sum(parts.values())
+    if needed > available:
+        largest = max(parts, key=parts.get)
+        raise CliError(f"this run needs at least {needed / 2 ** 30:.1f} GiB, {available / 2 ** 30:.1f} GiB "
+                       f"{where}; the largest part is {largest}: {parts[largest] / 2 ** 30:.1f} GiB")
+    return needed
 
 
 def build(config, device):
@@ -420,6 +518,8 @@ def run(config, caught, how_to_continue="rerun with --resume to continue"):
                           else ("cpu" if config["device"] == "auto" else config["device"]))
     out = config["out"] or os.path.join("runs", f"{run_name(config)}-{config['dataset']}-s{config['seed']}")
     config["out"] = out
+    check_out(out)
+    check_memory(config, device)
     results_path = os.path.join(out, "results.json")
     checkpoint_path = os.path.join(out, checkpoint.FILENAME)
     if not config["resume"] and not config["overwrite"]:
@@ -447,7 +547,10 @@ def run(config, caught, how_to_continue="rerun with --resume to continue"):
             raise CliError(f"checkpoint {checkpoint_path} does not fit this run ({type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''}); delete it to start over") from None
         del state
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise CliError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
 
     hypernet = getattr(server, "hypernet", None)
     print(f"{run_name(config)} on {config['dataset']} | device {device} | {len(clients)} clients in "
@@ -550,3 +653,10 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except (MemoryError, RuntimeError) as e:      # the estimate let it through, the allocator did not
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) and "allocate" not in first:
+            raise
+        print(f"error: out of memory ({first}): use a smaller --width, --batch-size or --replay-images "
+              "(a checkpoint, if one was written, is kept for --resume)", file=sys.stderr)
+        sys.exit(2)

@@ -111,6 +111,15 @@ BAD_INPUT = {
     "--methods with --method": (["--methods", "fedavg", "--method", "pfedhn"], "--method does not go with"),
     "bad --seeds": (["--methods", "fedavg", "--seeds", "0,x"], "--seeds must be comma-separated integers"),
     "cuda without cuda": (["--device", "cuda"], "CUDA is not available"),
+    "--out is a file": (["--out", "{file}"], "is a file, not a folder"),
+    "--out under a file": (["--out", "{file}/run"], "is a file, not a folder"),
+    "negative seed": (["--seed", "-5"], "--seed must be an integer in 0 .. 4294967295"),
+    "huge seed": (["--seed", "99999999999999999999"], "--seed must be an integer in 0 .. 4294967295"),
+    "negative seed in --seeds": (["--methods", "fedavg", "--seeds", "0,-1"], "--seeds must be an integer in"),
+    "model too large for memory": (["--width", "100000"], "this run needs at least"),
+    "batch too large for memory": (["--batch-size", "10000000000"], "the largest part is client training"),
+    "infinite lr": (["--lr", "inf"], "--lr must be positive and finite"),
+    "more clients than test images": (["--batches", "100000000"], "more than the data supports"),
 }
 
 
@@ -123,9 +132,11 @@ def test_bad_input_exits_2_with_one_line(case, tiny_data_dir, tmp_path):
             pytest.skip("this machine has CUDA")
     empty = tmp_path / "empty"
     empty.mkdir()
-    args = [a.replace("{empty}", str(empty)) for a in args]
+    (tmp_path / "a_file").write_text("not a folder")
+    args = [a.replace("{empty}", str(empty)).replace("{file}", str(tmp_path / "a_file")) for a in args]
     base = ["--data-dir", str(tiny_data_dir)] if "--data-dir" not in args else []
-    done = cli(*base, *args, "--out", str(tmp_path / "out"), cwd=tmp_path)
+    out = ["--out", str(tmp_path / "out")] if "--out" not in args else []
+    done = cli(*base, *args, *out, cwd=tmp_path)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
