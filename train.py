@@ -13,12 +13,17 @@ Bad input ends with one line on stderr and exit code 2. A checkpoint is written 
 after every stage and every --checkpoint-every rounds; --resume continues from it. SIGINT / SIGTERM finish
 the current round, write a checkpoint and exit with 130 / 143.
 """
-import argparse
+import sys
+
+if sys.version_info < (3, 10):          # before anything else: the modules use zip(strict=True) and `X | None`
+    print(f"error: pFedDSH needs Python >= 3.10, this is Python {sys.version.split()[0]}", file=sys.stderr)
+    sys.exit(2)
+
+import argparse  # noqa: E402 (after the version check, on purpose)
 import json
 import math
 import os
 import signal
-import sys
 import textwrap
 import time
 
