@@ -1,4 +1,4 @@
-"""The methods pFedDSH is compared with (DESIGN.md §6): same clients, split, budget and evaluation.
+"""The methods pFedDSH is compared with (docs/design.md §6): same clients, split, budget and evaluation.
 
 Each class stands in for federated.Server: the onboarding loop (federated.onboard) calls begin_stage,
 train_round, end_stage and evaluate; checkpoints call state_dict and load_state_dict. So every method

@@ -1,4 +1,4 @@
-"""The comparison report: what pFedDSH buys over its baselines (seed: "First 3 experiments"; DESIGN.md §2, §6).
+"""The comparison report: what pFedDSH buys over its baselines (docs/design.md §2, §6).
 
     python train.py --methods local,fedavg,pfedhn,pfeddsh --seeds 0,1,2 --dataset cifar10 --batches 2 ...
 
@@ -11,10 +11,9 @@ run is reused, an interrupted one resumed), then write_report reads them and wri
 The same two plotting functions draw every single run's accuracy_matrix.png and batch_accuracy.png next
 to its results.json (write_run_plots, called by train.py).
 
-PA (plasticity, DESIGN §2 with the reference this project uses): for each batch t > 0, the mean over its
-clients of A[t][i] minus what the same client reaches with `local` (same seed, so the same split and the
-same number of local steps). PA <= 0 is the seed's failure signature "new clients fail to outperform
-local training".
+PA (plasticity, docs/design.md §2): for each batch t > 0, the mean over its clients of A[t][i] minus
+what the same client reaches with `local` (same seed, so the same split and the same number of local
+steps). PA <= 0 is the failure signature "new clients fail to outperform local training".
 """
 import json
 import os

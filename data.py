@@ -1,4 +1,4 @@
-"""Datasets and the non-IID client partition (paper: the "experimental setup"; DESIGN.md §1).
+"""Datasets and the non-IID client partition (paper: the "experimental setup"; docs/design.md §1).
 
 Owns four things, in reading order:
   1. load_dataset    CIFAR-10 / CIFAR-100 / Tiny-ImageNet as uint8 NCHW tensors on the device. It reads a

@@ -1,5 +1,5 @@
 """Data-free replay: DeepInversion on a client's generated model, then backward transfer (paper: the
-"data-free replay" for backward transfer; DESIGN.md §5).
+"data-free replay" for backward transfer; docs/design.md §5).
 
 After stage t the server holds, for every new client j, only (a) the weights its hypernetwork generated
 for j, (b) the BatchNorm running statistics j uploaded and (c) j's label counts. From these it dreams a
@@ -7,7 +7,7 @@ batch of images per client: starting from noise, optimise the pixels so that
   - at every BN layer the batch's per-channel mean / variance of the BN *input* match j's running stats,
   - j's model classifies them as targets drawn in proportion to j's label counts,
   - image priors (total variation, l2) keep them smooth; random jitter and flips make them robust.
-backward_transfer then uses them to fine-tune what belongs to each earlier client (DESIGN §5).
+backward_transfer then uses them to fine-tune what belongs to each earlier client (docs/design.md §5).
 
 Owns: the BN-statistics loss and the removable hooks that compute it, the optimisation loop (several
 clients in one vmapped computation), save_grid for looking at the results, and backward_transfer.
@@ -207,7 +207,7 @@ def save_grid(images, mean, std, path, nrow=16):
 
 
 # --------------------------------------------------------------------------------------------------
-# Backward transfer: the synthetic images improve earlier clients (DESIGN.md §5)
+# Backward transfer: the synthetic images improve earlier clients (docs/design.md §5)
 # --------------------------------------------------------------------------------------------------
 
 def distillation_loss(student_logits, teacher_logits, temperature):

@@ -1,4 +1,4 @@
-"""Clients, the server, and progressive client onboarding (paper: the PCO-FL protocol; DESIGN.md §1-§3).
+"""Clients, the server, and progressive client onboarding (paper: the PCO-FL protocol; docs/design.md §1-§3).
 
 Owns:
   * Client      holds its own data (never leaves it); trains the weights it is sent for K local SGD

@@ -1,4 +1,4 @@
-"""Batch-specific masks on the hypernetwork's hidden units: the "sub-hypernetwork" (DESIGN.md §4).
+"""Batch-specific masks on the hypernetwork's hidden units: the "sub-hypernetwork" (docs/design.md §4).
 
 The paper gives every batch of clients its own binary mask over the hypernetwork's neurons and keeps
 what earlier batches depend on immutable. We build it the way HAT does (Serra et al., "Overcoming
@@ -29,7 +29,7 @@ class BatchGates(nn.Module):
         self.s_max, self.clamp = s_max, clamp
         # HAT initialises gate embeddings N(0, 1): about half the units start "on" for a new batch.
         self.embeddings = nn.Parameter(torch.randn(num_batches, num_layers, hidden))
-        # Replay's "borrow" gates (our proposal, DESIGN §5): how much client i reads units that LATER
+        # Replay's "borrow" gates (our proposal, docs/design.md §5): how much client i reads units that LATER
         # batches own. Exactly zero until replay trains them, so they change nothing before that.
         self.borrow = nn.Parameter(torch.zeros(num_clients, num_layers, hidden))
         self.register_buffer("binary", torch.zeros(num_batches, num_layers, hidden))

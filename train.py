@@ -1,17 +1,19 @@
 """Run pFedDSH (or a baseline) on progressively onboarded batches of clients: the paper's experiments.
 
-    python train.py --dataset cifar10 --batches 2                     # paper-scale protocol, wants a GPU
-    python train.py --dataset cifar10 --data-dir ../shared/data --batches 2 --preset cpu-demo
+    python train.py --dataset cifar10 --batches 2            # paper protocol with CUDA, cpu-demo without
+    python train.py --dataset cifar10 --batches 2 --data-dir ../shared/data --preset cpu-demo --rounds 20
     python train.py ... --methods local,fedavg,pfedhn,pfeddsh --seeds 0,1,2 --out runs/compare
 
 Wires data.py (clients and their splits), hypernet.py (ResNet-18 target + hypernetwork), masks.py
 (sub-hypernetwork per batch), baselines.py and federated.py (server, clients, onboarding loop), then writes
-<out>/results.json: the configuration, the batches, the accuracy matrix A[t][i] and the metrics.
+<out>/results.json (the configuration, the batches, the accuracy matrix A[t][i] and the metrics) with
+accuracy_matrix.png and batch_accuracy.png beside it.
 With --methods / --seeds it runs every (method, seed) on the same splits into <out>/<method>-s<seed>/
 and writes the comparison (compare.py: comparison.md and plots).
-Bad input ends with one line on stderr and exit code 2. A checkpoint is written to <out>/checkpoint.pt
-after every stage and every --checkpoint-every rounds; --resume continues from it. SIGINT / SIGTERM finish
-the current round, write a checkpoint and exit with 130 / 143.
+Bad input (a run too large for the device's memory included) ends with one line on stderr and exit
+code 2 (docs/robustness.md). A checkpoint is written to <out>/checkpoint.pt after every stage and every
+--checkpoint-every rounds; --resume continues from it. SIGINT / SIGTERM finish the current round, write a
+checkpoint and exit with 130 / 143.
 """
 import sys
 

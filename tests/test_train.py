@@ -157,8 +157,10 @@ def test_auto_preset_follows_the_device(monkeypatch):
     import torch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     config, _ = train.resolve_config([])
-    assert (config["preset"], config["preset_auto"], config["width"], config["rounds"]) == ("cpu-demo", True, 16, 40)
-    assert "protocol cpu-demo" in train.describe_protocol(config) and "--preset paper" in train.describe_protocol(config)
+    assert (config["preset"], config["preset_auto"], config["width"], config["rounds"]) == \
+        ("cpu-demo", True, 16, 40)
+    line = train.describe_protocol(config)
+    assert "protocol cpu-demo" in line and "--preset paper" in line
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     config, _ = train.resolve_config([])
     assert (config["preset"], config["width"], config["rounds"]) == ("paper", 64, 300)
