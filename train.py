@@ -582,8 +582,8 @@ def run(config, caught, how_to_continue="rerun with --resume to continue"):
         if not stage_done and len(clock["rounds"]) < 2:
             clock["rounds"].append(now - clock["last"])
             rounds_left = config["batches"] * rounds - (onboarding.stage * rounds + onboarding.round)
-            # The first round carries one-off costs (about 4x a later round, measured on a 2-core CPU), so
-            # the estimate waits for the second; a run of one round gets none.
+            # The first round can carry one-off costs (41 s against about 10 s for later rounds in one
+            # cpu-demo run on a busy 2-core CPU), so the estimate waits for the second; a one-round run gets none.
             if len(clock["rounds"]) == 2:
                 first, round_s = clock["rounds"]
                 replay_stages = range(max(onboarding.stage, 1), config["batches"]) if replay is not None else []
