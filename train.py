@@ -119,14 +119,15 @@ def build_parser():
     a("--method", help=" | ".join(METHODS))
     a("--seed", type=int, help=f"0 .. {SEED_LIMIT - 1}")
     a("--methods", help="comparison: comma-separated methods, plus the ablations pfeddsh-no-replay and "
-                        "pfeddsh-no-masks; each runs into <out>/<method>-s<seed>, then <out>/comparison.md")
+                        "pfeddsh-no-masks; each runs into <out>/<method>-s<seed>, then <out>/comparison.md "
+                        "(default: none, a single run)")
     a("--seeds", help="comparison: comma-separated seeds (default: --seed)")
     a("--device", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
     a("--out", help="output folder (default runs/<method>-<dataset>-s<seed>)")
     a("--preset", choices=["auto"] + list(PRESETS),
       help="protocol: auto (default) is paper with CUDA, cpu-demo without; what each sets is listed below")
-    a("--overwrite", action="store_true", help="replace results (and a checkpoint) already in --out")
-    a("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
+    a("--overwrite", action="store_true", help="replace results (and a checkpoint) already in --out (default off)")
+    a("--resume", action="store_true", help="continue the run whose checkpoint is in --out (default off)")
     a("--checkpoint-every", type=int, help="rounds between checkpoints (also after every stage)")
     # Testing only: send SIGINT to ourselves after this many rounds in all, so a kill is deterministic.
     p.add_argument("--stop-after-rounds", type=int, help=argparse.SUPPRESS)
