@@ -1,4 +1,4 @@
-"""The methods pFedDSH is compared with (DESIGN.md §6): same clients, split, budget and evaluation.
+"""The methods pFedDSH is compared with (docs/design.md §6): same clients, split, budget and evaluation.
 
 Each class stands in for federated.Server: the onboarding loop (federated.onboard) calls begin_stage,
 train_round, end_stage and evaluate; checkpoints call state_dict and load_state_dict. So every method
@@ -35,7 +35,7 @@ class Local:
     def begin_stage(self, t):
         self.stage = t
 
-    def train_round(self, client_ids, clients, progress, steps, batch_size, lr):
+    def train_round(self, client_ids, clients, stage_fraction, steps, batch_size, lr):
         losses = []
         for cid in client_ids:
             update = clients[cid].local_train(self.weights[cid], self.bn_stats[cid], steps, batch_size, lr)
@@ -73,7 +73,7 @@ class FedAvg:
     def begin_stage(self, t):
         self.stage = t
 
-    def train_round(self, client_ids, clients, progress, steps, batch_size, lr):
+    def train_round(self, client_ids, clients, stage_fraction, steps, batch_size, lr):
         updates = [clients[cid].local_train(self.weights, self.bn, steps, batch_size, lr) for cid in client_ids]
         kept = [(cid, u) for cid, u in zip(client_ids, updates) if fl.is_finite_update(u)]
         self.faults["dropped_updates"] += len(updates) - len(kept)

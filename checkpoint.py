@@ -8,7 +8,7 @@ everything random, so on the CPU a resumed run gives the same results.json as an
     stage and s, every client's BN statistics and label counts, the fault counters;
   * the random state: the numpy Generator that samples each round's clients, every client's torch
     Generator (minibatches and augmentation), the torch global RNG (DeepInversion seeds its own);
-  * federated.Progress: stage and round, accuracy matrix so far, neurons, stage times, replay reports
+  * federated.OnboardingState: stage and round, accuracy matrix so far, neurons, stage times, replay reports
     (without the images, which are written to synthetic_batch{t}.png when replay runs);
   * the configuration and the device, to refuse resuming a different run.
 """
@@ -18,21 +18,22 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-FORMAT = 1
+FORMAT = 2          # 2: the onboarding state is stored under "onboarding" (1 called it "progress")
 FILENAME = "checkpoint.pt"
 # Settings that say how to run, not what to compute: they may differ between a run and its resume.
-RUN_ONLY_KEYS = {"out", "overwrite", "resume", "checkpoint_every", "device", "stop_after_rounds"}
+RUN_ONLY_KEYS = {"out", "overwrite", "resume", "checkpoint_every", "device", "stop_after_rounds",
+                 "preset", "preset_auto"}    # a preset only sets other keys, which are compared themselves
 
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be used: unreadable, or made by another configuration."""
 
 
-def capture(config, device, server, clients, rng, progress):
+def capture(config, device, server, clients, rng, onboarding):
     return {"format": FORMAT, "config": dict(config), "device": str(device), "server": server.state_dict(),
             "rng": {"rounds": rng.bit_generator.state, "clients": [c.generator.get_state() for c in clients],
                     "torch": torch.get_rng_state()},
-            "progress": asdict(progress)}
+            "onboarding": asdict(onboarding)}
 
 
 def save(path, state):
@@ -46,9 +47,11 @@ def load(path, config, device):
     try:
         # weights_only: a checkpoint is data (tensors, numbers, strings), never code to run.
         state = torch.load(path, map_location=device, weights_only=True)
-        if state.get("format") != FORMAT:
+        if state.get("format") == 1:        # the same content under its old name
+            state["onboarding"] = state.pop("progress")
+        elif state.get("format") != FORMAT:
             raise ValueError(f"format {state.get('format')}, expected {FORMAT}")
-        for key in ["config", "device", "server", "rng", "progress"]:
+        for key in ["config", "device", "server", "rng", "onboarding"]:
             state[key]                      # noqa: B018 (a missing part is a corrupt checkpoint)
     except Exception as e:              # truncated zip, bad pickle, wrong type: all mean "unreadable"
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -69,12 +72,12 @@ def differing_settings(config, other):
     return sorted(k for k in set(config) | set(other) if k not in RUN_ONLY_KEYS and config.get(k) != other.get(k))
 
 
-def restore(state, server, clients, progress_cls):
-    """Put the checkpoint back into server and clients; returns (progress, round-sampling rng)."""
+def restore(state, server, clients, onboarding_cls):
+    """Put the checkpoint back into server and clients; returns (onboarding state, round-sampling rng)."""
     server.load_state_dict(state["server"])
     for client, g in zip(clients, state["rng"]["clients"], strict=True):
         client.generator.set_state(g.cpu())
     torch.set_rng_state(state["rng"]["torch"].cpu())
     rng = np.random.default_rng()
     rng.bit_generator.state = state["rng"]["rounds"]
-    return progress_cls(**state["progress"]), rng
+    return onboarding_cls(**state["onboarding"]), rng

@@ -1,4 +1,4 @@
-"""The comparison report: what pFedDSH buys over its baselines (seed: "First 3 experiments"; DESIGN.md §2, §6).
+"""The comparison report: what pFedDSH buys over its baselines (docs/design.md §2, §6).
 
     python train.py --methods local,fedavg,pfedhn,pfeddsh --seeds 0,1,2 --dataset cifar10 --batches 2 ...
 
@@ -8,11 +8,12 @@ run is reused, an interrupted one resumed), then write_report reads them and wri
                                hypernetwork units used, wall time
   <out>/batch_accuracy.png     each batch's accuracy after every stage, one line per method
   <out>/pfeddsh_matrix.png     pFedDSH's accuracy matrix A[t][i] as a heatmap
+The same two plotting functions draw every single run's accuracy_matrix.png and batch_accuracy.png next
+to its results.json (write_run_plots, called by train.py).
 
-PA (plasticity, DESIGN §2 with the reference this project uses): for each batch t > 0, the mean over its
-clients of A[t][i] minus what the same client reaches with `local` (same seed, so the same split and the
-same number of local steps). PA <= 0 is the seed's failure signature "new clients fail to outperform
-local training".
+PA (plasticity, docs/design.md §2): for each batch t > 0, the mean over its clients of A[t][i] minus
+what the same client reaches with `local` (same seed, so the same split and the same number of local
+steps). PA <= 0 is the failure signature "new clients fail to outperform local training".
 """
 import json
 import os
@@ -211,7 +212,7 @@ def plot_batch_accuracy(runs, path):
     plt.close(fig)
 
 
-def plot_accuracy_matrix(results, path):
+def plot_accuracy_matrix(results, path, name=None):
     """A[t][i] of one run: a row per stage, a column per client (grouped by batch), blank before it joins."""
     import matplotlib
     matplotlib.use("Agg")
@@ -233,11 +234,20 @@ def plot_accuracy_matrix(results, path):
     ax.set_yticks(range(len(matrix)))
     ax.set_xlabel("client (grouped by batch)")
     ax.set_ylabel("after stage t")
-    ax.set_title(f"{results['config']['method']} accuracy matrix (%), seed {results['config']['seed']}", fontsize=9)
+    ax.set_title(f"{name or results['config']['method']} accuracy matrix (%), seed {results['config']['seed']}",
+                 fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.04)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def write_run_plots(results, out, name):
+    """One run's plots next to its results.json: the accuracy matrix and each batch's accuracy per stage."""
+    paths = [os.path.join(out, "accuracy_matrix.png"), os.path.join(out, "batch_accuracy.png")]
+    plot_accuracy_matrix(results, paths[0], name)
+    plot_batch_accuracy({name: [results]}, paths[1])
+    return paths
 
 
 def write_report(out, runs, command):

@@ -1,4 +1,4 @@
-"""Datasets and the non-IID client partition (paper: the "experimental setup"; DESIGN.md §1).
+"""Datasets and the non-IID client partition (paper: the "experimental setup"; docs/design.md §1).
 
 Owns four things, in reading order:
   1. load_dataset    CIFAR-10 / CIFAR-100 / Tiny-ImageNet as uint8 NCHW tensors on the device. It reads a
@@ -61,6 +61,9 @@ def load_dataset(name: str, data_dir: str, device="cpu", download: bool = True) 
         if name == "tinyimagenet":
             arrays = _decode_tinyimagenet(Path(data_dir))
         else:
+            if download:        # torchvision's own output is silenced: say what the wait is for
+                print(f"{name}: no cache in {folder}; downloading it with torchvision (once, about 170 MB)",
+                      flush=True)
             arrays = _download_cifar(name, folder, download)
         _write_cache(folder, *arrays)
     x_tr, y_tr, x_te, y_te, classes = _read_cache(folder, DATASETS[name])

@@ -1,5 +1,5 @@
 """Data-free replay: DeepInversion on a client's generated model, then backward transfer (paper: the
-"data-free replay" for backward transfer; DESIGN.md §5).
+"data-free replay" for backward transfer; docs/design.md §5).
 
 After stage t the server holds, for every new client j, only (a) the weights its hypernetwork generated
 for j, (b) the BatchNorm running statistics j uploaded and (c) j's label counts. From these it dreams a
@@ -7,7 +7,7 @@ batch of images per client: starting from noise, optimise the pixels so that
   - at every BN layer the batch's per-channel mean / variance of the BN *input* match j's running stats,
   - j's model classifies them as targets drawn in proportion to j's label counts,
   - image priors (total variation, l2) keep them smooth; random jitter and flips make them robust.
-backward_transfer then uses them to fine-tune what belongs to each earlier client (DESIGN §5).
+backward_transfer then uses them to fine-tune what belongs to each earlier client (docs/design.md §5).
 
 Owns: the BN-statistics loss and the removable hooks that compute it, the optimisation loop (several
 clients in one vmapped computation), save_grid for looking at the results, and backward_transfer.
@@ -207,7 +207,7 @@ def save_grid(images, mean, std, path, nrow=16):
 
 
 # --------------------------------------------------------------------------------------------------
-# Backward transfer: the synthetic images improve earlier clients (DESIGN.md §5)
+# Backward transfer: the synthetic images improve earlier clients (docs/design.md §5)
 # --------------------------------------------------------------------------------------------------
 
 def distillation_loss(student_logits, teacher_logits, temperature):
@@ -236,6 +236,8 @@ def backward_transfer(server, t, validate, confirm, *, num_images, iterations, s
     be disturbed. Every `validate_every` steps the client scores the current model; the best point of the
     path is proposed if it beats the start, and kept only if the confirmation half agrees (`accept`);
     otherwise i is restored bitwise. `anchor_weight` adds KD toward i's own model before replay.
+    `progress(phase, done, total)`, if given, is called as it goes: ("synthesis", iteration, iterations),
+    then ("fine-tune", earlier clients done, earlier clients).
     No defaults here: train.py's DEFAULTS are the one place the settings live.
     """
     from hypernet import ServerOptimizer, run_model   # local import: deepinversion.py stays standalone
@@ -268,13 +270,15 @@ def backward_transfer(server, t, validate, confirm, *, num_images, iterations, s
               "bn_loss_end": [d.bn_loss_end for d in dreamed], "accepted": 0, "rejected": 0, "skipped": 0,
               "val_before": [], "val_after": [], "confirm": [], "images": images, "labels": labels}
     earlier = [(k, i) for k in range(t) for i in server.batches[k]]
+    if progress is not None:
+        progress("fine-tune", 0, len(earlier))
     for n, (k, i) in enumerate(earlier):
-        if progress is not None:
-            progress("fine-tune", n + 1, len(earlier))
         held = server.label_counts[i] > 0
         keep = held.to(labels.device)[labels]
         if not keep.any():                      # no new client dreamed any class client i holds
             report["skipped"] += 1
+            if progress is not None:
+                progress("fine-tune", n + 1, len(earlier))
             continue
         x, y, soft = images[keep], labels[keep], teacher_logits[keep]
         classes = held.nonzero().flatten().to(x.device)
@@ -317,4 +321,6 @@ def backward_transfer(server, t, validate, confirm, *, num_images, iterations, s
         report["val_after"].append(list(best_score))
         report["confirm"].append(list(counts))
         report["accepted" if best is not saved else "rejected"] += 1
+        if progress is not None:
+            progress("fine-tune", n + 1, len(earlier))
     return report

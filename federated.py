@@ -1,4 +1,4 @@
-"""Clients, the server, and progressive client onboarding (paper: the PCO-FL protocol; DESIGN.md §1-§3).
+"""Clients, the server, and progressive client onboarding (paper: the PCO-FL protocol; docs/design.md §1-§3).
 
 Owns:
   * Client      holds its own data (never leaves it); trains the weights it is sent for K local SGD
@@ -167,15 +167,17 @@ class Server:
         gates = self.hypernet.gates
         return gates.free_masks(self.hypernet, t) if gates is not None else {}
 
-    def train_round(self, client_ids, clients, progress, steps, batch_size, lr):
+    def train_round(self, client_ids, clients, stage_fraction, steps, batch_size, lr):
         """One pFedHN round: generate for the round's clients in one call, local training, one server step.
+
+        `stage_fraction` in [0, 1]: how far into the stage this round is (it sets the gates' annealing s).
 
         An update holding NaN or Inf (a client that diverged) is dropped: it moves nothing and its BN
         statistics are not stored. Returns the mean local loss of the kept updates (NaN if none was kept).
         """
         gates = self.hypernet.gates
         if gates is not None:
-            self.s = gates.scale(progress)
+            self.s = gates.scale(stage_fraction)
         flat = self.hypernet(client_ids, [self.batch_of[c] for c in client_ids], s=self.s)
         updates = [clients[c].local_train(flat[k], self.bn_stats[c], steps, batch_size, lr)
                    for k, c in enumerate(client_ids)]
@@ -249,7 +251,7 @@ def evaluate_all(server, clients, seen):
 
 
 @dataclass
-class Progress:
+class OnboardingState:
     """Where onboarding stands, apart from the server and the clients: what a checkpoint needs to resume.
 
     `stage` is the stage running (len(batches) once all are done) and `round` how many of its rounds are
@@ -266,16 +268,19 @@ class Progress:
 
 
 def onboard(server, clients, batches, *, rounds, clients_per_round, local_steps, batch_size, lr, seed,
-            progress_bar=None, replay=None, progress=None, rng=None, after_round=None):
-    """Run every stage; returns the final Progress (accuracy matrices, neurons, seconds per stage, replays).
+            progress_bar=None, replay=None, onboarding=None, rng=None, after_round=None,
+            replay_progress=None):
+    """Run every stage; returns the final OnboardingState (accuracy matrices, neurons, stage seconds, replays).
 
     `replay`: None, or the keyword arguments of deepinversion.backward_transfer, run after every stage
-    t > 0 once batch t's masks are frozen.
-    Resuming: pass the restored `progress` and round-sampling `rng` (a numpy Generator), with the server
-    and the clients' generators restored too. `after_round(progress, rng, stage_done)` is called after
-    every round and after every stage (where train.py writes checkpoints and notices signals).
+    t > 0 once batch t's masks are frozen; `replay_progress(phase, done, total)`, if given, hears how it
+    advances (backward_transfer's `progress`).
+    Resuming: pass the restored `onboarding` (an OnboardingState) and round-sampling `rng` (a numpy
+    Generator), with the server and the clients' generators restored too. `after_round(onboarding, rng,
+    stage_done)` is called after every round and after every stage (where train.py writes checkpoints and
+    notices signals).
     """
-    p = progress if progress is not None else Progress()
+    p = onboarding if onboarding is not None else OnboardingState()
     rng = rng if rng is not None else np.random.default_rng(seed)
     num_clients = sum(len(b) for b in batches)
     for t in range(p.stage, len(batches)):
@@ -294,7 +299,7 @@ def onboard(server, clients, batches, *, rounds, clients_per_round, local_steps,
                 after_round(p, rng, stage_done=False)
         p.neurons.append(server.end_stage(t))
         if replay is not None and t > 0:
-            p.replays.append(run_replay(server, clients, t, seed, replay))
+            p.replays.append(run_replay(server, clients, t, seed, replay, progress=replay_progress))
         seen = [cid for b in batches[:t + 1] for cid in b]
         acc = evaluate_all(server, clients, seen)
         p.accuracy.append([acc[cid][0] if cid in acc else None for cid in range(num_clients)])
@@ -306,7 +311,7 @@ def onboard(server, clients, batches, *, rounds, clients_per_round, local_steps,
     return p
 
 
-def run_replay(server, clients, t, seed, replay):
+def run_replay(server, clients, t, seed, replay, progress=None):
     """deepinversion.backward_transfer, undone when it diverged (non-finite images, BN loss or weights)."""
     import deepinversion
 
@@ -322,7 +327,8 @@ def run_replay(server, clients, t, seed, replay):
         return clients[cid].confirm(flat_before, flat_after, server.bn_stats[cid])
 
     replay_start = time.time()
-    report = deepinversion.backward_transfer(server, t, validate, confirm, seed=seed + t, **replay)
+    report = deepinversion.backward_transfer(server, t, validate, confirm, seed=seed + t, progress=progress,
+                                             **replay)
     report["replay_s"] = time.time() - replay_start
     finite = (bool(torch.isfinite(report["images"]).all())
               and all(np.isfinite(report["bn_loss_end"])) and all(bool(torch.isfinite(p).all())

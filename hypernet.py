@@ -1,4 +1,4 @@
-"""The server's hypernetwork and the ResNet-18 it generates (paper: the "central hypernetwork"; DESIGN.md §3).
+"""The server's hypernetwork and the ResNet-18 it generates (paper: the "central hypernetwork"; docs/design.md §3).
 
 Owns three things, in reading order:
   1. ResNet18       the target model every client runs: a CIFAR ResNet-18 with a width multiplier. It is

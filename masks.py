@@ -1,4 +1,4 @@
-"""Batch-specific masks on the hypernetwork's hidden units: the "sub-hypernetwork" (DESIGN.md §4).
+"""Batch-specific masks on the hypernetwork's hidden units: the "sub-hypernetwork" (docs/design.md §4).
 
 The paper gives every batch of clients its own binary mask over the hypernetwork's neurons and keeps
 what earlier batches depend on immutable. We build it the way HAT does (Serra et al., "Overcoming
@@ -36,7 +36,7 @@ class BatchGates(nn.Module):
         # gradients alone (task against sparsity) decide which units it takes; None keeps HAT's N(0, 1).
         self.free_start = free_start
         self.embeddings = nn.Parameter(torch.randn(num_batches, num_layers, hidden))
-        # Replay's "borrow" gates (our proposal, docs/design.md): how much client i reads units that LATER
+        # Replay's "borrow" gates (our proposal, docs/design.md §5): how much client i reads units that LATER
         # batches own. Exactly zero until replay trains them, so they change nothing before that.
         self.borrow = nn.Parameter(torch.zeros(num_clients, num_layers, hidden))
         self.register_buffer("binary", torch.zeros(num_batches, num_layers, hidden))

@@ -1,42 +1,60 @@
 """Run pFedDSH (or a baseline) on progressively onboarded batches of clients: the paper's experiments.
 
-    python train.py --dataset cifar10 --batches 2                     # paper-scale protocol, wants a GPU
-    python train.py --dataset cifar10 --data-dir ../shared/data --batches 2 --preset cpu-demo
+    python train.py --dataset cifar10 --batches 2            # paper protocol with CUDA, cpu-demo without
+    python train.py --dataset cifar10 --batches 2 --data-dir ../shared/data --preset cpu-demo --rounds 20
     python train.py ... --methods local,fedavg,pfedhn,pfeddsh --seeds 0,1,2 --out runs/compare
 
 Wires data.py (clients and their splits), hypernet.py (ResNet-18 target + hypernetwork), masks.py
 (sub-hypernetwork per batch), baselines.py and federated.py (server, clients, onboarding loop), then writes
-<out>/results.json: the configuration, the batches, the accuracy matrix A[t][i] and the metrics.
+<out>/results.json (the configuration, the batches, the accuracy matrix A[t][i] and the metrics) with
+accuracy_matrix.png and batch_accuracy.png beside it.
 With --methods / --seeds it runs every (method, seed) on the same splits into <out>/<method>-s<seed>/
 and writes the comparison (compare.py: comparison.md and plots).
-Bad input ends with one line on stderr and exit code 2. A checkpoint is written to <out>/checkpoint.pt
-after every stage and every --checkpoint-every rounds; --resume continues from it. SIGINT / SIGTERM finish
-the current round, write a checkpoint and exit with 130 / 143.
+Bad input (a run too large for the device's memory included) ends with one line on stderr and exit
+code 2 (docs/robustness.md). A checkpoint is written to <out>/checkpoint.pt after every stage and every
+--checkpoint-every rounds; --resume continues from it. SIGINT / SIGTERM finish the current round, write a
+checkpoint and exit with 130 / 143.
 """
-import argparse
+import sys
+
+if sys.version_info < (3, 10):          # before anything else: the modules use zip(strict=True) and `X | None`
+    print(f"error: pFedDSH needs Python >= 3.10, this is Python {sys.version.split()[0]}", file=sys.stderr)
+    sys.exit(2)
+
+import argparse  # noqa: E402 (after the version check, on purpose)
 import json
+import math
 import os
 import signal
-import sys
+import textwrap
+import time
 
 import torch
 
-# Defaults are the paper-scale protocol (hours on one GPU); presets override whatever was not given.
+# Every flag's default, and the one place defaults live (--help renders them): the paper-scale protocol,
+# hours on one GPU. A preset overrides what it names, except what is given on the command line.
 DEFAULTS = dict(dataset="cifar10", data_dir="data", batches=2, clients_per_batch=10, classes_per_client=None,
                 partition="pathological", alpha=0.5, rounds=300, clients_per_round=5, local_steps=50,
                 batch_size=64, lr=0.05, width=64, method="pfeddsh", seed=0, device="auto", out=None,
                 server_lr=3e-3, server_optimizer="adam", hidden=128, hyper_layers=3, chunk_size=4096,
-                embed_dim=32, sparsity=0.01, s_max=400.0, gate_lr=0.05, gate_start=0.0, val_fraction=0.1, no_replay=False,
-                no_masks=False, adapter_budget=0.05, adapter_lr=1e-2,
+                embed_dim=32, sparsity=0.01, s_max=400.0, gate_lr=0.05, gate_start=0.0, val_fraction=0.1,
+                no_replay=False, no_masks=False, adapter_budget=0.05, adapter_lr=1e-2,
                 replay_images=64, replay_iterations=200, replay_steps=30, replay_lr=3e-3, replay_kd=1.0,
-                replay_anchor=1.0, replay_temperature=2.0, replay_validate_every=3, replay_confirm_z=1.645)
+                replay_anchor=1.0, replay_temperature=2.0, replay_validate_every=3, replay_confirm_z=1.645,
+                checkpoint_every=10)
 PRESETS = {
-    # Same pipeline on a 2-core CPU in a few minutes: narrow ResNet-18, 5 clients per batch, short stages.
+    # The paper-scale protocol: DEFAULTS as they are. Wants a GPU.
+    "paper": {},
+    # The same pipeline on a 2-core CPU in a few minutes: narrow ResNet-18, 5 clients per batch, short stages.
     "cpu-demo": dict(width=16, clients_per_batch=5, rounds=40, clients_per_round=5, local_steps=5,
                      replay_images=32, replay_iterations=100, replay_steps=30),
 }
+PRESET_NOTES = {"paper": "the paper-scale protocol, hours on one GPU", "cpu-demo": "a few minutes on a 2-core CPU"}
 # local, fedavg, fedavg-ft and pfedhn-frozen live in baselines.py; pfedhn is federated.Server without masks.
 METHODS = ["local", "fedavg", "fedavg-ft", "pfedhn", "pfedhn-frozen", "pfeddsh"]
+# Sizes of the datasets data.py reads (train, test images): to refuse early what cannot fit.
+DATASET_IMAGES = {"cifar10": (50_000, 10_000), "cifar100": (50_000, 10_000), "tinyimagenet": (100_000, 10_000)}
+SEED_LIMIT = 2 ** 32      # seeds are mixed into torch generator seeds (seed * 1_000_003 + ...): keep them < 2^64
 
 
 class CliError(Exception):
@@ -56,82 +74,135 @@ class Parser(argparse.ArgumentParser):
         raise CliError(message)
 
 
+def show(value):
+    return "off" if value is False else str(value)
+
+
+def presets_help():
+    """The epilog of --help: what each preset sets."""
+    lines = ["presets (--preset; the default, auto, picks paper when the run uses CUDA and cpu-demo otherwise;",
+             "a flag given on the command line always wins over the preset):"]
+    for name, values in PRESETS.items():
+        sets = " ".join(f"--{k.replace('_', '-')} {show(v)}" for k, v in values.items()) or "every default as listed"
+        lines += textwrap.wrap(f"{name}: {PRESET_NOTES[name]}: {sets}", width=100, initial_indent="  ",
+                               subsequent_indent="      ", break_on_hyphens=False)
+    return "\n".join(lines)
+
+
 def build_parser():
-    p = Parser(description=__doc__.split("\n")[0])
-    a = p.add_argument
+    p = Parser(description=__doc__.split("\n")[0], epilog=presets_help(),
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def flag(group, name, help="", **kwargs):
+        """An option whose help ends with its default (and the cpu-demo value where that preset differs)."""
+        key = name[2:].replace("-", "_")
+        if key in DEFAULTS and DEFAULTS[key] is not None:
+            default = f"default {show(DEFAULTS[key])}"
+            if PRESETS["cpu-demo"].get(key, DEFAULTS[key]) != DEFAULTS[key]:
+                default += f"; cpu-demo {show(PRESETS['cpu-demo'][key])}"
+            help = f"{help} ({default})" if help else f"({default})"
+        group.add_argument(name, help=help, **kwargs)
+
+    a = lambda *args, **kwargs: flag(p, *args, **kwargs)    # noqa: E731
     a("--dataset", help="cifar10 | cifar100 | tinyimagenet")
-    a("--data-dir", help="folder holding <dataset>/train_*.npz, test.npz (default: data)")
+    a("--data-dir", help="folder holding <dataset>/train_*.npz, test.npz; CIFAR is downloaded there when missing")
     a("--batches", type=int, help="number of client batches that join one after another (T)")
     a("--clients-per-batch", type=int)
-    a("--classes-per-client", type=int, help="pathological split: classes per client (default 2/10/20)")
+    a("--classes-per-client", type=int,
+      help="pathological split: classes per client (default 2 for cifar10, 10 for cifar100, 20 for tinyimagenet)")
     a("--partition", choices=["pathological", "dirichlet"])
     a("--alpha", type=float, help="Dirichlet concentration")
     a("--rounds", type=int, help="server rounds per stage")
-    a("--clients-per-round", type=int)
+    a("--clients-per-round", type=int, help="capped at --clients-per-batch")
     a("--local-steps", type=int, help="client SGD steps per round (K)")
     a("--batch-size", type=int)
     a("--lr", type=float, help="client SGD learning rate")
     a("--width", type=int, help="ResNet-18 width multiplier (64 = standard)")
     a("--method", help=" | ".join(METHODS))
-    a("--seed", type=int)
+    a("--seed", type=int, help=f"0 .. {SEED_LIMIT - 1}")
     a("--methods", help="comparison: comma-separated methods, plus the ablations pfeddsh-no-replay and "
-                        "pfeddsh-no-masks; each runs into <out>/<method>-s<seed>, then <out>/comparison.md")
+                        "pfeddsh-no-masks; each runs into <out>/<method>-s<seed>, then <out>/comparison.md "
+                        "(default: none, a single run)")
     a("--seeds", help="comparison: comma-separated seeds (default: --seed)")
-    a("--device", choices=["auto", "cpu", "cuda"])
+    a("--device", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
     a("--out", help="output folder (default runs/<method>-<dataset>-s<seed>)")
-    a("--preset", choices=sorted(PRESETS))
-    a("--overwrite", action="store_true", help="replace results (and a checkpoint) already in --out")
-    a("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
-    a("--checkpoint-every", type=int, default=10, help="rounds between checkpoints (also after every stage)")
+    a("--preset", choices=["auto"] + list(PRESETS),
+      help="protocol: auto (default) is paper with CUDA, cpu-demo without; what each sets is listed below")
+    a("--overwrite", action="store_true", help="replace results (and a checkpoint) already in --out (default off)")
+    a("--resume", action="store_true", help="continue the run whose checkpoint is in --out (default off)")
+    a("--checkpoint-every", type=int, help="rounds between checkpoints (also after every stage)")
     # Testing only: send SIGINT to ourselves after this many rounds in all, so a kill is deterministic.
-    a("--stop-after-rounds", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--stop-after-rounds", type=int, help=argparse.SUPPRESS)
     g = p.add_argument_group("hypernetwork and masks")
-    g.add_argument("--server-lr", type=float)
-    g.add_argument("--server-optimizer", choices=["adam", "sgd"])
-    g.add_argument("--hidden", type=int, help="hypernetwork trunk width")
-    g.add_argument("--hyper-layers", type=int, help="hypernetwork trunk depth")
-    g.add_argument("--chunk-size", type=int)
-    g.add_argument("--embed-dim", type=int)
-    g.add_argument("--sparsity", type=float, help="HAT sparsity penalty c")
-    g.add_argument("--s-max", type=float, help="HAT gate annealing s_max")
-    g.add_argument("--adapter-lr", type=float, help="server Adam rate of the adapters")
-    g.add_argument("--gate-lr", type=float, help="SGD rate of the gate embeddings (HAT's optimiser)")
-    g.add_argument("--gate-start", type=float,
-                   help="where a new batch's gate embedding starts on units nobody owns (0 = undecided)")
-    g.add_argument("--val-fraction", type=float)
-    g.add_argument("--adapter-budget", type=float,
-                   help="pfeddsh: each batch's own weight offset, at most this fraction of the model "
-                        "(our extension, not in the paper); 0 = the paper's shape, no adapters")
+    flag(g, "--server-lr", type=float)
+    flag(g, "--server-optimizer", choices=["adam", "sgd"])
+    flag(g, "--hidden", type=int, help="hypernetwork trunk width")
+    flag(g, "--hyper-layers", type=int, help="hypernetwork trunk depth")
+    flag(g, "--chunk-size", type=int, help="weights the head emits per call")
+    flag(g, "--embed-dim", type=int, help="client embedding size")
+    flag(g, "--sparsity", type=float, help="HAT sparsity penalty c")
+    flag(g, "--s-max", type=float, help="HAT gate annealing s_max")
+    flag(g, "--val-fraction", type=float, help="share of each client's training data held out for validation")
+    flag(g, "--gate-lr", type=float, help="SGD rate of the gate embeddings (HAT's optimiser)")
+    flag(g, "--gate-start", type=float,
+         help="where a new batch's gate embedding starts on units nobody owns (0 = undecided)")
+    flag(g, "--adapter-budget", type=float,
+         help="pfeddsh: per-batch adapters + the batch's client offsets, at most this fraction of the model "
+              "(our extension, not in the paper); 0 = the paper's shape")
+    flag(g, "--adapter-lr", type=float, help="server Adam rate of the adapters and client offsets")
     r = p.add_argument_group("data-free replay (pfeddsh)")
-    r.add_argument("--no-replay", action="store_true", default=None, help="ablation: masks only (RI is then exactly 0)")
-    r.add_argument("--no-masks", action="store_true", default=None, help="ablation: no masks (pfedhn + replay)")
-    r.add_argument("--replay-images", type=int, help="synthetic images per new client")
-    r.add_argument("--replay-iterations", type=int, help="DeepInversion iterations")
-    r.add_argument("--replay-steps", type=int, help="fine-tuning steps per earlier client")
-    r.add_argument("--replay-lr", type=float, help="Adam rate of what replay trains (an earlier client's own rows)")
-    r.add_argument("--replay-kd", type=float, help="weight of KD toward the dreaming client's model")
-    r.add_argument("--replay-anchor", type=float, help="weight of KD toward the earlier client's own model")
-    r.add_argument("--replay-temperature", type=float, help="KD temperature")
-    r.add_argument("--replay-validate-every", type=int, help="fine-tuning steps between the client's scores")
-    r.add_argument("--replay-confirm-z", type=float,
-                   help="z of the paired test on the client's confirmation images that accepts an update")
+    flag(r, "--no-replay", action="store_true", default=None, help="ablation: masks only (RI is then exactly 0)")
+    flag(r, "--no-masks", action="store_true", default=None, help="ablation: no masks (pfedhn + replay)")
+    flag(r, "--replay-images", type=int, help="synthetic images per new client")
+    flag(r, "--replay-iterations", type=int, help="DeepInversion iterations")
+    flag(r, "--replay-steps", type=int, help="fine-tuning steps per earlier client")
+    flag(r, "--replay-lr", type=float, help="Adam rate of what replay trains (an earlier client's own rows)")
+    flag(r, "--replay-kd", type=float, help="weight of KD toward the dreaming client's model")
+    flag(r, "--replay-anchor", type=float, help="weight of KD toward the earlier client's own model")
+    flag(r, "--replay-temperature", type=float, help="KD temperature")
+    flag(r, "--replay-validate-every", type=int, help="fine-tuning steps between the client's scores")
+    flag(r, "--replay-confirm-z", type=float,
+         help="z of the paired test on the client's confirmation images that accepts an update")
     return p
 
 
+def auto_preset(device):
+    """`--preset auto`: the paper protocol when the run will use CUDA, the CPU protocol otherwise."""
+    return "paper" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu-demo"
+
+
 def resolve_config(argv):
+    """Command line -> config: a flag given wins, then the preset (auto: by device), then DEFAULTS."""
     args = build_parser().parse_args(argv)
-    preset = PRESETS.get(args.preset, {})
+    chosen = args.preset in (None, "auto")
+    preset_name = auto_preset(args.device or DEFAULTS["device"]) if chosen else args.preset
+    preset = PRESETS[preset_name]
     config = {}
     for key, default in DEFAULTS.items():
         given = getattr(args, key)
         config[key] = given if given is not None else preset.get(key, default)
-    config["preset"], config["overwrite"], config["resume"] = args.preset, args.overwrite, args.resume
-    config["checkpoint_every"], config["stop_after_rounds"] = args.checkpoint_every, args.stop_after_rounds
+    config["preset"], config["preset_auto"] = preset_name, chosen
+    config["overwrite"], config["resume"] = args.overwrite, args.resume
+    config["stop_after_rounds"] = args.stop_after_rounds
     validate(config)
     comparison = None
     if args.methods is not None or args.seeds is not None:
         comparison = parse_comparison(args, config)
     return config, comparison
+
+
+def describe_protocol(config):
+    """One line: which protocol runs, why, and how to get the other."""
+    name = config["preset"]
+    other = "cpu-demo" if name == "paper" else "paper"
+    if config["preset_auto"]:
+        why = "CUDA found" if name == "paper" else ("--device cpu" if config["device"] == "cpu" else "no CUDA")
+        why = f"chosen by --preset auto: {why}"
+    else:
+        why = f"--preset {name}"
+    return (f"protocol {name} ({why}): ResNet-18 width {config['width']}, {config['clients_per_batch']} clients "
+            f"per batch, {config['rounds']} rounds x {config['clients_per_round']} clients x "
+            f"{config['local_steps']} local steps per stage; --preset {other} for {PRESET_NOTES[other]}")
 
 
 def parse_comparison(args, config):
@@ -151,6 +222,8 @@ def parse_comparison(args, config):
         seeds = [int(s) for s in (args.seeds or str(config["seed"])).split(",")]
     except ValueError:
         raise CliError(f"--seeds must be comma-separated integers, got '{args.seeds}'") from None
+    for seed in seeds:
+        check_seed(seed, "--seeds")
     if len(set(seeds)) != len(seeds):
         raise CliError(f"--seeds lists a seed twice: {args.seeds}")
     if "local" not in names:
@@ -175,11 +248,18 @@ def validate(c):
         if c[key] < 1:
             raise CliError(f"--{key.replace('_', '-')} must be a positive integer, got {c[key]}")
     for key in ["lr", "server_lr", "adapter_lr", "alpha", "s_max", "gate_lr", "replay_lr", "replay_temperature"]:
-        if not c[key] > 0:
-            raise CliError(f"--{key.replace('_', '-')} must be positive, got {c[key]}")
+        if not 0 < c[key] < math.inf:
+            raise CliError(f"--{key.replace('_', '-')} must be positive and finite, got {c[key]}")
     for key in ["sparsity", "replay_kd", "replay_anchor", "replay_confirm_z"]:
-        if not c[key] >= 0:
-            raise CliError(f"--{key.replace('_', '-')} must be >= 0, got {c[key]}")
+        if not 0 <= c[key] < math.inf:
+            raise CliError(f"--{key.replace('_', '-')} must be >= 0 and finite, got {c[key]}")
+    if c["s_max"] < 1:
+        raise CliError(f"--s-max must be >= 1 (the gates anneal from s = 1/s_max up to s_max), got {c['s_max']}")
+    check_seed(c["seed"], "--seed")
+    clients, test_images = c["batches"] * c["clients_per_batch"], DATASET_IMAGES[c["dataset"]][1]
+    if clients > test_images:
+        raise CliError(f"{clients} clients (--batches x --clients-per-batch) is more than the data supports: "
+                       f"{c['dataset']} has {test_images} test images and every client needs some")
     if c["classes_per_client"] is not None and c["classes_per_client"] < 1:
         raise CliError(f"--classes-per-client must be a positive integer, got {c['classes_per_client']}")
     if c["classes_per_client"] is not None and c["classes_per_client"] > data.DATASETS[c["dataset"]]:
@@ -189,6 +269,93 @@ def validate(c):
         raise CliError(f"--val-fraction must be in [0, 1), got {c['val_fraction']}")
     if c["device"] == "cuda" and not torch.cuda.is_available():
         raise CliError("--device cuda was asked for but CUDA is not available here; use --device cpu or auto")
+
+
+def check_seed(seed, flag):
+    if not 0 <= seed < SEED_LIMIT:
+        raise CliError(f"{flag} must be an integer in 0 .. {SEED_LIMIT - 1}, got {seed}")
+
+
+def check_out(out):
+    """--out must be (or become) a folder we can write: refuse a file, or a parent that is not writable."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CliError(f"--out {out} is a file, not a folder: pick another --out")
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise CliError(f"--out {out}: {parent} is a file, not a folder: pick another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CliError(f"--out {out}: cannot write in {parent}: pick another --out")
+
+
+def memory_estimate(config):
+    """A lower estimate of the bytes a run holds at once, from the config alone, before anything is allocated.
+
+    Returns {part: bytes}. Counted in float32: the target model's weights (with its gradient and SGD
+    momentum while a client trains) and a training batch's activations; the hypernetwork's parameters with
+    their gradients and Adam moments, its scale/offset buffers and one round of generation; replay's
+    images and activations; the dataset as uint8. The ResNet is built on the meta device: shapes only.
+    """
+    import data
+    import hypernet as hn
+
+    c = config
+    num_classes, size = data.DATASETS[c["dataset"]], 64 if c["dataset"] == "tinyimagenet" else 32
+    with torch.device("meta"):
+        model = hn.ResNet18(num_classes, c["width"])
+        activations = []
+        hooks = [m.register_forward_hook(lambda m, i, o: activations.append(o.numel()))
+                 for m in model.modules() if not list(m.children())]
+        model(torch.empty(1, 3, size, size))
+        for h in hooks:
+            h.remove()
+    weights, per_image = hn.count_parameters(model), sum(activations)
+    clients = c["batches"] * c["clients_per_batch"]
+    round_clients = min(c["clients_per_round"], c["clients_per_batch"])
+    floats = {"client training (--width, --batch-size)": 3 * weights + c["batch_size"] * (per_image + 3 * size ** 2)}
+    if c["method"] in ("pfedhn", "pfedhn-frozen", "pfeddsh"):
+        chunks, h, layers, e = -(-weights // c["chunk_size"]), c["hidden"], c["hyper_layers"], c["embed_dim"]
+        params = (clients * e + chunks * 32 + (e + 32) * h + (layers - 1) * h * h + layers * h
+                  + (h + 1) * c["chunk_size"] + weights)
+        masks = c["method"] == "pfeddsh" and not c["no_masks"]
+        if masks:
+            params += (c["batches"] + clients) * layers * h
+        if masks and c["adapter_budget"] > 0:     # adapters + client offsets: the budget per batch, or the
+            params += max(c["adapter_budget"] * weights * c["batches"],  # clients' classifiers where larger
+                          clients * num_classes * (8 * c["width"] + 1))
+        generation = round_clients * (2 * chunks * h * layers + chunks * c["chunk_size"] + 2 * weights)
+        floats["hypernetwork, its gradients and Adam state (--width, --chunk-size, --hidden, --hyper-layers, "
+               "--embed-dim, --batches, --clients-per-batch)"] = 4 * params + 2 * weights + generation
+    elif c["method"] == "local":
+        floats["one model per client (--width, --batches, --clients-per-batch)"] = clients * weights
+    if c["method"] == "pfeddsh" and not c["no_replay"]:
+        images = c["clients_per_batch"] * c["replay_images"]
+        floats["replay (--replay-images, --clients-per-batch, --width)"] = (images * (per_image + 3 * size ** 2)
+                                                                            + c["clients_per_batch"] * weights)
+    parts = {name: 4 * n for name, n in floats.items()}
+    train_images, test_images = DATASET_IMAGES[c["dataset"]]
+    parts["the dataset"] = (train_images + test_images) * 3 * size * size
+    return parts
+
+
+def check_memory(config, device):
+    """Refuse, before allocating anything, a run that cannot fit in the device's memory."""
+    try:
+        parts = memory_estimate(config)
+    except (RuntimeError, OverflowError, ValueError, TypeError) as e:   # sizes torch cannot even describe
+        raise CliError(f"this model is too large to build ({str(e).splitlines()[0]}): use a smaller --width, "
+                       "--hidden, --chunk-size or --embed-dim") from None
+    if device.type == "cuda":
+        available, where = torch.cuda.mem_get_info(device)[0], f"free on {torch.cuda.get_device_name(device)}"
+    else:
+        available, where = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "of memory on this machine"
+    needed = sum(parts.values())
+    if needed > available:
+        largest = max(parts, key=parts.get)
+        raise CliError(f"this run needs at least {needed / 2 ** 30:.1f} GiB, {available / 2 ** 30:.1f} GiB "
+                       f"{where}; the largest part is {largest}: {parts[largest] / 2 ** 30:.1f} GiB")
+    return needed
 
 
 def build(config, device):
@@ -283,6 +450,24 @@ def report_replay(report, t, dataset, out, write=print):
           + (" -- DIVERGED (non-finite), undone" if report["dropped"] else ""))
 
 
+def estimate_seconds(config, round_s, rounds_left, replay_stages):
+    """Rough length of what is left, from one timed round: the rounds, plus replay after each stage in
+    `replay_stages`, counted in image passes against a round's. The factor 1.5 is the cpu-demo protocol's
+    on a 2-core AMD EPYC CPU (replay about 30 s next to rounds of about 1.3 s); elsewhere it is rough."""
+    c = config
+    round_images = min(c["clients_per_round"], c["clients_per_batch"]) * c["local_steps"] * c["batch_size"]
+    replay_images = sum(c["clients_per_batch"] * c["replay_images"] * (c["replay_iterations"]
+                                                                       + t * c["replay_steps"])
+                        for t in replay_stages)
+    return round_s * (rounds_left + 1.5 * replay_images / round_images)
+
+
+def duration(seconds):
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
 def run_name(config):
     return (config["method"] + "-no-replay" * bool(config["no_replay"]) + "-no-masks" * bool(config["no_masks"])
             + "-paper" * (config["method"] == "pfeddsh" and not config["no_masks"]
@@ -302,6 +487,7 @@ def main(argv=None):
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         config, comparison = resolve_config(sys.argv[1:] if argv is None else argv)
+        print(describe_protocol(config))
         if comparison is not None:
             return run_comparison(config, *comparison, caught, argv)
         return run(config, caught)
@@ -346,6 +532,7 @@ def run_comparison(config, names, seeds, caught, argv):
 
 def run(config, caught, how_to_continue="rerun with --resume to continue"):
     import checkpoint
+    import compare
     import data
     import federated as fl
     import hypernet as hn
@@ -356,6 +543,8 @@ def run(config, caught, how_to_continue="rerun with --resume to continue"):
                           else ("cpu" if config["device"] == "auto" else config["device"]))
     out = config["out"] or os.path.join("runs", f"{run_name(config)}-{config['dataset']}-s{config['seed']}")
     config["out"] = out
+    check_out(out)
+    check_memory(config, device)
     results_path = os.path.join(out, "results.json")
     checkpoint_path = os.path.join(out, checkpoint.FILENAME)
     if not config["resume"] and not config["overwrite"]:
@@ -375,15 +564,18 @@ def run(config, caught, how_to_continue="rerun with --resume to continue"):
         dataset, clients, server, batches, model = build(config, device)
     except data.DataError as e:
         raise CliError(str(e)) from None
-    progress, rng = fl.Progress(), None
+    onboarding, rng = fl.OnboardingState(), None
     if state is not None:
         try:
-            progress, rng = checkpoint.restore(state, server, clients, fl.Progress)
+            onboarding, rng = checkpoint.restore(state, server, clients, fl.OnboardingState)
         except Exception as e:          # passed the config check yet does not fit: corrupt inside
             raise CliError(f"checkpoint {checkpoint_path} does not fit this run ({type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''}); delete it to start over") from None
         del state
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise CliError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
 
     hypernet = getattr(server, "hypernet", None)
     print(f"{run_name(config)} on {config['dataset']} | device {device} | {len(clients)} clients in "
@@ -395,9 +587,9 @@ def run(config, caught, how_to_continue="rerun with --resume to continue"):
              f"{hypernet.client_offsets.shape[1] / 1e3:.1f} k per client "
              f"({hypernet.client_offsets.shape[1] / hypernet.num_weights:.1%})"
              if hypernet is not None and hypernet.adapters is not None else "")
-          + (f" | resumed at stage {progress.stage} round {progress.round}" if config["resume"] else ""))
+          + (f" | resumed at stage {onboarding.stage} round {onboarding.round}" if config["resume"] else ""))
     rounds = config["rounds"]
-    bar = tqdm(total=config["batches"] * rounds, initial=progress.stage * rounds + progress.round,
+    bar = tqdm(total=config["batches"] * rounds, initial=onboarding.stage * rounds + onboarding.round,
                desc="rounds", dynamic_ncols=True)
     replay = None
     if config["method"] == "pfeddsh" and not config["no_replay"]:     # with --no-masks: pfedhn + replay
@@ -406,28 +598,63 @@ def run(config, caught, how_to_continue="rerun with --resume to continue"):
                       anchor_weight=config["replay_anchor"], temperature=config["replay_temperature"],
                       validate_every=config["replay_validate_every"], confirm_z=config["replay_confirm_z"])
 
-    def after_round(progress, rng, stage_done):
-        """Between rounds: png of a finished replay, checkpoint when due, and stop here after a signal."""
-        if stage_done and progress.replays and "images" in progress.replays[-1]:
-            report_replay(progress.replays[-1], progress.stage - 1, dataset, out, write=tqdm.write)
-        done = progress.stage * rounds + progress.round
+    clock = {"start": time.time(), "last": time.time(), "rounds": []}
+
+    def after_round(onboarding, rng, stage_done):
+        """Between rounds: the run's estimated length once rounds are timed, png of a finished replay,
+        checkpoint when due, and stop here after a signal."""
+        now = time.time()
+        if not stage_done and len(clock["rounds"]) < 2:
+            clock["rounds"].append(now - clock["last"])
+            rounds_left = config["batches"] * rounds - (onboarding.stage * rounds + onboarding.round)
+            # The first round can carry one-off costs (41 s against about 10 s for later rounds in one
+            # cpu-demo run on a busy 2-core CPU), so the estimate waits for the second; a one-round run gets none.
+            if len(clock["rounds"]) == 2:
+                first, round_s = clock["rounds"]
+                replay_stages = range(max(onboarding.stage, 1), config["batches"]) if replay is not None else []
+                total = now - clock["start"] + estimate_seconds(config, round_s, rounds_left, replay_stages)
+                tqdm.write(f"rounds take {round_s:.1f} s (the first {first:.1f} s): this run should take about "
+                           f"{duration(total)} in all" + (", replay included" if replay_stages else ""))
+        clock["last"] = now
+        if stage_done and onboarding.replays and "images" in onboarding.replays[-1]:
+            report_replay(onboarding.replays[-1], onboarding.stage - 1, dataset, out, write=tqdm.write)
+        done = onboarding.stage * rounds + onboarding.round
         if not stage_done and done == config["stop_after_rounds"]:
             os.kill(os.getpid(), signal.SIGINT)         # handled by on_signal right here, like a real Ctrl-C
         if stage_done or caught or done % config["checkpoint_every"] == 0:
-            checkpoint.save(checkpoint_path, checkpoint.capture(config, device, server, clients, rng, progress))
+            checkpoint.save(checkpoint_path, checkpoint.capture(config, device, server, clients, rng, onboarding))
         if caught:
             bar.close()
-            where = (f"after stage {progress.stage - 1}" if progress.round == 0
-                     else f"at stage {progress.stage} round {progress.round} of {rounds}")
+            where = (f"after stage {onboarding.stage - 1}" if onboarding.round == 0
+                     else f"at stage {onboarding.stage} round {onboarding.round} of {rounds}")
             raise Interrupted(f"interrupted ({signal.Signals(caught[0]).name}): checkpoint saved {where}; "
                               f"{how_to_continue}", 128 + caught[0])
 
-    progress = fl.onboard(
+    replay_bar = {"bar": None, "phase": None}
+
+    def on_replay(phase, done, total):
+        """Replay's progress on a second bar under the rounds (synthesis iterations, then earlier clients)."""
+        if replay_bar["bar"] is None:
+            replay_bar["bar"] = tqdm(total=total, position=1, leave=False, dynamic_ncols=True,
+                                     bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}]")
+        if replay_bar["phase"] != phase:
+            replay_bar["phase"] = phase
+            replay_bar["bar"].set_description(f"replay after stage {onboarding.stage}: {phase}", refresh=False)
+            replay_bar["bar"].reset(total=total)
+        replay_bar["bar"].n = done
+        replay_bar["bar"].refresh()
+        if phase == "fine-tune" and done == total:
+            replay_bar["bar"].close()
+            replay_bar["bar"] = replay_bar["phase"] = None
+
+    onboarding = fl.onboard(
         server, clients, batches, rounds=rounds, clients_per_round=config["clients_per_round"],
         local_steps=config["local_steps"], batch_size=config["batch_size"], lr=config["lr"],
-        seed=config["seed"], progress_bar=bar, replay=replay, progress=progress, rng=rng, after_round=after_round)
+        seed=config["seed"], progress_bar=bar, replay=replay, onboarding=onboarding, rng=rng,
+        after_round=after_round, replay_progress=on_replay)
     bar.close()
-    accuracy, neurons, stage_seconds, replays = progress.accuracy, progress.neurons, progress.stage_seconds, progress.replays
+    accuracy, neurons, stage_seconds, replays = (onboarding.accuracy, onboarding.neurons, onboarding.stage_seconds,
+                                                 onboarding.replays)
 
     test_sizes = [len(c.y_test) for c in clients]
     m = fl.metrics(accuracy, batches, test_sizes)
@@ -441,7 +668,8 @@ def run(config, caught, how_to_continue="rerun with --resume to continue"):
             print("note: every hypernetwork unit is owned: later batches can only reuse (read) owned units "
                   "and learn their embeddings and gates")
     results = {"config": config, "batches": batches, "accuracy": accuracy, "metrics": m,
-               "val_accuracy": progress.val_accuracy, "val_metrics": fl.metrics(progress.val_accuracy, batches, test_sizes),
+               "val_accuracy": onboarding.val_accuracy,
+               "val_metrics": fl.metrics(onboarding.val_accuracy, batches, test_sizes),
                "neurons": neurons if neurons[-1] is not None else None,
                "test_sizes": test_sizes, "time_s": stage_seconds, "device": str(device),
                "replay_s": [r["replay_s"] for r in replays], "replay": replays, "faults": dict(server.faults)}
@@ -449,7 +677,8 @@ def run(config, caught, how_to_continue="rerun with --resume to continue"):
     with open(tmp, "w") as f:
         json.dump(results, f, indent=1)
     os.replace(tmp, results_path)       # never leave a half-written results.json behind
-    print(f"wrote {results_path}")
+    plots = compare.write_run_plots(results, out, run_name(config))
+    print(f"wrote {results_path} and {', '.join(os.path.basename(p) for p in plots)}")
     return results
 
 
@@ -465,3 +694,10 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except (MemoryError, RuntimeError) as e:      # the estimate let it through, the allocator did not
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) and "allocate" not in first:
+            raise
+        print(f"error: out of memory ({first}): use a smaller --width, --batch-size or --replay-images "
+              "(a checkpoint, if one was written, is kept for --resume)", file=sys.stderr)
+        sys.exit(2)

@@ -1,4 +1,4 @@
-"""How much does the hypernetwork cost next to local training? (DESIGN.md §3; issue: "overhead < 10%")
+"""How much does the hypernetwork cost next to local training? (docs/design.md §3; issue: "overhead < 10%")
 
 One server round is: generate the round's clients' weights in one batched call, K local SGD steps on
 each client, then the pFedHN vector-Jacobian product and one optimizer step. This script times the

@@ -153,6 +153,7 @@ def test_interrupted_comparison_says_how_to_continue_and_the_same_command_finish
             "--rounds", "40", "--methods", "fedavg", "--out", str(tmp_path)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout.readline().startswith("protocol cpu-demo")
     assert proc.stdout.readline().startswith("== local, seed 0")
     assert "local on cifar10" in proc.stdout.readline()               # the signal handlers are installed
     proc.send_signal(signal.SIGINT)

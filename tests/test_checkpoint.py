@@ -86,6 +86,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_143_with_one_line(tiny_data_dir, t
     proc = subprocess.Popen([sys.executable, str(REPO / "train.py"),
                              *args(tiny_data_dir, tmp_path, "--batches", "1", "--rounds", "50", "--no-replay")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout.readline().startswith("protocol cpu-demo")
     assert "pfeddsh-no-replay on cifar10" in proc.stdout.readline()     # printed after the handlers are installed
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)

@@ -36,6 +36,8 @@ def test_every_method_runs_two_stages_and_writes_the_same_schema(tiny_data_dir, 
     run_tiny(tiny_data_dir, tmp_path / name, *variant_args(name))
     results = json.loads((tmp_path / name / "results.json").read_text())
     assert set(results) == SCHEMA
+    for plot in ("accuracy_matrix.png", "batch_accuracy.png"):    # every run draws its own plots
+        assert (tmp_path / name / plot).stat().st_size > 0
     assert results["config"]["method"] == compare.variant_config(name)["method"] and results["config"]["rounds"] == 4
     batches = results["batches"]
     assert sorted(c for b in batches for c in b) == [0, 1, 2, 3] and len(batches) == 2
@@ -109,6 +111,15 @@ BAD_INPUT = {
     "--methods with --method": (["--methods", "fedavg", "--method", "pfedhn"], "--method does not go with"),
     "bad --seeds": (["--methods", "fedavg", "--seeds", "0,x"], "--seeds must be comma-separated integers"),
     "cuda without cuda": (["--device", "cuda"], "CUDA is not available"),
+    "--out is a file": (["--out", "{file}"], "is a file, not a folder"),
+    "--out under a file": (["--out", "{file}/run"], "is a file, not a folder"),
+    "negative seed": (["--seed", "-5"], "--seed must be an integer in 0 .. 4294967295"),
+    "huge seed": (["--seed", "99999999999999999999"], "--seed must be an integer in 0 .. 4294967295"),
+    "negative seed in --seeds": (["--methods", "fedavg", "--seeds", "0,-1"], "--seeds must be an integer in"),
+    "model too large for memory": (["--width", "100000"], "this run needs at least"),
+    "batch too large for memory": (["--batch-size", "10000000000"], "the largest part is client training"),
+    "infinite lr": (["--lr", "inf"], "--lr must be positive and finite"),
+    "more clients than test images": (["--batches", "100000000"], "more than the data supports"),
 }
 
 
@@ -121,10 +132,62 @@ def test_bad_input_exits_2_with_one_line(case, tiny_data_dir, tmp_path):
             pytest.skip("this machine has CUDA")
     empty = tmp_path / "empty"
     empty.mkdir()
-    args = [a.replace("{empty}", str(empty)) for a in args]
+    (tmp_path / "a_file").write_text("not a folder")
+    args = [a.replace("{empty}", str(empty)).replace("{file}", str(tmp_path / "a_file")) for a in args]
     base = ["--data-dir", str(tiny_data_dir)] if "--data-dir" not in args else []
-    done = cli(*base, *args, "--out", str(tmp_path / "out"), cwd=tmp_path)
+    out = ["--out", str(tmp_path / "out")] if "--out" not in args else []
+    done = cli(*base, *args, *out, cwd=tmp_path)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert expected in lines[0] and "Traceback" not in done.stderr
+
+
+def test_replay_reports_its_progress():
+    from test_replay import REPLAY, confirm_no, two_stage_server
+    import deepinversion
+    calls = []
+    deepinversion.backward_transfer(two_stage_server(), 1, lambda cid, flat: (0.0, 1.0), confirm_no,
+                                    **dict(REPLAY, steps=1), progress=lambda *a: calls.append(a))
+    assert calls[:3] == [("synthesis", 1, 3), ("synthesis", 2, 3), ("synthesis", 3, 3)]
+    assert calls[3:] == [("fine-tune", 0, 2), ("fine-tune", 1, 2), ("fine-tune", 2, 2)]
+
+
+def test_auto_preset_follows_the_device(monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config, _ = train.resolve_config([])
+    assert (config["preset"], config["preset_auto"], config["width"], config["rounds"]) == \
+        ("cpu-demo", True, 16, 40)
+    line = train.describe_protocol(config)
+    assert "protocol cpu-demo" in line and "--preset paper" in line
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    config, _ = train.resolve_config([])
+    assert (config["preset"], config["width"], config["rounds"]) == ("paper", 64, 300)
+    assert "--preset cpu-demo" in train.describe_protocol(config)
+    config, _ = train.resolve_config(["--device", "cpu"])             # CUDA there, but not asked for
+    assert config["preset"] == "cpu-demo"
+
+
+def test_explicit_preset_and_flags_win_over_auto(monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    config, _ = train.resolve_config(["--preset", "cpu-demo", "--rounds", "7"])
+    assert (config["preset"], config["preset_auto"], config["width"], config["rounds"]) == ("cpu-demo", False, 16, 7)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config, _ = train.resolve_config(["--preset", "paper", "--width", "8"])
+    assert (config["preset"], config["width"], config["rounds"]) == ("paper", 8, 300)
+    assert {k: v for k, v in config.items() if k in train.DEFAULTS and k != "width"} == \
+        {k: v for k, v in train.DEFAULTS.items() if k != "width"}
+
+
+def test_help_shows_every_default_and_the_presets(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")          # one line per option, whatever the terminal
+    with pytest.raises(SystemExit):
+        train.build_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "(default 64; cpu-demo 16)" in text and "(default 300; cpu-demo 40)" in text
+    assert "cpu-demo: a few minutes on a 2-core CPU: --width 16" in text
+    for action in train.build_parser()._actions:          # every option with a default says it
+        if action.dest in train.DEFAULTS:
+            assert "default" in action.help, action.dest
