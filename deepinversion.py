@@ -243,7 +243,14 @@ def backward_transfer(server, t, validate, confirm, *, num_images, iterations, s
     from hypernet import ServerOptimizer, run_model   # local import: deepinversion.py stays standalone
 
     hypernet, model, gates = server.hypernet, server.model, server.hypernet.gates
-    new_clients = server.batches[t]
+    # A new client whose every update was dropped uploaded no statistics: there is nothing to dream from.
+    new_clients = [j for j in server.batches[t] if j in server.label_counts]
+    earlier = [(k, i) for k in range(t) for i in server.batches[k]]
+    if not new_clients:
+        size = server.image_size
+        return {"synthesis_s": 0.0, "bn_loss_start": [], "bn_loss_end": [], "accepted": 0, "rejected": 0,
+                "skipped": len(earlier), "val_before": [], "val_after": [], "confirm": [],
+                "images": torch.zeros(0, 3, size, size), "labels": torch.zeros(0, dtype=torch.long)}
     teachers = [Teacher(hypernet.unflatten(server.generate(j)), server.bn_stats[j], server.label_counts[j])
                 for j in new_clients]
     start = time.time()
@@ -269,7 +276,6 @@ def backward_transfer(server, t, validate, confirm, *, num_images, iterations, s
     report = {"synthesis_s": synthesis_s, "bn_loss_start": [d.bn_loss_start for d in dreamed],
               "bn_loss_end": [d.bn_loss_end for d in dreamed], "accepted": 0, "rejected": 0, "skipped": 0,
               "val_before": [], "val_after": [], "confirm": [], "images": images, "labels": labels}
-    earlier = [(k, i) for k in range(t) for i in server.batches[k]]
     if progress is not None:
         progress("fine-tune", 0, len(earlier))
     for n, (k, i) in enumerate(earlier):

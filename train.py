@@ -440,9 +440,12 @@ def report_replay(report, t, dataset, out, write=print):
     """Write stage t's synthetic images to a png and drop them from the report (results.json holds numbers)."""
     import deepinversion
 
-    deepinversion.save_grid(report.pop("images")[:128], dataset.mean, dataset.std,
-                            os.path.join(out, f"synthetic_batch{t}.png"))
+    images = report.pop("images")
     report.pop("labels")
+    if len(images) == 0:
+        write(f"replay after stage {t}: no new client uploaded statistics (all their updates were dropped)")
+        return
+    deepinversion.save_grid(images[:128], dataset.mean, dataset.std, os.path.join(out, f"synthetic_batch{t}.png"))
     write(f"replay after stage {t}: {report['replay_s']:.1f} s (synthesis {report['synthesis_s']:.1f} s), "
           f"BN loss {sum(report['bn_loss_start']) / len(report['bn_loss_start']):.2f} -> "
           f"{sum(report['bn_loss_end']) / len(report['bn_loss_end']):.2f}, updates accepted "

@@ -133,3 +133,14 @@ def test_acceptance_rule_lets_noise_through_rarely_and_real_gains_often():
     assert rate(0.8, 0.8) < 0.08
     assert rate(0.8, 0.88) > 0.7
     assert not deepinversion.accept(1, 0, 1.645) and deepinversion.accept(3, 0, 1.645)
+
+
+def test_replay_without_any_statistics_from_the_new_batch_skips_everyone():
+    """Every update of the new clients was dropped (say, they diverged): nothing to dream from, no traceback."""
+    server = two_stage_server()
+    for c in (2, 3):
+        del server.label_counts[c]
+    before = snapshot(server)
+    report = deepinversion.backward_transfer(server, 1, lambda cid, flat: (1.0, 0.0), confirm_yes, **REPLAY)
+    assert report["skipped"] == 2 and report["accepted"] == 0 and len(report["images"]) == 0
+    assert all(torch.equal(before[c], server.generate(c)) for c in range(4))
