@@ -113,6 +113,9 @@ def markdown(runs, command):
         "|---|---|---|---|---|---|---|",
     ]
     for name, col in table.items():
+        # a method that has fewer seeds than the others (an unfinished comparison) says so
+        if len(runs[name]) < len(seeds):
+            name = f"{name} (seeds {', '.join(str(r['config']['seed']) for r in runs[name])})"
         lines.append(f"| {name} | {cell(col['mean_acc'])} | {cell(col['weighted_acc'])} | "
                      f"{cell(col['pa'], signed=True)} | {cell(col['ri'], signed=True)} | "
                      f"{cell(col['units'])} | {cell(col['time_min'], digits=1)} |")

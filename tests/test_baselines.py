@@ -134,7 +134,9 @@ def test_comparison_command_writes_report_and_plots_and_reuses_finished_runs(tin
         assert summary["fedavg"]["pa"][seed] == pytest.approx(expected)
     assert summary["local"]["pa"] == [0.0, 0.0]
     report = (tmp_path / "comparison.md").read_text()
-    assert report.count("| fedavg |") == 2 and "| pfeddsh-no-replay |" in report
+    # a row in the summary, in the per-batch accuracy table and in the per-batch transfer table
+    assert report.count("| fedavg |") == 3 and "| pfeddsh-no-replay |" in report
+    assert "Replay's share" not in report            # needs both pfeddsh and pfeddsh-no-replay
     capsys.readouterr()
     assert train.main(argv)["fedavg"][1] == runs["fedavg"][1]               # finished runs are reused...
     assert capsys.readouterr().out.count("reusing") == 6
@@ -164,3 +166,10 @@ def test_interrupted_comparison_says_how_to_continue_and_the_same_command_finish
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr
     assert "== local, seed 0: resuming" in done.stdout and (tmp_path / "comparison.md").exists()
+
+
+def test_paired_interval_is_students_t_over_seeds():
+    mean, low, high = compare.paired_interval([3.0, 4.0, 5.0], [2.0, 2.0, 2.0])    # differences 1, 2, 3
+    half = 4.303 * 1.0 / 3 ** 0.5                                                   # t(2) x sd / sqrt(n)
+    assert mean == pytest.approx(2.0) and low == pytest.approx(2.0 - half) and high == pytest.approx(2.0 + half)
+    assert compare.paired_interval([1.0], [0.0]) is None
