@@ -240,6 +240,8 @@ def validate(c):
     for flag in ["no_replay", "no_masks"]:
         if c[flag] and c["method"] != "pfeddsh":
             raise CliError(f"--{flag.replace('_', '-')} is an option of pfeddsh, not of {c['method']}")
+    if not math.isfinite(c["gate_start"]):
+        raise CliError(f"--gate-start must be a finite number, got {c['gate_start']}")
     if not 0 <= c["adapter_budget"] < 1:
         raise CliError(f"--adapter-budget must be in [0, 1), got {c['adapter_budget']}")
     for key in ["batches", "clients_per_batch", "rounds", "clients_per_round", "local_steps", "batch_size",

@@ -107,6 +107,7 @@ BAD_INPUT = {
     "unknown method": (["--method", "nope"], "unknown method"),
     "ablation of a baseline": (["--method", "fedavg", "--no-masks"], "--no-masks is an option of pfeddsh"),
     "adapter budget of a whole model": (["--adapter-budget", "1"], "--adapter-budget must be in [0, 1)"),
+    "gate start not a number": (["--gate-start", "nan"], "--gate-start must be a finite number"),
     "unknown method in --methods": (["--methods", "fedavg,fedprox"], "unknown method 'fedprox' in --methods"),
     "--methods with --method": (["--methods", "fedavg", "--method", "pfedhn"], "--method does not go with"),
     "bad --seeds": (["--methods", "fedavg", "--seeds", "0,x"], "--seeds must be comma-separated integers"),
