@@ -480,6 +480,14 @@ def audit_line(figures, t):
             f"{px['closer_than_chance']:.0%}, feature {ft['closer_than_chance']:.0%} (chance 5%)")
 
 
+def replay_settings(config):
+    """The keyword arguments of deepinversion.backward_transfer, from the config."""
+    return dict(num_images=config["replay_images"], iterations=config["replay_iterations"],
+                steps=config["replay_steps"], lr=config["replay_lr"], kd_weight=config["replay_kd"],
+                anchor_weight=config["replay_anchor"], temperature=config["replay_temperature"],
+                validate_every=config["replay_validate_every"], confirm_z=config["replay_confirm_z"])
+
+
 def estimate_seconds(config, round_s, rounds_left, replay_stages):
     """Rough length of what is left, from one timed round: the rounds, plus replay after each stage in
     `replay_stages`, counted in image passes against a round's. The factor 1.5 is the cpu-demo protocol's
@@ -623,10 +631,7 @@ def run(config, caught, how_to_continue="rerun with --resume to continue"):
                desc="rounds", dynamic_ncols=True)
     replay = None
     if config["method"] == "pfeddsh" and not config["no_replay"]:     # with --no-masks: pfedhn + replay
-        replay = dict(num_images=config["replay_images"], iterations=config["replay_iterations"],
-                      steps=config["replay_steps"], lr=config["replay_lr"], kd_weight=config["replay_kd"],
-                      anchor_weight=config["replay_anchor"], temperature=config["replay_temperature"],
-                      validate_every=config["replay_validate_every"], confirm_z=config["replay_confirm_z"])
+        replay = replay_settings(config)
 
     audit = None
     if replay is not None and config["privacy_audit"]:
