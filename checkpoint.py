@@ -59,9 +59,10 @@ def load(path, config, device, defaults=None):
     except Exception as e:              # truncated zip, bad pickle, wrong type: all mean "unreadable"
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"checkpoint {path} is unreadable ({reason}); delete it to start over") from None
-    differing = differing_settings(config, dict(defaults or {}, **state["config"]))
+    theirs = dict(defaults or {}, **state["config"])
+    differing = differing_settings(config, theirs)
     if differing:
-        diffs = ", ".join(f"{k}: {state['config'].get(k)!r} there, {config.get(k)!r} here" for k in differing)
+        diffs = ", ".join(f"{k}: {theirs.get(k)!r} there, {config.get(k)!r} here" for k in differing)
         raise CheckpointError(f"checkpoint {path} was made with a different configuration ({diffs}); "
                               f"rerun with its arguments or use another --out")
     if state["device"] != str(device):
