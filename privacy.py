@@ -16,7 +16,8 @@ Owns:
       reconstruction   each dreamed image's nearest real image in the dreaming client's training split,
                        against its nearest in a held-out pool of the same size and classes (test images:
                        no client trained on them), in pixel space and in the feature space of a randomly
-                       initialised ResNet-18 (a model that saw no image at all).
+                       initialised ResNet-18 (a model that saw no image at all); and, in pixel space, the
+                       nearest image of the whole training split, which the grid shows.
       membership       ROC AUC of four attackers that score the new clients' training images against
                        held-out images of the same classes (0.5 = nothing leaks), with DeLong's 95 %
                        interval: nearest dream in pixel space, in feature space, the likelihood of an
@@ -199,6 +200,12 @@ def stratified_auc(groups, z=1.96):
     return {"auc": auc, "ci": [max(0.0, auc - z * se), min(1.0, auc + z * se)], "per_client": list(aucs)}
 
 
+def summary(d):
+    """A distribution in a few numbers: its quantiles (q05 ... q95) and mean."""
+    d = np.asarray(d, dtype=np.float64)
+    return dict({f"q{round(100 * q):02d}": float(np.quantile(d, q)) for q in QUANTILES}, mean=float(d.mean()))
+
+
 def reconstruction(train_nn, held_nn):
     """Each dream's distance to its nearest training image against its nearest held-out one (pools of the
     same size and classes, so under 'nothing leaks' the two are exchangeable):
@@ -208,9 +215,6 @@ def reconstruction(train_nn, held_nn):
                            the same classes come by chance."""
     train_nn, held_nn = np.asarray(train_nn, dtype=np.float64), np.asarray(held_nn, dtype=np.float64)
     threshold = float(np.quantile(held_nn, 0.05))
-
-    def summary(d):
-        return dict({f"q{round(100 * q):02d}": float(np.quantile(d, q)) for q in QUANTILES}, mean=float(d.mean()))
     return {"train_nn": summary(train_nn), "held_out_nn": summary(held_nn),
             "nearest_is_train": float(np.mean((train_nn < held_nn) + 0.5 * (train_nn == held_nn))),
             "closer_than_chance": float(np.mean(train_nn < threshold)), "chance_threshold": threshold}
@@ -236,12 +240,11 @@ def matched_pools(train_y, held_y, classes, per_class, generator):
 def audit_client(dreams, x_train, y_train, x_held, y_held, features, attacker=None):
     """One dreaming client: its dreams (normalised, in the valid pixel range), its training pool and a
     held-out pool (normalised, size-matched). `attacker(x, y) -> (statistics scores, model_loss scores)` or
-    None. Returns per-dream nearest distances, per-image membership scores and the grid's neighbours."""
+    None. Returns each dream's nearest distances (training, held-out) and each image's membership scores."""
     pixel_tr, pixel_he = distances(x_train, dreams), distances(x_held, dreams)
     feat_tr, feat_he = feature_distances(features, x_train, dreams), feature_distances(features, x_held, dreams)
     out = {"pixel": (pixel_tr.min(0).values, pixel_he.min(0).values),
            "feature": (feat_tr.min(0).values, feat_he.min(0).values),
-           "nearest_train": pixel_tr.min(0).indices,
            # an image's score: minus its distance to the nearest dream (members should sit closer)
            "scores": {"pixel": (-pixel_tr.min(1).values, -pixel_he.min(1).values),
                       "feature": (-feat_tr.min(1).values, -feat_he.min(1).values)}}
@@ -253,12 +256,17 @@ def audit_client(dreams, x_train, y_train, x_held, y_held, features, attacker=No
 
 
 def summarize(per_client):
-    """The audit's figures from audit_client's results of every dreaming client."""
+    """The audit's figures from audit_client's results of every dreaming client (with `pixel_full`, each
+    dream's pixel distance to the nearest image of the client's whole training split, where measured)."""
     figures = {"reconstruction": {}, "membership": {}}
     for space in ("pixel", "feature"):
         train_nn = torch.cat([r[space][0] for r in per_client]).cpu().numpy()
         held_nn = torch.cat([r[space][1] for r in per_client]).cpu().numpy()
         figures["reconstruction"][space] = reconstruction(train_nn, held_nn)
+    if all("pixel_full" in r for r in per_client):
+        # descriptive only: there is no held-out pool that large to compare with
+        figures["reconstruction"]["pixel"]["train_nn_whole_split"] = summary(
+            torch.cat([r["pixel_full"] for r in per_client]).cpu().numpy())
     for name in ATTACKERS:
         if all(name in r["scores"] for r in per_client):
             figures["membership"][name] = stratified_auc(
@@ -282,7 +290,9 @@ def audit_replay(server, clients, dataset, t, report, upload, *, seed, per_class
     order); `upload(cid)` is what the server holds of a client's statistics (uploads()). For each dreaming
     client j: a training pool from j's training split and a held-out pool from the test images of j's
     classes, of the same size per class; the test images of a class are split among the clients that hold
-    it, so no image is in two clients' pools. Nothing here changes the server or the clients.
+    it, so no image is in two clients' pools. In pixel space each dream's nearest image in j's whole
+    training split is found too (cheap: no model runs), for the grid and as a descriptive figure: a copy of
+    an image outside the sampled pool would show there. Nothing here changes the server or the clients.
     """
     start = time.time()
     dreamers, images = report["dreamers"], report["images"]
@@ -316,13 +326,18 @@ def audit_replay(server, clients, dataset, t, report, upload, *, seed, per_class
         weights, bn_stats = server.hypernet.unflatten(server.generate(j)), upload(j)[0]
         result = audit_client(dreams, x_tr, y_tr, x_he, y_he, features,
                               lambda x, y: statistics_scores(model, weights, bn_stats, x, y))
+        whole = torch.cat([distances(data.normalize(client.x_train[i:i + 1000], dataset.mean, dataset.std), dreams)
+                           for i in range(0, len(client.y_train), 1000)]).min(0)
+        result["pixel_full"] = whole.values
         per_client.append(result)
-        # the most suspicious dreams: smallest distance to training relative to held-out
-        ratio = result["pixel"][0] / result["pixel"][1].clamp_min(1e-12)
+        # the most suspicious dreams: nearest the training split relative to the held-out pool
+        ratio = whole.values / result["pixel"][1].clamp_min(1e-12)
         pick = ratio.argsort()[:min(grid_per_client, num_images)]
-        grid.append((dreams[pick], x_tr[result["nearest_train"][pick]]))
+        nearest = data.normalize(client.x_train[whole.indices[pick]], dataset.mean, dataset.std)
+        grid.append((dreams[pick], nearest))
     figures = summarize(per_client)
-    figures["pools"] = {"dreamed": int(len(images)), "members": int(sum(len(r["scores"]["pixel"][0]) for r in per_client)),
+    figures["pools"] = {"dreamed": int(len(images)),
+                        "members": int(sum(len(r["scores"]["pixel"][0]) for r in per_client)),
                         "held_out": int(sum(len(r["scores"]["pixel"][1]) for r in per_client)),
                         "per_class": per_class}
     figures["audit_s"] = time.time() - start

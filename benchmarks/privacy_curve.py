@@ -43,7 +43,8 @@ def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 epilog="any other flag is passed to train.py (the protocol)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated (default 0,1,2)")
-    p.add_argument("--sigmas", default="0,0.1,0.3,1,3", help="comma-separated --bn-noise values (default 0,0.1,0.3,1,3)")
+    p.add_argument("--sigmas", default="0,0.1,0.3,1,3",
+                   help="comma-separated --bn-noise values (default 0,0.1,0.3,1,3)")
     p.add_argument("--out", default="runs/privacy-curve", help="runs and curve.json (default runs/privacy-curve)")
     p.add_argument("--docs", default="docs", help="where privacy_curve.md and .png go (default docs)")
     args, protocol = p.parse_known_args(argv)

@@ -1,6 +1,5 @@
 """The privacy audit and the noise knob (privacy.py, docs/privacy.md): the measure can fail both ways,
 --bn-noise 0 is today's run bit for bit, and neither the audit nor the noise touches training."""
-import json
 import sys
 from pathlib import Path
 
