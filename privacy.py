@@ -39,8 +39,8 @@ import data
 import hypernet as hn
 
 # Noise can push a variance to or below zero, where BatchNorm would divide by sqrt(eps) ~ 3e-3 and the
-# dreaming teacher would explode. 0.1 is below every running variance of trained cpu-demo clients we looked
-# at (smallest 0.30, docs/privacy.md), so only noise reaches it, and it caps BN's gain at about 3x.
+# dreaming teacher would explode. 0.1 is below every running variance of the trained cpu-demo clients we
+# looked at (smallest 0.24, docs/privacy.md), so only noise reaches it, and it caps BN's gain at about 3x.
 VAR_FLOOR = 0.1
 # Images per class per pool (training and held-out alike). CIFAR-10 has 1000 test images a class, shared
 # by the clients that hold it; 500 keeps the audit at tens of seconds on a CPU and the AUC's interval

@@ -164,7 +164,7 @@ def build_parser():
     flag(r, "--replay-confirm-z", type=float,
          help="z of the paired test on the client's confirmation images that accepts an update")
     v = p.add_argument_group("privacy of replay (privacy.py, docs/privacy.md)")
-    flag(v, "--bn-noise", type=float,
+    flag(v, "--bn-noise", type=float, metavar="SIGMA",
          help="Gaussian noise sigma on the BN statistics (and sigma x n on the label counts) each client "
               "uploads for replay, once; 0 = the upload as it is")
     flag(v, "--privacy-audit", action="store_true", default=None,
