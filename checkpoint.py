@@ -42,8 +42,11 @@ def save(path, state):
     os.replace(tmp, path)
 
 
-def load(path, config, device):
-    """The checkpoint at path, checked against this run's config and device; CheckpointError if unusable."""
+def load(path, config, device, defaults=None):
+    """The checkpoint at path, checked against this run's config and device; CheckpointError if unusable.
+
+    `defaults` (train.DEFAULTS): a setting missing from an older checkpoint did not exist then, so the run
+    had that setting's default (every new flag keeps the old behaviour by default)."""
     try:
         # weights_only: a checkpoint is data (tensors, numbers, strings), never code to run.
         state = torch.load(path, map_location=device, weights_only=True)
@@ -56,9 +59,10 @@ def load(path, config, device):
     except Exception as e:              # truncated zip, bad pickle, wrong type: all mean "unreadable"
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"checkpoint {path} is unreadable ({reason}); delete it to start over") from None
-    differing = differing_settings(config, state["config"])
+    theirs = dict(defaults or {}, **state["config"])
+    differing = differing_settings(config, theirs)
     if differing:
-        diffs = ", ".join(f"{k}: {state['config'].get(k)!r} there, {config.get(k)!r} here" for k in differing)
+        diffs = ", ".join(f"{k}: {theirs.get(k)!r} there, {config.get(k)!r} here" for k in differing)
         raise CheckpointError(f"checkpoint {path} was made with a different configuration ({diffs}); "
                               f"rerun with its arguments or use another --out")
     if state["device"] != str(device):

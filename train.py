@@ -41,7 +41,7 @@ DEFAULTS = dict(dataset="cifar10", data_dir="data", batches=2, clients_per_batch
                 no_replay=False, no_masks=False, adapter_budget=0.05, adapter_lr=1e-2,
                 replay_images=64, replay_iterations=200, replay_steps=30, replay_lr=3e-3, replay_kd=1.0,
                 replay_anchor=1.0, replay_temperature=2.0, replay_validate_every=3, replay_confirm_z=1.645,
-                checkpoint_every=10)
+                bn_noise=0.0, privacy_audit=False, checkpoint_every=10)
 PRESETS = {
     # The paper-scale protocol: DEFAULTS as they are. Wants a GPU.
     "paper": {},
@@ -163,6 +163,14 @@ def build_parser():
     flag(r, "--replay-validate-every", type=int, help="fine-tuning steps between the client's scores")
     flag(r, "--replay-confirm-z", type=float,
          help="z of the paired test on the client's confirmation images that accepts an update")
+    v = p.add_argument_group("privacy of replay (privacy.py, docs/privacy.md)")
+    flag(v, "--bn-noise", type=float, metavar="SIGMA",
+         help="Gaussian noise sigma on the BN statistics (and sigma x n on the label counts) each client "
+              "uploads for replay, once; 0 = the upload as it is")
+    flag(v, "--privacy-audit", action="store_true", default=None,
+         help="after each replay, audit what the dreamed images and the uploaded statistics give away "
+              "(reconstruction, membership AUC; reads the new clients' images, changes nothing; "
+              "privacy_batch{t}.png)")
     return p
 
 
@@ -252,9 +260,13 @@ def validate(c):
     for key in ["lr", "server_lr", "adapter_lr", "alpha", "s_max", "gate_lr", "replay_lr", "replay_temperature"]:
         if not 0 < c[key] < math.inf:
             raise CliError(f"--{key.replace('_', '-')} must be positive and finite, got {c[key]}")
-    for key in ["sparsity", "replay_kd", "replay_anchor", "replay_confirm_z"]:
+    for key in ["sparsity", "replay_kd", "replay_anchor", "replay_confirm_z", "bn_noise"]:
         if not 0 <= c[key] < math.inf:
             raise CliError(f"--{key.replace('_', '-')} must be >= 0 and finite, got {c[key]}")
+    replays = c["method"] == "pfeddsh" and not c["no_replay"]
+    for flag, given in [("--privacy-audit", c["privacy_audit"]), ("--bn-noise", c["bn_noise"] > 0)]:
+        if given and not replays:
+            raise CliError(f"{flag} is about replay: it needs --method pfeddsh without --no-replay")
     if c["s_max"] < 1:
         raise CliError(f"--s-max must be >= 1 (the gates anneal from s = 1/s_max up to s_max), got {c['s_max']}")
     check_seed(c["seed"], "--seed")
@@ -443,7 +455,7 @@ def report_replay(report, t, dataset, out, write=print):
     import deepinversion
 
     images = report.pop("images")
-    report.pop("labels")
+    report.pop("labels"), report.pop("dreamers")
     if len(images) == 0:
         write(f"replay after stage {t}: no new client uploaded statistics (all their updates were dropped)")
         return
@@ -453,6 +465,27 @@ def report_replay(report, t, dataset, out, write=print):
           f"{sum(report['bn_loss_end']) / len(report['bn_loss_end']):.2f}, updates accepted "
           f"{report['accepted']}, rejected {report['rejected']}, skipped {report['skipped']}"
           + (" -- DIVERGED (non-finite), undone" if report["dropped"] else ""))
+    if report.get("audit"):
+        write(audit_line(report["audit"], t))
+
+
+def audit_line(figures, t):
+    """The privacy audit in one line: membership AUCs, and how often dreams sit nearer training images."""
+    aucs = ", ".join(f"{name} {m['auc']:.3f} [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}]"
+                     for name, m in figures["membership"].items())
+    px, ft = figures["reconstruction"]["pixel"], figures["reconstruction"]["feature"]
+    return (f"privacy audit after stage {t} ({figures['audit_s']:.1f} s): membership AUC (0.5 = nothing leaks) "
+            f"{aucs}; dreams nearer a training than a held-out image: pixel {px['nearest_is_train']:.0%}, "
+            f"feature {ft['nearest_is_train']:.0%} (chance 50%); closer than chance: pixel "
+            f"{px['closer_than_chance']:.0%}, feature {ft['closer_than_chance']:.0%} (chance 5%)")
+
+
+def replay_settings(config):
+    """The keyword arguments of deepinversion.backward_transfer, from the config."""
+    return dict(num_images=config["replay_images"], iterations=config["replay_iterations"],
+                steps=config["replay_steps"], lr=config["replay_lr"], kd_weight=config["replay_kd"],
+                anchor_weight=config["replay_anchor"], temperature=config["replay_temperature"],
+                validate_every=config["replay_validate_every"], confirm_z=config["replay_confirm_z"])
 
 
 def estimate_seconds(config, round_s, rounds_left, replay_stages):
@@ -562,7 +595,7 @@ def run(config, caught, how_to_continue="rerun with --resume to continue"):
         if not os.path.exists(checkpoint_path):
             raise CliError(f"--resume: no checkpoint in {out} ({checkpoint.FILENAME} not found)")
         try:
-            state = checkpoint.load(checkpoint_path, config, device)
+            state = checkpoint.load(checkpoint_path, config, device, defaults=DEFAULTS)
         except checkpoint.CheckpointError as e:
             raise CliError(str(e)) from None
     try:
@@ -598,10 +631,20 @@ def run(config, caught, how_to_continue="rerun with --resume to continue"):
                desc="rounds", dynamic_ncols=True)
     replay = None
     if config["method"] == "pfeddsh" and not config["no_replay"]:     # with --no-masks: pfedhn + replay
-        replay = dict(num_images=config["replay_images"], iterations=config["replay_iterations"],
-                      steps=config["replay_steps"], lr=config["replay_lr"], kd_weight=config["replay_kd"],
-                      anchor_weight=config["replay_anchor"], temperature=config["replay_temperature"],
-                      validate_every=config["replay_validate_every"], confirm_z=config["replay_confirm_z"])
+        replay = replay_settings(config)
+
+    audit = None
+    if replay is not None and config["privacy_audit"]:
+        import deepinversion
+        import privacy
+
+        def audit(server, clients, t, report, upload):
+            """privacy.audit_replay, with its grid written next to the synthetic images."""
+            figures, grid = privacy.audit_replay(server, clients, dataset, t, report, upload, seed=config["seed"])
+            if grid is not None:
+                deepinversion.save_grid(grid, dataset.mean, dataset.std, os.path.join(out, f"privacy_batch{t}.png"),
+                                        nrow=len(grid) // (2 * len(report["dreamers"])))
+            return figures
 
     clock = {"start": time.time(), "last": time.time(), "rounds": []}
 
@@ -656,7 +699,7 @@ def run(config, caught, how_to_continue="rerun with --resume to continue"):
         server, clients, batches, rounds=rounds, clients_per_round=config["clients_per_round"],
         local_steps=config["local_steps"], batch_size=config["batch_size"], lr=config["lr"],
         seed=config["seed"], progress_bar=bar, replay=replay, onboarding=onboarding, rng=rng,
-        after_round=after_round, replay_progress=on_replay)
+        after_round=after_round, replay_progress=on_replay, bn_noise=config["bn_noise"], audit=audit)
     bar.close()
     accuracy, neurons, stage_seconds, replays = (onboarding.accuracy, onboarding.neurons, onboarding.stage_seconds,
                                                  onboarding.replays)
