@@ -107,15 +107,25 @@ def federation(tmp_path, num_nodes, data_dir):
     try:
         start(["flower-superlink", "--insecure", "--port", str(link_port),
                "--disable-runtime-dependency-installation"], tmp_path / "superlink.log")
+        wait_until(lambda: "Uvicorn running" in (tmp_path / "superlink.log").read_text(), "the SuperLink to listen")
         for cid in range(num_nodes):
             logs[cid] = tmp_path / f"supernode{cid}.log"
             nodes[cid] = start(["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
                                 "--port", str(free_port()),
                                 "--node-config", f'client-id={cid} data-dir="{data_dir}"'], logs[cid])
+        for cid in range(num_nodes):
+            wait_until(lambda: "SuperNode ID" in logs[cid].read_text(), f"SuperNode {cid} to connect")
         yield env, nodes, logs
     finally:
         for p in procs:
             kill(p)
+
+
+def wait_until(condition, what, seconds=60):
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, f"waited {seconds} s for {what}"
+        time.sleep(0.2)
 
 
 def kill(process):
