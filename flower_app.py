@@ -150,7 +150,7 @@ class Nodes:
 
     def __init__(self, grid, setup, batches, timeout, device):
         self.grid, self.setup, self.batches, self.timeout, self.device = grid, setup, batches, timeout, device
-        self.node_of, self.info, self.asked = {}, {}, set()
+        self.node_of, self.info, self.asked, self.waited = {}, {}, set(), set()
         self.faults = {"unanswered_messages": 0}
         self.pending = []        # training requests not sent yet (PendingUpdate)
 
@@ -184,7 +184,7 @@ class Nodes:
         return out
 
     def register(self):
-        """Ask every node not asked yet which client it is."""
+        """Ask every node not asked yet which client it is (once: a node that did not answer stays unknown)."""
         new = [n for n in self.grid.get_node_ids() if n not in self.asked]
         self.asked.update(new)
         if not new:
@@ -273,8 +273,14 @@ class RemoteClient:
     y_test = property(lambda self: range(self._info("test-size", 0)))
 
     def _ready(self):
-        if self.cid not in self.nodes.node_of:          # its batch's first message: wait for the batch
-            self.nodes.wait_for(self.nodes.batches[self.nodes.stage_of(self.cid)])
+        """The first message of a batch waits for the batch's nodes; later ones only look for late nodes."""
+        if self.cid not in self.nodes.node_of:
+            t = self.nodes.stage_of(self.cid)
+            if t in self.nodes.waited:
+                self.nodes.register()
+            else:
+                self.nodes.waited.add(t)
+                self.nodes.wait_for(self.nodes.batches[t])
 
     def local_train(self, flat_weights, bn_stats, steps, batch_size, lr):
         self._ready()
@@ -333,6 +339,7 @@ def run(config, batches, train, device, grid=None):
 
     def main(grid):
         nodes = Nodes(grid, setup, batches, config["node_timeout"], device)
+        nodes.waited.add(0)
         nodes.wait_for(batches[0])
         return train([RemoteClient(cid, nodes) for cid in range(num_clients)], nodes)
 
