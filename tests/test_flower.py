@@ -69,7 +69,8 @@ def test_flower_bad_input_exits_2_with_one_line(tiny_data_dir, tmp_path, monkeyp
     for args, expected in [(["--method", "fedavg-ft"], "cannot run fedavg-ft"),
                            (["--methods", "fedavg-ft,pfeddsh"], "cannot run fedavg-ft"),
                            (["--resume"], "nothing to --resume"),
-                           (["--node-timeout", "0"], "--node-timeout must be positive")]:
+                           (["--node-timeout", "0"], "--node-timeout must be positive"),
+                           (["--privacy-audit"], "stay on their Flower nodes")]:
         done = cli("--data-dir", str(tiny_data_dir), "--out", str(tmp_path / "out"), "--engine", "flower", *args)
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(lines) == 1 and expected in lines[0], done.stderr
