@@ -42,8 +42,11 @@ def save(path, state):
     os.replace(tmp, path)
 
 
-def load(path, config, device):
-    """The checkpoint at path, checked against this run's config and device; CheckpointError if unusable."""
+def load(path, config, device, defaults=None):
+    """The checkpoint at path, checked against this run's config and device; CheckpointError if unusable.
+
+    `defaults`: the value of a setting that an older checkpoint's config lacks (it did not exist then, so
+    the run had its default; --amp is one)."""
     try:
         # weights_only: a checkpoint is data (tensors, numbers, strings), never code to run.
         state = torch.load(path, map_location=device, weights_only=True)
@@ -56,7 +59,7 @@ def load(path, config, device):
     except Exception as e:              # truncated zip, bad pickle, wrong type: all mean "unreadable"
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"checkpoint {path} is unreadable ({reason}); delete it to start over") from None
-    differing = differing_settings(config, state["config"])
+    differing = differing_settings(config, dict(defaults or {}, **state["config"]))
     if differing:
         diffs = ", ".join(f"{k}: {state['config'].get(k)!r} there, {config.get(k)!r} here" for k in differing)
         raise CheckpointError(f"checkpoint {path} was made with a different configuration ({diffs}); "

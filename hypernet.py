@@ -15,6 +15,7 @@ Owns three things, in reading order:
 
 pFedHN: Shamsian et al., "Personalized Federated Learning using Hypernetworks", ICML 2021.
 """
+import contextlib
 import math
 
 import torch
@@ -104,6 +105,14 @@ def run_model(model, weights, bn_stats, x):
     bn_stats tensors are what gets updated: exactly the statistics DeepInversion later inverts.
     """
     return functional_call(model, (weights, bn_stats), (x,))
+
+
+def autocast(device, enabled):
+    """bf16 autocast for --amp; when off, no autocast context at all, so fp32 runs stay bitwise as they were.
+
+    bf16 rather than fp16: the same exponent range as fp32, so no loss scaling is needed.
+    """
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------------------------------

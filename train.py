@@ -41,7 +41,7 @@ DEFAULTS = dict(dataset="cifar10", data_dir="data", batches=2, clients_per_batch
                 no_replay=False, no_masks=False, adapter_budget=0.05, adapter_lr=1e-2,
                 replay_images=64, replay_iterations=200, replay_steps=30, replay_lr=3e-3, replay_kd=1.0,
                 replay_anchor=1.0, replay_temperature=2.0, replay_validate_every=3, replay_confirm_z=1.645,
-                checkpoint_every=10)
+                checkpoint_every=10, amp=False)
 PRESETS = {
     # The paper-scale protocol: DEFAULTS as they are. Wants a GPU.
     "paper": {},
@@ -131,6 +131,9 @@ def build_parser():
     a("--overwrite", action="store_true", help="replace results (and a checkpoint) already in --out (default off)")
     a("--resume", action="store_true", help="continue the run whose checkpoint is in --out (default off)")
     a("--checkpoint-every", type=int, help="rounds between checkpoints (also after every stage)")
+    a("--amp", action="store_true", default=None,
+      help="bf16 autocast for local training, evaluation and replay's synthesis; meant for CUDA (on a CPU it "
+           "runs, usually slower than fp32)")
     # Testing only: send SIGINT to ourselves after this many rounds in all, so a kill is deterministic.
     p.add_argument("--stop-after-rounds", type=int, help=argparse.SUPPRESS)
     g = p.add_argument_group("hypernetwork and masks")
@@ -360,8 +363,11 @@ def check_memory(config, device):
     return needed
 
 
-def build(config, device):
-    """Data, clients, target model and server (or a baseline standing in for it), all from one config."""
+def build(config, device, dataset=None):
+    """Data, clients, target model and server (or a baseline standing in for it), all from one config.
+
+    `dataset` (a data.Dataset) replaces the one the config names: benchmarks/performance.py passes
+    generated images of CIFAR-10's shape, so it needs no download."""
     import baselines
     import data
     import federated as fl
@@ -369,7 +375,8 @@ def build(config, device):
     import masks
 
     torch.manual_seed(config["seed"])
-    dataset = data.load_dataset(config["dataset"], config["data_dir"], device=device)
+    if dataset is None:
+        dataset = data.load_dataset(config["dataset"], config["data_dir"], device=device)
     num_clients = config["batches"] * config["clients_per_batch"]
     classes_per_client = config["classes_per_client"] or data.DEFAULT_CLASSES_PER_CLIENT[config["dataset"]]
     splits = data.partition(dataset.y_train, dataset.y_test, num_clients, dataset.num_classes,
@@ -400,8 +407,9 @@ def build(config, device):
         server = server_class(hypernet, model, batches, optimizer=config["server_optimizer"],
                               server_lr=config["server_lr"], sparsity=config["sparsity"],
                               adapter_lr=config["adapter_lr"],
-                              image_size=dataset.image_size)
-    clients = [fl.Client(cid, dataset, splits[cid], model, layout.unflatten, layout.flatten, config["seed"])
+                              image_size=dataset.image_size, amp=config["amp"])
+    clients = [fl.Client(cid, dataset, splits[cid], model, layout.unflatten, layout.flatten, config["seed"],
+                         amp=config["amp"])
                for cid in range(num_clients)]
     return dataset, clients, server, batches, model
 
@@ -562,7 +570,7 @@ def run(config, caught, how_to_continue="rerun with --resume to continue"):
         if not os.path.exists(checkpoint_path):
             raise CliError(f"--resume: no checkpoint in {out} ({checkpoint.FILENAME} not found)")
         try:
-            state = checkpoint.load(checkpoint_path, config, device)
+            state = checkpoint.load(checkpoint_path, config, device, defaults=DEFAULTS)
         except checkpoint.CheckpointError as e:
             raise CliError(str(e)) from None
     try:
@@ -593,6 +601,8 @@ def run(config, caught, how_to_continue="rerun with --resume to continue"):
              f"({hypernet.client_offsets.shape[1] / hypernet.num_weights:.1%})"
              if hypernet is not None and hypernet.adapters is not None else "")
           + (f" | resumed at stage {onboarding.stage} round {onboarding.round}" if config["resume"] else ""))
+    if config["amp"] and device.type == "cpu":
+        print("note: --amp on a CPU runs bf16 autocast, usually slower than fp32 there; it is meant for CUDA")
     rounds = config["rounds"]
     bar = tqdm(total=config["batches"] * rounds, initial=onboarding.stage * rounds + onboarding.round,
                desc="rounds", dynamic_ncols=True)
