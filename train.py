@@ -368,11 +368,9 @@ def build(config, device, dataset=None):
 
     `dataset` (a data.Dataset) replaces the one the config names: benchmarks/performance.py passes
     generated images of CIFAR-10's shape, so it needs no download."""
-    import baselines
     import data
     import federated as fl
     import hypernet as hn
-    import masks
 
     torch.manual_seed(config["seed"])
     if dataset is None:
@@ -384,6 +382,22 @@ def build(config, device, dataset=None):
                             alpha=config["alpha"], val_fraction=config["val_fraction"], seed=config["seed"])
     batches = data.assign_batches(num_clients, config["batches"], config["seed"])
     model = hn.ResNet18(dataset.num_classes, config["width"]).to(device)
+    server, layout = build_server(config, model, batches, dataset.image_size, device)
+    clients = [fl.Client(cid, dataset, splits[cid], model, layout.unflatten, layout.flatten, config["seed"],
+                         amp=config["amp"])
+               for cid in range(num_clients)]
+    return dataset, clients, server, batches, model
+
+
+def build_server(config, model, batches, image_size, device):
+    """The server config["method"] runs (or the baseline standing in for it) and the weight layout of its
+    clients; random draws in the same order as always, so a run's results do not depend on this split."""
+    import baselines
+    import federated as fl
+    import hypernet as hn
+    import masks
+
+    num_clients = sum(len(b) for b in batches)
     method = config["method"]
     if method in ("local", "fedavg", "fedavg-ft"):
         layout = hn.WeightLayout(model)
@@ -407,11 +421,8 @@ def build(config, device, dataset=None):
         server = server_class(hypernet, model, batches, optimizer=config["server_optimizer"],
                               server_lr=config["server_lr"], sparsity=config["sparsity"],
                               adapter_lr=config["adapter_lr"],
-                              image_size=dataset.image_size, amp=config["amp"])
-    clients = [fl.Client(cid, dataset, splits[cid], model, layout.unflatten, layout.flatten, config["seed"],
-                         amp=config["amp"])
-               for cid in range(num_clients)]
-    return dataset, clients, server, batches, model
+                              image_size=image_size, amp=config["amp"])
+    return server, layout
 
 
 def print_table(accuracy_by_batch, ri_per_batch, neurons):
