@@ -425,6 +425,16 @@ def build_server(config, model, batches, image_size, device):
     return server, layout
 
 
+def replay_settings(config):
+    """deepinversion.backward_transfer's keyword arguments, or None when the method does not replay."""
+    if config["method"] != "pfeddsh" or config["no_replay"]:      # with --no-masks: pfedhn + replay
+        return None
+    return dict(num_images=config["replay_images"], iterations=config["replay_iterations"],
+                steps=config["replay_steps"], lr=config["replay_lr"], kd_weight=config["replay_kd"],
+                anchor_weight=config["replay_anchor"], temperature=config["replay_temperature"],
+                validate_every=config["replay_validate_every"], confirm_z=config["replay_confirm_z"])
+
+
 def print_table(accuracy_by_batch, ri_per_batch, neurons):
     header = "stage | " + " | ".join(f"batch {b}" for b in range(len(accuracy_by_batch[0])))
     print(header)
@@ -617,12 +627,7 @@ def run(config, caught, how_to_continue="rerun with --resume to continue"):
     rounds = config["rounds"]
     bar = tqdm(total=config["batches"] * rounds, initial=onboarding.stage * rounds + onboarding.round,
                desc="rounds", dynamic_ncols=True)
-    replay = None
-    if config["method"] == "pfeddsh" and not config["no_replay"]:     # with --no-masks: pfedhn + replay
-        replay = dict(num_images=config["replay_images"], iterations=config["replay_iterations"],
-                      steps=config["replay_steps"], lr=config["replay_lr"], kd_weight=config["replay_kd"],
-                      anchor_weight=config["replay_anchor"], temperature=config["replay_temperature"],
-                      validate_every=config["replay_validate_every"], confirm_z=config["replay_confirm_z"])
+    replay = replay_settings(config)
 
     clock = {"start": time.time(), "last": time.time(), "rounds": []}
 
