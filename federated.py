@@ -170,7 +170,7 @@ class Server:
         self.optimizer.reset()
         if self.hypernet.gates is not None:
             self.hypernet.gates.prepare(self.hypernet, t)
-        self.free = self.free_masks(t)
+        self.free = hn.compact_masks(self.free_masks(t))
 
     def free_masks(self, t):
         """{parameter name: 0/1 mask} of the entries stage t may write; a name not listed is all free."""
@@ -246,7 +246,7 @@ class Server:
         self.bn_stats, self.label_counts = sd["bn_stats"], sd["label_counts"]
         self.faults = dict(sd["faults"])
         # The free masks depend only on the ownership buffers, which do not change within a stage.
-        self.free = self.free_masks(self.stage)
+        self.free = hn.compact_masks(self.free_masks(self.stage))
 
 
 def no_faults():
@@ -255,9 +255,14 @@ def no_faults():
 
 
 def is_finite_update(update):
-    """No NaN or Inf in the delta or the BN statistics; one host round trip for all of them, not one each."""
-    checks = [torch.isfinite(update.delta).all()] + [torch.isfinite(b).all() for b in update.bn_stats.values()]
-    return bool(torch.stack(checks).all())
+    """No NaN or Inf in the delta or the BN statistics, with one host round trip for the whole update.
+
+    x * 0 is 0 for every finite x and NaN for NaN and +-Inf, so the sum of those zeros is finite exactly
+    when every entry is (it cannot overflow, as a plain sum could); one multiply and one sum per tensor,
+    several times cheaper than torch.isfinite(x).all(), which the server paid for 61 tensors per client.
+    """
+    zeros = [(update.delta * 0).sum()] + [(b * 0).sum() for b in update.bn_stats.values() if b.is_floating_point()]
+    return bool(torch.isfinite(torch.stack(zeros).sum()))
 
 
 # ------------------------------------------------------------------------------------------------------
