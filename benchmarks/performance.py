@@ -24,7 +24,7 @@ Every line of the table is a ratio of two things measured in this process:
 Images are generated (CIFAR-10's shape and sizes, 10 balanced classes, pFedHN's 2-class split): time does
 not depend on pixel values, so no dataset is needed. The first line printed names the machine.
 
-    python benchmarks/performance.py                       # the README's table: about 15 min, idle 2-core CPU
+    python benchmarks/performance.py                       # the README's table: about 12-15 min, idle 2-core CPU
     python benchmarks/performance.py --quick               # smoke run of every part in seconds; numbers meaningless
     python benchmarks/performance.py --parts a,f --threads 2 --json perf.json
 """
@@ -301,7 +301,7 @@ def server_memory(server):
             parts["masks"].append(t)
         else:
             parts["hypernetwork"].append(t)
-    parts["masks"] += list(server.free.values())            # the stage's free-entry masks
+    parts["masks"] += [m for m in server.free.values() if torch.is_tensor(m)]   # the stage's partly free masks
     parts["optimizer state"] = [s for state in server.optimizer.state.values() for s in state.values()]
     parts["per-client state"] += [b for stats in server.bn_stats.values() for b in stats.values()]
     parts["per-client state"] += list(server.label_counts.values())
@@ -554,7 +554,8 @@ def main():
     p.add_argument("--wide-clients", type=int, default=1,
                    help="(a) clients per round at other widths (default 1: the server's share is largest with one "
                         "client, so the ratio is an upper bound for more)")
-    p.add_argument("--wide-rounds", type=int, default=2, help="(a) timed rounds at other widths (default 2)")
+    p.add_argument("--wide-rounds", type=int, default=1,
+                   help="(a) timed rounds at other widths (default 1: at width 64 one round is over a minute)")
     p.add_argument("--stages", default="1,5,10", help="(b, c) stages measured; the run has as many batches as "
                                                       "the largest (default 1,5,10)")
     p.add_argument("--memory-widths", default="16,64", help="(e) widths (16: 5 clients per batch as cpu-demo; "
