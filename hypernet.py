@@ -291,9 +291,9 @@ def pfedhn_gradients(flat_generated, deltas, params):
 
 
 def clip_gradients(grads, max_norm):
-    total = torch.sqrt(sum((g.float() ** 2).sum() for g in grads.values()))
-    factor = min(1.0, max_norm / (total.item() + 1e-12))
-    return {name: g * factor for name, g in grads.items()}, total.item()
+    total = torch.sqrt(sum((g.float() ** 2).sum() for g in grads.values())).item()    # one host round trip
+    factor = min(1.0, max_norm / (total + 1e-12))
+    return {name: g * factor for name, g in grads.items()}, total
 
 
 def compact_masks(masks):

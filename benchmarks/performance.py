@@ -368,11 +368,12 @@ def target_weights(width):
 
 
 def pfedhn_bytes(width, clients_per_round, hidden=128):
-    """What pFedHN's round needs at its peak, before anything is allocated: parameters, their gradients,
-    Adam's two moments (4 x P), Adam's temporary for its largest head, and the round's generated weights."""
+    """What pFedHN's round needs at its peak, worked out before anything is allocated: parameters, their
+    gradients and Adam's two moments (4 x P floats), the two temporaries Adam's step makes for its largest
+    head, and the round's generated weights, their concatenation, the deltas and the scaled deltas."""
     weights, largest = target_weights(width)
     params = (hidden + 1) * weights
-    return 4 * (4 * params + (hidden + 1) * largest + 2 * clients_per_round * weights)
+    return 4 * (4 * params + 2 * (hidden + 1) * largest + 4 * clients_per_round * weights)
 
 
 def largest_fitting_width(device, clients_per_round, hidden, cap=64):
@@ -589,10 +590,10 @@ def main():
         stages, memory_widths, memory_batches, f_widths, iterations, repeats = [1, 3], [4], [1, 5], ["4", "max"], 2, 1
 
     print(f"machine: {machine(args.device)}" + (" | --amp (bf16 autocast)" if args.amp else ""))
+    print(f"command: python benchmarks/performance.py {' '.join(sys.argv[1:])}".rstrip())
     print("| | what | ours | reference | ratio | target |")
     print("|---|---|---|---|---|---|")
     dataset = fake_cifar10(args.device, **sizes)
-    server = None
     if "a" in args.parts:
         for width in widths:
             cpu_demo = width == protocol(args)["width"]
@@ -624,11 +625,13 @@ def main():
             width = largest_fitting_width(args.device, config["clients_per_round"], config["hidden"],
                                           cap=8 if args.quick else 64) if w == "max" else int(w)
             if width is None:
-                print(f"(f) pFedHN's hypernetwork does not fit in this machine's memory at any width >= 8")
+                print("| (f) | pFedHN's hypernetwork does not fit in 80% of this machine's memory at any width >= 8 "
+                      "| | | | |")
                 continue
-            need = pfedhn_bytes(width, config["clients_per_round"], config["hidden"])
-            print(f"(f) width {width}: pFedHN's round needs about {mib(need)}, {mib(available_bytes(args.device))} "
-                  "available")
+            need, budget = pfedhn_bytes(width, config["clients_per_round"], config["hidden"]), 0.8 * available_bytes(
+                args.device)
+            row("f", f"pFedHN's estimated peak / 80% of the available memory (width {width})", mib(need), mib(budget),
+                need / budget, "<= 1")
             part_f(args, width, repeats)
     if args.json:
         with open(args.json, "w") as f:

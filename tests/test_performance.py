@@ -15,4 +15,4 @@ def test_quick_run_prints_every_line_and_writes_json(tmp_path):
     rows = json.loads((tmp_path / "perf.json").read_text())["rows"]
     assert {r["part"] for r in rows} == set("abcdefg")
     assert all(r["ratio"] > 0 for r in rows)
-    assert sum(r["part"] == "f" for r in rows) == 6          # two widths x (parameters, time, memory)
+    assert sum(r["part"] == "f" for r in rows) == 8      # two widths x (estimate, parameters, time, memory)
