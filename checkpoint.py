@@ -22,7 +22,8 @@ FORMAT = 2          # 2: the onboarding state is stored under "onboarding" (1 ca
 FILENAME = "checkpoint.pt"
 # Settings that say how to run, not what to compute: they may differ between a run and its resume.
 RUN_ONLY_KEYS = {"out", "overwrite", "resume", "checkpoint_every", "device", "stop_after_rounds",
-                 "preset", "preset_auto"}    # a preset only sets other keys, which are compared themselves
+                 "preset", "preset_auto",    # a preset only sets other keys, which are compared themselves
+                 "engine", "node_timeout"}   # where the clients run: the same numbers (tests/test_flower.py)
 
 
 class CheckpointError(Exception):
@@ -45,8 +46,8 @@ def save(path, state):
 def load(path, config, device, defaults=None):
     """The checkpoint at path, checked against this run's config and device; CheckpointError if unusable.
 
-    `defaults`: the value of a setting that an older checkpoint's config lacks (it did not exist then, so
-    the run had its default; --amp is one)."""
+    `defaults` (train.DEFAULTS): a setting missing from an older checkpoint did not exist then, so the run
+    had that setting's default (every new flag keeps the old behaviour by default)."""
     try:
         # weights_only: a checkpoint is data (tensors, numbers, strings), never code to run.
         state = torch.load(path, map_location=device, weights_only=True)
@@ -59,9 +60,10 @@ def load(path, config, device, defaults=None):
     except Exception as e:              # truncated zip, bad pickle, wrong type: all mean "unreadable"
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"checkpoint {path} is unreadable ({reason}); delete it to start over") from None
-    differing = differing_settings(config, dict(defaults or {}, **state["config"]))
+    theirs = dict(defaults or {}, **state["config"])
+    differing = differing_settings(config, theirs)
     if differing:
-        diffs = ", ".join(f"{k}: {state['config'].get(k)!r} there, {config.get(k)!r} here" for k in differing)
+        diffs = ", ".join(f"{k}: {theirs.get(k)!r} there, {config.get(k)!r} here" for k in differing)
         raise CheckpointError(f"checkpoint {path} was made with a different configuration ({diffs}); "
                               f"rerun with its arguments or use another --out")
     if state["device"] != str(device):

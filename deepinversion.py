@@ -230,7 +230,7 @@ def accept(gained, lost, z):
 
 
 def backward_transfer(server, t, validate, confirm, *, num_images, iterations, steps, lr, kd_weight,
-                      anchor_weight, temperature, validate_every, confirm_z, seed, progress=None):
+                      anchor_weight, temperature, validate_every, confirm_z, seed, progress=None, uploads=None):
     """After stage t: dream images from batch t's clients and use them to improve every earlier client.
 
     The server uses only what it holds: its hypernetwork, each new client's BN statistics and label
@@ -244,11 +244,17 @@ def backward_transfer(server, t, validate, confirm, *, num_images, iterations, s
     otherwise i is restored bitwise. `anchor_weight` adds KD toward i's own model before replay.
     `progress(phase, done, total)`, if given, is called as it goes: ("synthesis", iteration, iterations),
     then ("fine-tune", earlier clients done, earlier clients).
+    `uploads(cid) -> (bn_stats, label_counts)` is what the server holds of a client's statistics
+    (privacy.uploads: noisy under --bn-noise); None reads the server's copies, as without noise. The report
+    says which clients dreamed (`dreamers`, in the order of `images`).
     No defaults here: train.py's DEFAULTS are the one place the settings live.
     """
     from hypernet import ServerOptimizer, run_model   # local import: deepinversion.py stays standalone
 
     hypernet, model, gates = server.hypernet, server.model, server.hypernet.gates
+    if uploads is None:
+        def uploads(cid):
+            return server.bn_stats[cid], server.label_counts[cid]
     # A new client whose every update was dropped uploaded no statistics: there is nothing to dream from.
     new_clients = [j for j in server.batches[t] if j in server.label_counts]
     earlier = [(k, i) for k in range(t) for i in server.batches[k]]
@@ -256,9 +262,9 @@ def backward_transfer(server, t, validate, confirm, *, num_images, iterations, s
         size = server.image_size
         return {"synthesis_s": 0.0, "bn_loss_start": [], "bn_loss_end": [], "accepted": 0, "rejected": 0,
                 "skipped": len(earlier), "val_before": [], "val_after": [], "confirm": [],
-                "images": torch.zeros(0, 3, size, size), "labels": torch.zeros(0, dtype=torch.long)}
-    teachers = [Teacher(hypernet.unflatten(server.generate(j)), server.bn_stats[j], server.label_counts[j])
-                for j in new_clients]
+                "images": torch.zeros(0, 3, size, size), "labels": torch.zeros(0, dtype=torch.long),
+                "dreamers": []}
+    teachers = [Teacher(hypernet.unflatten(server.generate(j)), *uploads(j)) for j in new_clients]
     start = time.time()
     dreamed = synthesize(model, teachers, num_images=num_images, iterations=iterations, seed=seed,
                          image_size=server.image_size, amp=getattr(server, "amp", False),
@@ -281,11 +287,13 @@ def backward_transfer(server, t, validate, confirm, *, num_images, iterations, s
 
     report = {"synthesis_s": synthesis_s, "bn_loss_start": [d.bn_loss_start for d in dreamed],
               "bn_loss_end": [d.bn_loss_end for d in dreamed], "accepted": 0, "rejected": 0, "skipped": 0,
-              "val_before": [], "val_after": [], "confirm": [], "images": images, "labels": labels}
+              "val_before": [], "val_after": [], "confirm": [], "images": images, "labels": labels,
+              "dreamers": list(new_clients)}
     if progress is not None:
         progress("fine-tune", 0, len(earlier))
     for n, (k, i) in enumerate(earlier):
-        held = server.label_counts[i] > 0
+        bn_i, counts_i = uploads(i)
+        held = counts_i > 0
         keep = held.to(labels.device)[labels]
         if not keep.any():                      # no new client dreamed any class client i holds
             report["skipped"] += 1
@@ -295,7 +303,6 @@ def backward_transfer(server, t, validate, confirm, *, num_images, iterations, s
         x, y, soft = images[keep], labels[keep], teacher_logits[keep]
         classes = held.nonzero().flatten().to(x.device)
         y_local = torch.searchsorted(classes, y)       # labels as positions in i's own class list
-        bn_i = server.bn_stats[i]
         start_flat = server.generate(i)
         with torch.no_grad():
             own = run_model(model, hypernet.unflatten(start_flat), bn_i, x)[:, classes]

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 import data
 import hypernet as hn
+import privacy
 
 
 @dataclass
@@ -292,12 +293,12 @@ class OnboardingState:
 
 def onboard(server, clients, batches, *, rounds, clients_per_round, local_steps, batch_size, lr, seed,
             progress_bar=None, replay=None, onboarding=None, rng=None, after_round=None,
-            replay_progress=None):
+            replay_progress=None, bn_noise=0.0, audit=None):
     """Run every stage; returns the final OnboardingState (accuracy matrices, neurons, stage seconds, replays).
 
     `replay`: None, or the keyword arguments of deepinversion.backward_transfer, run after every stage
     t > 0 once batch t's masks are frozen; `replay_progress(phase, done, total)`, if given, hears how it
-    advances (backward_transfer's `progress`).
+    advances (backward_transfer's `progress`). `bn_noise` and `audit`: run_replay's.
     Resuming: pass the restored `onboarding` (an OnboardingState) and round-sampling `rng` (a numpy
     Generator), with the server and the clients' generators restored too. `after_round(onboarding, rng,
     stage_done)` is called after every round and after every stage (where train.py writes checkpoints and
@@ -322,7 +323,8 @@ def onboard(server, clients, batches, *, rounds, clients_per_round, local_steps,
                 after_round(p, rng, stage_done=False)
         p.neurons.append(server.end_stage(t))
         if replay is not None and t > 0:
-            p.replays.append(run_replay(server, clients, t, seed, replay, progress=replay_progress))
+            p.replays.append(run_replay(server, clients, t, seed, replay, progress=replay_progress,
+                                        bn_noise=bn_noise, audit=audit))
         seen = [cid for b in batches[:t + 1] for cid in b]
         acc = evaluate_all(server, clients, seen)
         p.accuracy.append([acc[cid][0] if cid in acc else None for cid in range(num_clients)])
@@ -334,8 +336,14 @@ def onboard(server, clients, batches, *, rounds, clients_per_round, local_steps,
     return p
 
 
-def run_replay(server, clients, t, seed, replay, progress=None):
-    """deepinversion.backward_transfer, undone when it diverged (non-finite images, BN loss or weights)."""
+def run_replay(server, clients, t, seed, replay, progress=None, bn_noise=0.0, audit=None):
+    """deepinversion.backward_transfer, undone when it diverged (non-finite images, BN loss or weights).
+
+    The server replays from what the clients uploaded: with `bn_noise` sigma > 0, their statistics and
+    label counts under Gaussian noise (privacy.uploads; 0 is the upload as it is, nothing drawn).
+    `audit(server, clients, t, report, upload)`, if given, runs afterwards on the clients' side of the line
+    (privacy.audit_replay) and its figures go into the report as `audit`; it changes nothing.
+    """
     import deepinversion
 
     # Replay writes only these: a copy undoes a divergence.
@@ -349,9 +357,10 @@ def run_replay(server, clients, t, seed, replay, progress=None):
     def confirm(cid, flat_before, flat_after):      # on client cid too: two counts back
         return clients[cid].confirm(flat_before, flat_after, server.bn_stats[cid])
 
+    upload = privacy.uploads(server, seed, bn_noise)
     replay_start = time.time()
     report = deepinversion.backward_transfer(server, t, validate, confirm, seed=seed + t, progress=progress,
-                                             **replay)
+                                             uploads=upload, **replay)
     report["replay_s"] = time.time() - replay_start
     finite = (bool(torch.isfinite(report["images"]).all())
               and all(np.isfinite(report["bn_loss_end"])) and all(bool(torch.isfinite(p).all())
@@ -362,6 +371,8 @@ def run_replay(server, clients, t, seed, replay, progress=None):
         with torch.no_grad():
             for name, p in changed.items():
                 p.copy_(saved[name])
+    if audit is not None:
+        report["audit"] = None if report["dropped"] else audit(server, clients, t, report, upload)
     return report
 
 

@@ -22,11 +22,13 @@ if sys.version_info < (3, 10):          # before anything else: the modules use 
     sys.exit(2)
 
 import argparse  # noqa: E402 (after the version check, on purpose)
+import importlib.util
 import json
 import math
 import os
 import signal
 import textwrap
+import threading
 import time
 
 import torch
@@ -41,7 +43,8 @@ DEFAULTS = dict(dataset="cifar10", data_dir="data", batches=2, clients_per_batch
                 no_replay=False, no_masks=False, adapter_budget=0.05, adapter_lr=1e-2,
                 replay_images=64, replay_iterations=200, replay_steps=30, replay_lr=3e-3, replay_kd=1.0,
                 replay_anchor=1.0, replay_temperature=2.0, replay_validate_every=3, replay_confirm_z=1.645,
-                checkpoint_every=10, amp=False)
+                bn_noise=0.0, privacy_audit=False, checkpoint_every=10, engine="local", node_timeout=600.0,
+                amp=False)
 PRESETS = {
     # The paper-scale protocol: DEFAULTS as they are. Wants a GPU.
     "paper": {},
@@ -131,6 +134,11 @@ def build_parser():
     a("--overwrite", action="store_true", help="replace results (and a checkpoint) already in --out (default off)")
     a("--resume", action="store_true", help="continue the run whose checkpoint is in --out (default off)")
     a("--checkpoint-every", type=int, help="rounds between checkpoints (also after every stage)")
+    a("--engine", choices=["local", "flower"],
+      help="local: every client in this process; flower: every client a Flower ClientApp, here in Flower's "
+           "simulation engine (pip install -r requirements-flower.txt; README)")
+    a("--node-timeout", type=float, help="flower: seconds a node has to answer a message, and a batch's nodes "
+                                         "to register; a node that does not counts as a dropped update")
     a("--amp", action="store_true", default=None,
       help="bf16 autocast for local training, evaluation and replay's synthesis; meant for CUDA (on a CPU it "
            "runs, usually slower than fp32)")
@@ -166,6 +174,14 @@ def build_parser():
     flag(r, "--replay-validate-every", type=int, help="fine-tuning steps between the client's scores")
     flag(r, "--replay-confirm-z", type=float,
          help="z of the paired test on the client's confirmation images that accepts an update")
+    v = p.add_argument_group("privacy of replay (privacy.py, docs/privacy.md)")
+    flag(v, "--bn-noise", type=float, metavar="SIGMA",
+         help="Gaussian noise sigma on the BN statistics (and sigma x n on the label counts) each client "
+              "uploads for replay, once; 0 = the upload as it is")
+    flag(v, "--privacy-audit", action="store_true", default=None,
+         help="after each replay, audit what the dreamed images and the uploaded statistics give away "
+              "(reconstruction, membership AUC; reads the new clients' images, changes nothing; "
+              "privacy_batch{t}.png)")
     return p
 
 
@@ -231,6 +247,9 @@ def parse_comparison(args, config):
         raise CliError(f"--seeds lists a seed twice: {args.seeds}")
     if "local" not in names:
         names.insert(0, "local")
+    if config["engine"] == "flower":
+        for name in names:
+            check_flower(compare.variant_config(name)["method"])
     return names, seeds
 
 
@@ -252,12 +271,17 @@ def validate(c):
                 "replay_iterations", "replay_steps", "replay_validate_every", "checkpoint_every"]:
         if c[key] < 1:
             raise CliError(f"--{key.replace('_', '-')} must be a positive integer, got {c[key]}")
-    for key in ["lr", "server_lr", "adapter_lr", "alpha", "s_max", "gate_lr", "replay_lr", "replay_temperature"]:
+    for key in ["lr", "server_lr", "adapter_lr", "alpha", "s_max", "gate_lr", "replay_lr", "replay_temperature",
+                "node_timeout"]:
         if not 0 < c[key] < math.inf:
             raise CliError(f"--{key.replace('_', '-')} must be positive and finite, got {c[key]}")
-    for key in ["sparsity", "replay_kd", "replay_anchor", "replay_confirm_z"]:
+    for key in ["sparsity", "replay_kd", "replay_anchor", "replay_confirm_z", "bn_noise"]:
         if not 0 <= c[key] < math.inf:
             raise CliError(f"--{key.replace('_', '-')} must be >= 0 and finite, got {c[key]}")
+    replays = c["method"] == "pfeddsh" and not c["no_replay"]
+    for flag, given in [("--privacy-audit", c["privacy_audit"]), ("--bn-noise", c["bn_noise"] > 0)]:
+        if given and not replays:
+            raise CliError(f"{flag} is about replay: it needs --method pfeddsh without --no-replay")
     if c["s_max"] < 1:
         raise CliError(f"--s-max must be >= 1 (the gates anneal from s = 1/s_max up to s_max), got {c['s_max']}")
     check_seed(c["seed"], "--seed")
@@ -274,6 +298,23 @@ def validate(c):
         raise CliError(f"--val-fraction must be in [0, 1), got {c['val_fraction']}")
     if c["device"] == "cuda" and not torch.cuda.is_available():
         raise CliError("--device cuda was asked for but CUDA is not available here; use --device cpu or auto")
+    if c["engine"] == "flower":
+        check_flower(c["method"], c["resume"])
+        if c["privacy_audit"]:
+            raise CliError("--privacy-audit reads the clients' training images, which stay on their Flower nodes; "
+                           "run the audit with --engine local")
+
+
+def check_flower(method, resume=False):
+    """--engine flower: Flower installed, a method whose clients only answer messages, no resume."""
+    if importlib.util.find_spec("flwr") is None:
+        raise CliError("--engine flower needs Flower, which is not installed: pip install -r requirements-flower.txt")
+    if method == "fedavg-ft":
+        raise CliError("--engine flower cannot run fedavg-ft: its evaluation fine-tunes each client with a "
+                       "generator the server makes, which a message cannot carry; use --engine local")
+    if resume:
+        raise CliError("--engine flower keeps no checkpoint (the clients' generators live on their nodes), "
+                       "so there is nothing to --resume")
 
 
 def check_seed(seed, flag):
@@ -370,7 +411,6 @@ def build(config, device, dataset=None):
     generated images of CIFAR-10's shape, so it needs no download."""
     import data
     import federated as fl
-    import hypernet as hn
 
     torch.manual_seed(config["seed"])
     if dataset is None:
@@ -380,24 +420,26 @@ def build(config, device, dataset=None):
     splits = data.partition(dataset.y_train, dataset.y_test, num_clients, dataset.num_classes,
                             scheme=config["partition"], classes_per_client=classes_per_client,
                             alpha=config["alpha"], val_fraction=config["val_fraction"], seed=config["seed"])
-    batches = data.assign_batches(num_clients, config["batches"], config["seed"])
-    model = hn.ResNet18(dataset.num_classes, config["width"]).to(device)
-    server, layout = build_server(config, model, batches, dataset.image_size, device)
+    server, batches, model, layout = build_server(config, device, dataset.num_classes, dataset.image_size)
     clients = [fl.Client(cid, dataset, splits[cid], model, layout.unflatten, layout.flatten, config["seed"],
                          amp=config["amp"])
                for cid in range(num_clients)]
     return dataset, clients, server, batches, model
 
 
-def build_server(config, model, batches, image_size, device):
-    """The server config["method"] runs (or the baseline standing in for it) and the weight layout of its
-    clients; random draws in the same order as always, so a run's results do not depend on this split."""
+def build_server(config, device, num_classes, image_size):
+    """The server (or a baseline standing in for it), its target model and the batches: no data needed,
+    so a Flower server (--engine flower) builds only this. Called right after torch.manual_seed(seed):
+    the model's and hypernetwork's initial values come from torch's global generator."""
     import baselines
+    import data
     import federated as fl
     import hypernet as hn
     import masks
 
-    num_clients = sum(len(b) for b in batches)
+    num_clients = config["batches"] * config["clients_per_batch"]
+    batches = data.assign_batches(num_clients, config["batches"], config["seed"])
+    model = hn.ResNet18(num_classes, config["width"]).to(device)
     method = config["method"]
     if method in ("local", "fedavg", "fedavg-ft"):
         layout = hn.WeightLayout(model)
@@ -422,17 +464,7 @@ def build_server(config, model, batches, image_size, device):
                               server_lr=config["server_lr"], sparsity=config["sparsity"],
                               adapter_lr=config["adapter_lr"],
                               image_size=image_size, amp=config["amp"])
-    return server, layout
-
-
-def replay_settings(config):
-    """deepinversion.backward_transfer's keyword arguments, or None when the method does not replay."""
-    if config["method"] != "pfeddsh" or config["no_replay"]:      # with --no-masks: pfedhn + replay
-        return None
-    return dict(num_images=config["replay_images"], iterations=config["replay_iterations"],
-                steps=config["replay_steps"], lr=config["replay_lr"], kd_weight=config["replay_kd"],
-                anchor_weight=config["replay_anchor"], temperature=config["replay_temperature"],
-                validate_every=config["replay_validate_every"], confirm_z=config["replay_confirm_z"])
+    return server, batches, model, layout
 
 
 def print_table(accuracy_by_batch, ri_per_batch, neurons):
@@ -467,21 +499,42 @@ def plot_neurons(neurons, path):
     plt.close(fig)
 
 
-def report_replay(report, t, dataset, out, write=print):
+def report_replay(report, t, mean, std, out, write=print):
     """Write stage t's synthetic images to a png and drop them from the report (results.json holds numbers)."""
     import deepinversion
 
     images = report.pop("images")
-    report.pop("labels")
+    report.pop("labels"), report.pop("dreamers")
     if len(images) == 0:
         write(f"replay after stage {t}: no new client uploaded statistics (all their updates were dropped)")
         return
-    deepinversion.save_grid(images[:128], dataset.mean, dataset.std, os.path.join(out, f"synthetic_batch{t}.png"))
+    deepinversion.save_grid(images[:128], mean, std, os.path.join(out, f"synthetic_batch{t}.png"))
     write(f"replay after stage {t}: {report['replay_s']:.1f} s (synthesis {report['synthesis_s']:.1f} s), "
           f"BN loss {sum(report['bn_loss_start']) / len(report['bn_loss_start']):.2f} -> "
           f"{sum(report['bn_loss_end']) / len(report['bn_loss_end']):.2f}, updates accepted "
           f"{report['accepted']}, rejected {report['rejected']}, skipped {report['skipped']}"
           + (" -- DIVERGED (non-finite), undone" if report["dropped"] else ""))
+    if report.get("audit"):
+        write(audit_line(report["audit"], t))
+
+
+def audit_line(figures, t):
+    """The privacy audit in one line: membership AUCs, and how often dreams sit nearer training images."""
+    aucs = ", ".join(f"{name} {m['auc']:.3f} [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}]"
+                     for name, m in figures["membership"].items())
+    px, ft = figures["reconstruction"]["pixel"], figures["reconstruction"]["feature"]
+    return (f"privacy audit after stage {t} ({figures['audit_s']:.1f} s): membership AUC (0.5 = nothing leaks) "
+            f"{aucs}; dreams nearer a training than a held-out image: pixel {px['nearest_is_train']:.0%}, "
+            f"feature {ft['nearest_is_train']:.0%} (chance 50%); closer than chance: pixel "
+            f"{px['closer_than_chance']:.0%}, feature {ft['closer_than_chance']:.0%} (chance 5%)")
+
+
+def replay_settings(config):
+    """The keyword arguments of deepinversion.backward_transfer, from the config."""
+    return dict(num_images=config["replay_images"], iterations=config["replay_iterations"],
+                steps=config["replay_steps"], lr=config["replay_lr"], kd_weight=config["replay_kd"],
+                anchor_weight=config["replay_anchor"], temperature=config["replay_temperature"],
+                validate_every=config["replay_validate_every"], confirm_z=config["replay_confirm_z"])
 
 
 def estimate_seconds(config, round_s, rounds_left, replay_stages):
@@ -508,8 +561,10 @@ def run_name(config):
                           and config["adapter_budget"] == 0))
 
 
-def main(argv=None):
-    """Parse, build, (resume,) train, write results.json. Signals are handled only while this runs."""
+def main(argv=None, grid=None):
+    """Parse, build, (resume,) train, write results.json. Signals are handled only while this runs.
+
+    `grid`: a Flower Grid, when this runs as the ServerApp of a real SuperLink (flower_app.py)."""
     caught = []
 
     def on_signal(signum, frame):
@@ -518,19 +573,21 @@ def main(argv=None):
                               "is kept", 128 + signum)
         caught.append(signum)
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    # Only the main thread may set handlers (a Flower ServerApp may run in another): there, no handlers.
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
     try:
         config, comparison = resolve_config(sys.argv[1:] if argv is None else argv)
         print(describe_protocol(config))
         if comparison is not None:
-            return run_comparison(config, *comparison, caught, argv)
-        return run(config, caught)
+            return run_comparison(config, *comparison, caught, argv, grid=grid)
+        return run(config, caught, grid=grid)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
 
 
-def run_comparison(config, names, seeds, caught, argv):
+def run_comparison(config, names, seeds, caught, argv, grid=None):
     """Every (method, seed) into <out>/<method>-s<seed>, then the report (compare.py)."""
     import checkpoint
     import compare
@@ -552,11 +609,12 @@ def run_comparison(config, names, seeds, caught, argv):
                                    f"use another --out, or --overwrite to rerun every method")
                 print(f"== {name}, seed {seed}: finished earlier, reusing {results_path}")
             else:
-                run_config["resume"] = (not config["overwrite"]
+                run_config["resume"] = (not config["overwrite"] and config["engine"] != "flower"
                                         and os.path.exists(os.path.join(run_config["out"], checkpoint.FILENAME)))
                 print(f"== {name}, seed {seed}" + (": resuming" if run_config["resume"] else ""))
                 results = run(run_config, caught, how_to_continue="rerun the same command to continue "
-                                                                  "(finished runs are reused, this one resumes)")
+                                                                  "(finished runs are reused, this one resumes)",
+                              grid=grid)
             runs.setdefault(name, []).append(results)
     command = "python train.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print(compare.write_report(out, runs, command))
@@ -564,7 +622,9 @@ def run_comparison(config, names, seeds, caught, argv):
     return runs
 
 
-def run(config, caught, how_to_continue="rerun with --resume to continue"):
+def run(config, caught, how_to_continue="rerun with --resume to continue", grid=None):
+    """One run. With --engine flower the clients are Flower nodes (flower_app.py): simulated in this
+    process, or, given a Flower `grid`, the nodes of a real SuperLink; the server and the loop are the same."""
     import checkpoint
     import compare
     import data
@@ -594,10 +654,21 @@ def run(config, caught, how_to_continue="rerun with --resume to continue"):
             state = checkpoint.load(checkpoint_path, config, device, defaults=DEFAULTS)
         except checkpoint.CheckpointError as e:
             raise CliError(str(e)) from None
+    flower = config["engine"] == "flower"
     try:
-        dataset, clients, server, batches, model = build(config, device)
+        if flower:      # the server holds no data: the nodes do (and report their sizes)
+            if grid is None and importlib.util.find_spec("ray") is None:
+                raise CliError("--engine flower simulates the nodes with Ray, which is missing: "
+                               "pip install -r requirements-flower.txt")
+            torch.manual_seed(config["seed"])
+            image_size = 64 if config["dataset"] == "tinyimagenet" else 32
+            server, batches, model, _ = build_server(config, device, data.DATASETS[config["dataset"]], image_size)
+            dataset, clients = None, None
+        else:
+            dataset, clients, server, batches, model = build(config, device)
     except data.DataError as e:
         raise CliError(str(e)) from None
+    nodes = None        # --engine flower: flower_app.Nodes, once the nodes are reached
     onboarding, rng = fl.OnboardingState(), None
     if state is not None:
         try:
@@ -612,7 +683,7 @@ def run(config, caught, how_to_continue="rerun with --resume to continue"):
         raise CliError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
 
     hypernet = getattr(server, "hypernet", None)
-    print(f"{run_name(config)} on {config['dataset']} | device {device} | {len(clients)} clients in "
+    print(f"{run_name(config)} on {config['dataset']} | device {device} | {sum(map(len, batches))} clients in "
           f"{len(batches)} batches | ResNet-18 width {config['width']}: "
           f"{hn.count_parameters(model) / 1e6:.2f} M weights"
           + (f", hypernetwork {hn.count_parameters(hypernet) / 1e6:.2f} M parameters" if hypernet else "")
@@ -627,7 +698,22 @@ def run(config, caught, how_to_continue="rerun with --resume to continue"):
     rounds = config["rounds"]
     bar = tqdm(total=config["batches"] * rounds, initial=onboarding.stage * rounds + onboarding.round,
                desc="rounds", dynamic_ncols=True)
-    replay = replay_settings(config)
+    replay = None
+    if config["method"] == "pfeddsh" and not config["no_replay"]:     # with --no-masks: pfedhn + replay
+        replay = replay_settings(config)
+
+    audit = None
+    if replay is not None and config["privacy_audit"]:
+        import deepinversion
+        import privacy
+
+        def audit(server, clients, t, report, upload):
+            """privacy.audit_replay, with its grid written next to the synthetic images."""
+            figures, grid = privacy.audit_replay(server, clients, dataset, t, report, upload, seed=config["seed"])
+            if grid is not None:
+                deepinversion.save_grid(grid, dataset.mean, dataset.std, os.path.join(out, f"privacy_batch{t}.png"),
+                                        nrow=len(grid) // (2 * len(report["dreamers"])))
+            return figures
 
     clock = {"start": time.time(), "last": time.time(), "rounds": []}
 
@@ -648,12 +734,17 @@ def run(config, caught, how_to_continue="rerun with --resume to continue"):
                            f"{duration(total)} in all" + (", replay included" if replay_stages else ""))
         clock["last"] = now
         if stage_done and onboarding.replays and "images" in onboarding.replays[-1]:
-            report_replay(onboarding.replays[-1], onboarding.stage - 1, dataset, out, write=tqdm.write)
+            mean, std = flower_app.channel_stats(nodes) if flower else (dataset.mean, dataset.std)
+            report_replay(onboarding.replays[-1], onboarding.stage - 1, mean, std, out, write=tqdm.write)
         done = onboarding.stage * rounds + onboarding.round
         if not stage_done and done == config["stop_after_rounds"]:
             os.kill(os.getpid(), signal.SIGINT)         # handled by on_signal right here, like a real Ctrl-C
-        if stage_done or caught or done % config["checkpoint_every"] == 0:
+        # The flower engine keeps no checkpoint: the clients' generators live on their nodes.
+        if not flower and (stage_done or caught or done % config["checkpoint_every"] == 0):
             checkpoint.save(checkpoint_path, checkpoint.capture(config, device, server, clients, rng, onboarding))
+        if caught and flower:
+            raise Interrupted(f"interrupted ({signal.Signals(caught[0]).name}): the flower engine keeps no "
+                              "checkpoint; rerun to start over", 128 + caught[0])
         if caught:
             bar.close()
             where = (f"after stage {onboarding.stage - 1}" if onboarding.round == 0
@@ -678,11 +769,20 @@ def run(config, caught, how_to_continue="rerun with --resume to continue"):
             replay_bar["bar"].close()
             replay_bar["bar"] = replay_bar["phase"] = None
 
-    onboarding = fl.onboard(
-        server, clients, batches, rounds=rounds, clients_per_round=config["clients_per_round"],
-        local_steps=config["local_steps"], batch_size=config["batch_size"], lr=config["lr"],
-        seed=config["seed"], progress_bar=bar, replay=replay, onboarding=onboarding, rng=rng,
-        after_round=after_round, replay_progress=on_replay)
+    def train(these_clients, these_nodes=None):
+        nonlocal clients, nodes
+        clients, nodes = these_clients, these_nodes
+        return fl.onboard(
+            server, clients, batches, rounds=rounds, clients_per_round=config["clients_per_round"],
+            local_steps=config["local_steps"], batch_size=config["batch_size"], lr=config["lr"],
+            seed=config["seed"], progress_bar=bar, replay=replay, onboarding=onboarding, rng=rng,
+            after_round=after_round, replay_progress=on_replay, bn_noise=config["bn_noise"], audit=audit)
+
+    if flower:
+        import flower_app
+        onboarding = flower_app.run(config, batches, train, device, grid=grid)
+    else:
+        onboarding = train(clients)
     bar.close()
     accuracy, neurons, stage_seconds, replays = (onboarding.accuracy, onboarding.neurons, onboarding.stage_seconds,
                                                  onboarding.replays)
@@ -691,8 +791,9 @@ def run(config, caught, how_to_continue="rerun with --resume to continue"):
     m = fl.metrics(accuracy, batches, test_sizes)
     print_table(m["batch_acc"], m["ri_per_batch"], neurons)
     print(f"mean accuracy {m['mean_acc']:.4f} (weighted {m['weighted_acc']:.4f}), RI {m['ri']:+.4f}")
-    if any(server.faults.values()):
-        print("numerical faults survived: " + ", ".join(f"{k} {v}" for k, v in server.faults.items()))
+    faults = dict(server.faults, **(nodes.faults if nodes is not None else {}))
+    if any(faults.values()):
+        print("faults survived: " + ", ".join(f"{k} {v}" for k, v in faults.items()))
     if neurons[-1] is not None:
         plot_neurons(neurons, os.path.join(out, "neurons.png"))
         if neurons[-1]["owned"] == 1.0:
@@ -703,7 +804,7 @@ def run(config, caught, how_to_continue="rerun with --resume to continue"):
                "val_metrics": fl.metrics(onboarding.val_accuracy, batches, test_sizes),
                "neurons": neurons if neurons[-1] is not None else None,
                "test_sizes": test_sizes, "time_s": stage_seconds, "device": str(device),
-               "replay_s": [r["replay_s"] for r in replays], "replay": replays, "faults": dict(server.faults)}
+               "replay_s": [r["replay_s"] for r in replays], "replay": replays, "faults": faults}
     tmp = results_path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(results, f, indent=1)
@@ -713,22 +814,28 @@ def run(config, caught, how_to_continue="rerun with --resume to continue"):
     return results
 
 
-if __name__ == "__main__":
+def cli(argv=None, grid=None):
+    """main() as a program: returns the exit code; a user mistake or a signal is one line on stderr."""
     try:
-        main()
+        main(argv, grid)
+        return 0
     except CliError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     except Interrupted as e:
         print(e, file=sys.stderr)
-        sys.exit(e.code)
+        return e.code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        return 130
     except (MemoryError, RuntimeError) as e:      # the estimate let it through, the allocator did not
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if not isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) and "allocate" not in first:
             raise
         print(f"error: out of memory ({first}): use a smaller --width, --batch-size or --replay-images "
               "(a checkpoint, if one was written, is kept for --resume)", file=sys.stderr)
-        sys.exit(2)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

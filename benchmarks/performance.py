@@ -215,7 +215,7 @@ def part_a(args, dataset, width, local_steps, clients_per_round, rounds, warmup_
 def part_bc(args, dataset, stages, rounds):
     config = protocol(args, batches=max(stages))
     _, clients, server, batches, _ = train.build(config, args.device, dataset)
-    replay = train.replay_settings(config)
+    replay = train.replay_settings(config)          # the cpu-demo replay, as train.py runs it for pfeddsh
     steps, batch_size, lr = config["local_steps"], config["batch_size"], config["lr"]
     round_s = {}
     for t, batch in enumerate(batches):
@@ -244,7 +244,7 @@ def part_bc(args, dataset, stages, rounds):
         evaluation = clock(args.device) - start
         row("c", f"evaluation of {sum(map(len, batches[:t + 1]))} clients after stage {t + 1} / the stage's "
                  f"{config['rounds']} rounds", seconds(evaluation), seconds(stage_s), evaluation / stage_s)
-        if t > 0 and replay is not None:
+        if t > 0:
             start = clock(args.device)
             report = fl.run_replay(server, clients, t, config["seed"], replay)
             replayed = clock(args.device) - start
@@ -322,9 +322,8 @@ def part_e(args, width, clients_per_batch, batch_counts):
     first = None
     for num_batches in batch_counts:
         config = protocol(args, width=width, batches=num_batches, clients_per_batch=clients_per_batch)
-        batches = [list(range(t * clients_per_batch, (t + 1) * clients_per_batch)) for t in range(num_batches)]
-        model = hn.ResNet18(10, width).to(args.device)
-        server, _ = train.build_server(config, model, batches, 32, args.device)
+        torch.manual_seed(0)
+        server, _, model, _ = train.build_server(config, args.device, 10, 32)
         server.begin_stage(0)
         for cid in server.batch_of:                         # what a finished run holds for every client
             server.label_counts[cid] = torch.zeros(10, dtype=torch.long)
@@ -395,18 +394,13 @@ def time_rounds(device, one_round, rounds):
 def part_f(args, width, rounds):
     config = protocol(args, width=width)
     n = config["clients_per_round"]
-    per_batch = config["clients_per_batch"]
-    batches = [list(range(per_batch)), list(range(per_batch, 2 * per_batch))]
-    num_clients = sum(map(len, batches))
     torch.manual_seed(0)
-    model = hn.ResNet18(10, width).to(args.device)
-    weights = hn.count_parameters(model)
-    deltas = 1e-3 * torch.randn(n, weights, device=args.device)     # what the clients would send back
-    ids = batches[0][:n]
-
     # Ours, as pfeddsh runs it: gates, adapters, client offsets, the masked Adam (federated.Server).
-    server, _ = train.build_server(config, model, batches, 32, args.device)
+    server, batches, model, _ = train.build_server(config, args.device, 10, 32)
     server.begin_stage(0)
+    num_clients, weights = len(server.batch_of), hn.count_parameters(model)
+    deltas = 1e-3 * torch.randn(n, weights, device=args.device)     # what the clients would send back
+    ids = sorted(batches[0][:n])
     updates = [fl.ClientUpdate(deltas[k], {k_: b.clone() for k_, b in server.bn_stats[c].items()},
                                torch.zeros(10, dtype=torch.long), 0.0) for k, c in enumerate(ids)]
 

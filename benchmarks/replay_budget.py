@@ -35,7 +35,7 @@ def replay_once(run_dir, iterations, images):
     device = torch.device("cpu")
     state = checkpoint.load(os.path.join(run_dir, checkpoint.FILENAME), config, device)
     _, clients, server, batches, _ = train.build(config, device)
-    checkpoint.restore(state, server, clients, fl.Progress)
+    checkpoint.restore(state, server, clients, fl.OnboardingState)
     t = len(batches) - 1
     earlier = [c for b in batches[:t] for c in b]
     before = {c: clients[c].evaluate(server.generate(c), server.bn_stats[c], "val")[0] for c in earlier}

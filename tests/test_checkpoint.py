@@ -108,6 +108,19 @@ def test_truncated_checkpoint_is_refused_and_left_alone(tiny_data_dir, tmp_path,
     assert (tmp_path / "results.json").read_bytes() == (reference[0] / "results.json").read_bytes()
 
 
+def test_checkpoint_from_before_a_setting_existed_resumes_with_its_default(tiny_data_dir, tmp_path, reference):
+    # A checkpoint written before --bn-noise and --privacy-audit existed has no such keys: it ran with
+    # their defaults, so it is the same configuration, not another one.
+    state = torch.load(reference[0] / "checkpoint.pt", weights_only=True)
+    for key in ("bn_noise", "privacy_audit"):
+        del state["config"][key]
+    torch.save(state, tmp_path / "checkpoint.pt")
+    resumed = train.main(args(tiny_data_dir, tmp_path, "--resume"))
+    assert comparable(resumed) == comparable(reference[1])
+    done = cli(*args(tiny_data_dir, tmp_path, "--resume", "--bn-noise", "0.5"))     # but not another value
+    assert done.returncode == 2 and "bn_noise: 0.0 there, 0.5 here" in done.stderr, done.stderr
+
+
 @pytest.mark.parametrize("case", ["different config", "no checkpoint"])
 def test_resume_refuses_with_one_line(case, tiny_data_dir, tmp_path, reference):
     if case == "different config":

@@ -121,6 +121,10 @@ BAD_INPUT = {
     "batch too large for memory": (["--batch-size", "10000000000"], "the largest part is client training"),
     "infinite lr": (["--lr", "inf"], "--lr must be positive and finite"),
     "more clients than test images": (["--batches", "100000000"], "more than the data supports"),
+    "negative --bn-noise": (["--bn-noise", "-0.1"], "--bn-noise must be >= 0 and finite"),
+    "--bn-noise not a number": (["--bn-noise", "nan"], "--bn-noise must be >= 0 and finite"),
+    "--bn-noise without replay": (["--bn-noise", "0.1", "--no-replay"], "--bn-noise is about replay"),
+    "--privacy-audit of a baseline": (["--privacy-audit", "--method", "fedavg"], "--privacy-audit is about replay"),
 }
 
 
