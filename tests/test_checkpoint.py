@@ -109,10 +109,10 @@ def test_truncated_checkpoint_is_refused_and_left_alone(tiny_data_dir, tmp_path,
 
 
 def test_checkpoint_from_before_a_setting_existed_resumes_with_its_default(tiny_data_dir, tmp_path, reference):
-    # A checkpoint written before --bn-noise and --privacy-audit existed has no such keys: it ran with
-    # their defaults, so it is the same configuration, not another one.
+    # A checkpoint written before --bn-noise, --privacy-audit and --amp existed has no such keys: it ran
+    # with their defaults, so it is the same configuration, not another one.
     state = torch.load(reference[0] / "checkpoint.pt", weights_only=True)
-    for key in ("bn_noise", "privacy_audit"):
+    for key in ("bn_noise", "privacy_audit", "amp"):
         del state["config"][key]
     torch.save(state, tmp_path / "checkpoint.pt")
     resumed = train.main(args(tiny_data_dir, tmp_path, "--resume"))
@@ -169,17 +169,3 @@ def test_diverged_replay_is_undone_and_counted(tiny_data_dir, tmp_path, monkeypa
     # Masks keep batch 0 exactly where stage 0 left it, and the undone replay changed nothing either.
     assert [results["accuracy"][1][c] for c in batch0] == [results["accuracy"][0][c] for c in batch0]
 
-
-def test_a_setting_an_older_checkpoint_lacks_counts_as_its_default(tmp_path):
-    """A checkpoint written before --amp existed resumes: its run had the default, amp off."""
-    import checkpoint
-    config = dict(train.DEFAULTS, preset="cpu-demo")
-    older = {k: v for k, v in config.items() if k != "amp"}
-    path = str(tmp_path / checkpoint.FILENAME)
-    checkpoint.save(path, {"format": checkpoint.FORMAT, "config": older, "device": "cpu", "server": {}, "rng": {},
-                           "onboarding": {}})
-    assert checkpoint.load(path, config, torch.device("cpu"), defaults=train.DEFAULTS)["config"] == older
-    with pytest.raises(checkpoint.CheckpointError, match="amp"):
-        checkpoint.load(path, config, torch.device("cpu"))
-    with pytest.raises(checkpoint.CheckpointError, match="amp"):       # an amp run is another run
-        checkpoint.load(path, dict(config, amp=True), torch.device("cpu"), defaults=train.DEFAULTS)
