@@ -145,6 +145,7 @@ def synthesize(model, clients, *, num_images=64, iterations=200, lr=0.1, bn_weig
     same as C separate runs (up to sharing the jitter/flip draws). `student` (x -> logits) is ADI's
     competitor, called on all clients' images at once; `vmap=False` loops over clients instead.
     `amp`: the teachers' forward and backward under bf16 autocast (the pixels and the losses stay fp32).
+    `progress(iteration, loss)`, if given, hears every iteration; loss is the summed loss as a 0-d tensor.
     """
     clients = [c if isinstance(c, Teacher) else Teacher(*c) for c in clients]
     device = torch.device(device) if device is not None else next(iter(clients[0].weights.values())).device
@@ -194,8 +195,8 @@ def synthesize(model, clients, *, num_images=64, iterations=200, lr=0.1, bn_weig
                 x.grad, = torch.autograd.grad(loss.sum(), [x])
                 optimizer.step()
                 history.append(loss.detach())
-                if progress is not None:                 # .item() syncs a GPU: only when asked
-                    progress(it, loss.sum().item())
+                if progress is not None:     # the loss as a tensor: float() on it would sync a GPU every iteration
+                    progress(it, loss.detach().sum())
             with torch.no_grad():
                 _, bn_end = teacher_forward(model, weights, bn_stats, best, losses, vmap)
     finally:
