@@ -39,7 +39,7 @@ import federated as fl
 
 # What a client needs to build its own data: the same split on every node (train.py's settings).
 SETUP_KEYS = ("dataset", "data_dir", "batches", "clients_per_batch", "classes_per_client", "partition", "alpha",
-              "val_fraction", "seed", "width")
+              "val_fraction", "seed", "width", "amp")     # amp: the nodes train and evaluate under --amp too
 
 
 def to_record(tensors):
@@ -91,7 +91,7 @@ def local_client(message, context):
         if not 0 <= cid < len(splits):
             raise ValueError(f"client id {cid} is not one of this run's {len(splits)} clients")
         _CLIENTS[key, cid] = fl.Client(cid, dataset, splits[cid], model, layout.unflatten, layout.flatten,
-                                       setup["seed"])
+                                       setup["seed"], amp=bool(setup.get("amp", False)))
     client = _CLIENTS[key, cid]
     # The node's Context outlives this process: the generator goes on from where the last message left it,
     # so the client draws the same minibatches as in one process.

@@ -15,6 +15,7 @@ Owns three things, in reading order:
 
 pFedHN: Shamsian et al., "Personalized Federated Learning using Hypernetworks", ICML 2021.
 """
+import contextlib
 import math
 
 import torch
@@ -104,6 +105,14 @@ def run_model(model, weights, bn_stats, x):
     bn_stats tensors are what gets updated: exactly the statistics DeepInversion later inverts.
     """
     return functional_call(model, (weights, bn_stats), (x,))
+
+
+def autocast(device, enabled):
+    """bf16 autocast for --amp; when off, no autocast context at all, so fp32 runs stay bitwise as they were.
+
+    bf16 rather than fp16: the same exponent range as fp32, so no loss scaling is needed.
+    """
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -275,15 +284,27 @@ def pfedhn_gradients(flat_generated, deltas, params):
     delta's start, i.e. a gradient step pulls the generated weights toward the trained ones.
     """
     n = flat_generated.shape[0]
-    grads = torch.autograd.grad(flat_generated, list(params.values()), grad_outputs=-deltas / n,
+    # deltas / -n is bitwise -deltas / n (IEEE division is symmetric in sign) with one pass less.
+    grads = torch.autograd.grad(flat_generated, list(params.values()), grad_outputs=deltas / -n,
                                 allow_unused=True)
     return {name: (torch.zeros_like(p) if g is None else g) for (name, p), g in zip(params.items(), grads)}
 
 
 def clip_gradients(grads, max_norm):
-    total = torch.sqrt(sum((g.float() ** 2).sum() for g in grads.values()))
-    factor = min(1.0, max_norm / (total.item() + 1e-12))
-    return {name: g * factor for name, g in grads.items()}, total.item()
+    total = torch.sqrt(sum((g.float() ** 2).sum() for g in grads.values())).item()    # one host round trip
+    factor = min(1.0, max_norm / (total + 1e-12))
+    return {name: g * factor for name, g in grads.items()}, total
+
+
+def compact_masks(masks):
+    """{name: 0/1 mask} -> the same with an all-zero mask as False, an all-one mask as True and the others
+    as bool tensors: what ServerOptimizer.step reads fastest. Worked out once per stage, since the masks
+    change only when a stage begins (from batch 1 on the shared base alone is 0.70 M frozen entries at width 16)."""
+    compact = {}
+    for name, m in masks.items():
+        on = m > 0
+        compact[name] = False if not on.any() else (True if on.all() else on)
+    return compact
 
 
 class ServerOptimizer:
@@ -309,10 +330,16 @@ class ServerOptimizer:
 
     @torch.no_grad()
     def step(self, grads, free):
+        """`free[name]`: a 0/1 (or bool) mask of the entries that may move; False: none may (the tensor is
+        skipped, which leaves it and its state exactly as a mask of zeros would); True or absent: all may."""
         self.steps += 1
         beta1, beta2 = self.betas
         for name, p in self.params.items():
-            is_free = free[name] > 0 if name in free else torch.ones_like(p, dtype=torch.bool)
+            is_free = free.get(name, True)
+            if is_free is False:
+                continue
+            if is_free is not True and is_free.dtype != torch.bool:
+                is_free = is_free > 0
             g = grads[name] + self.weight_decay * p
             m, v = self.state[name]["m"], self.state[name]["v"]
             lr = self.lr_of.get(name, self.lr)
@@ -326,9 +353,14 @@ class ServerOptimizer:
                 m_new = self.momentum * m + g
                 v_new = v
                 update = lr * m_new
-            m.copy_(torch.where(is_free, m_new, m))
-            v.copy_(torch.where(is_free, v_new, v))
-            p.copy_(torch.where(is_free, p - update, p))
+            if is_free is True:                 # torch.where with an all-true mask, without the passes
+                m.copy_(m_new)
+                v.copy_(v_new)
+                p.sub_(update)
+            else:
+                m.copy_(torch.where(is_free, m_new, m))
+                v.copy_(torch.where(is_free, v_new, v))
+                p.copy_(torch.where(is_free, p - update, p))
 
     def state_dict(self):
         return {"state": self.state, "steps": self.steps}

@@ -43,7 +43,8 @@ DEFAULTS = dict(dataset="cifar10", data_dir="data", batches=2, clients_per_batch
                 no_replay=False, no_masks=False, adapter_budget=0.05, adapter_lr=1e-2,
                 replay_images=64, replay_iterations=200, replay_steps=30, replay_lr=3e-3, replay_kd=1.0,
                 replay_anchor=1.0, replay_temperature=2.0, replay_validate_every=3, replay_confirm_z=1.645,
-                bn_noise=0.0, privacy_audit=False, checkpoint_every=10, engine="local", node_timeout=600.0)
+                bn_noise=0.0, privacy_audit=False, checkpoint_every=10, engine="local", node_timeout=600.0,
+                amp=False)
 PRESETS = {
     # The paper-scale protocol: DEFAULTS as they are. Wants a GPU.
     "paper": {},
@@ -138,6 +139,9 @@ def build_parser():
            "simulation engine (pip install -r requirements-flower.txt; README)")
     a("--node-timeout", type=float, help="flower: seconds a node has to answer a message, and a batch's nodes "
                                          "to register; a node that does not counts as a dropped update")
+    a("--amp", action="store_true", default=None,
+      help="bf16 autocast for local training, evaluation and replay's synthesis; meant for CUDA (on a CPU it "
+           "runs, usually slower than fp32)")
     # Testing only: send SIGINT to ourselves after this many rounds in all, so a kill is deterministic.
     p.add_argument("--stop-after-rounds", type=int, help=argparse.SUPPRESS)
     g = p.add_argument_group("hypernetwork and masks")
@@ -400,20 +404,25 @@ def check_memory(config, device):
     return needed
 
 
-def build(config, device):
-    """Data, clients, target model and server (or a baseline standing in for it), all from one config."""
+def build(config, device, dataset=None):
+    """Data, clients, target model and server (or a baseline standing in for it), all from one config.
+
+    `dataset` (a data.Dataset) replaces the one the config names: benchmarks/performance.py passes
+    generated images of CIFAR-10's shape, so it needs no download."""
     import data
     import federated as fl
 
     torch.manual_seed(config["seed"])
-    dataset = data.load_dataset(config["dataset"], config["data_dir"], device=device)
+    if dataset is None:
+        dataset = data.load_dataset(config["dataset"], config["data_dir"], device=device)
     num_clients = config["batches"] * config["clients_per_batch"]
     classes_per_client = config["classes_per_client"] or data.DEFAULT_CLASSES_PER_CLIENT[config["dataset"]]
     splits = data.partition(dataset.y_train, dataset.y_test, num_clients, dataset.num_classes,
                             scheme=config["partition"], classes_per_client=classes_per_client,
                             alpha=config["alpha"], val_fraction=config["val_fraction"], seed=config["seed"])
     server, batches, model, layout = build_server(config, device, dataset.num_classes, dataset.image_size)
-    clients = [fl.Client(cid, dataset, splits[cid], model, layout.unflatten, layout.flatten, config["seed"])
+    clients = [fl.Client(cid, dataset, splits[cid], model, layout.unflatten, layout.flatten, config["seed"],
+                         amp=config["amp"])
                for cid in range(num_clients)]
     return dataset, clients, server, batches, model
 
@@ -454,7 +463,7 @@ def build_server(config, device, num_classes, image_size):
         server = server_class(hypernet, model, batches, optimizer=config["server_optimizer"],
                               server_lr=config["server_lr"], sparsity=config["sparsity"],
                               adapter_lr=config["adapter_lr"],
-                              image_size=image_size)
+                              image_size=image_size, amp=config["amp"])
     return server, batches, model, layout
 
 
@@ -684,6 +693,8 @@ def run(config, caught, how_to_continue="rerun with --resume to continue", grid=
              f"({hypernet.client_offsets.shape[1] / hypernet.num_weights:.1%})"
              if hypernet is not None and hypernet.adapters is not None else "")
           + (f" | resumed at stage {onboarding.stage} round {onboarding.round}" if config["resume"] else ""))
+    if config["amp"] and device.type == "cpu":
+        print("note: --amp on a CPU runs bf16 autocast, usually slower than fp32 there; it is meant for CUDA")
     rounds = config["rounds"]
     bar = tqdm(total=config["batches"] * rounds, initial=onboarding.stage * rounds + onboarding.round,
                desc="rounds", dynamic_ncols=True)

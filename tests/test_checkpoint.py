@@ -109,10 +109,10 @@ def test_truncated_checkpoint_is_refused_and_left_alone(tiny_data_dir, tmp_path,
 
 
 def test_checkpoint_from_before_a_setting_existed_resumes_with_its_default(tiny_data_dir, tmp_path, reference):
-    # A checkpoint written before --bn-noise and --privacy-audit existed has no such keys: it ran with
-    # their defaults, so it is the same configuration, not another one.
+    # A checkpoint written before --bn-noise, --privacy-audit and --amp existed has no such keys: it ran
+    # with their defaults, so it is the same configuration, not another one.
     state = torch.load(reference[0] / "checkpoint.pt", weights_only=True)
-    for key in ("bn_noise", "privacy_audit"):
+    for key in ("bn_noise", "privacy_audit", "amp"):
         del state["config"][key]
     torch.save(state, tmp_path / "checkpoint.pt")
     resumed = train.main(args(tiny_data_dir, tmp_path, "--resume"))
@@ -168,3 +168,4 @@ def test_diverged_replay_is_undone_and_counted(tiny_data_dir, tmp_path, monkeypa
     batch0 = results["batches"][0]
     # Masks keep batch 0 exactly where stage 0 left it, and the undone replay changed nothing either.
     assert [results["accuracy"][1][c] for c in batch0] == [results["accuracy"][0][c] for c in batch0]
+

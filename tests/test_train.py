@@ -196,3 +196,32 @@ def test_help_shows_every_default_and_the_presets(capsys, monkeypatch):
     for action in train.build_parser()._actions:          # every option with a default says it
         if action.dest in train.DEFAULTS:
             assert "default" in action.help, action.dest
+
+
+def test_without_amp_no_autocast_context_is_ever_opened(tiny_data_dir, tmp_path, monkeypatch):
+    """--amp off (the default) must leave fp32 runs bitwise as they were: not even a disabled autocast."""
+    import torch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.autocast opened without --amp")
+    monkeypatch.setattr(torch, "autocast", refuse)
+    results = run_tiny(tiny_data_dir, tmp_path, "--method", "pfeddsh", *REPLAY_TINY)
+    assert results["config"]["amp"] is False and len(results["replay"]) == 1
+
+
+def test_amp_trains_in_bf16_and_a_whole_run_works_on_cpu(tiny_data_dir, tmp_path):
+    import torch
+    config, _ = train.resolve_config(TINY + ["--data-dir", str(tiny_data_dir)])
+    _, clients, server, batches, _ = train.build(config, torch.device("cpu"))
+    client = clients[batches[0][0]]
+    flat, state = server.generate(client.cid), client.generator.get_state()
+    fp32 = client.local_train(flat, server.bn_stats[client.cid], 2, 8, 0.05)
+    client.generator.set_state(state)
+    client.amp = True
+    bf16 = client.local_train(flat, server.bn_stats[client.cid], 2, 8, 0.05)
+    # The same draws, so only the arithmetic differs: bf16 convolutions, fp32 weights and deltas.
+    assert bf16.delta.dtype == torch.float32 and torch.isfinite(bf16.delta).all()
+    assert not torch.equal(fp32.delta, bf16.delta)
+    results = run_tiny(tiny_data_dir, tmp_path, "--method", "pfeddsh", "--amp", *REPLAY_TINY)
+    assert results["config"]["amp"] is True and len(results["replay"]) == 1
+    assert all(0.0 <= a <= 1.0 for a in results["accuracy"][-1])
