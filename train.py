@@ -220,7 +220,8 @@ def describe_protocol(config):
     else:
         why = f"--preset {name}"
     return (f"protocol {name} ({why}): ResNet-18 width {config['width']}, {config['clients_per_batch']} clients "
-            f"per batch, {config['rounds']} rounds x {config['clients_per_round']} clients x "
+            f"per batch, {config['rounds']} rounds x "
+            f"{min(config['clients_per_round'], config['clients_per_batch'])} clients x "
             f"{config['local_steps']} local steps per stage; --preset {other} for {PRESET_NOTES[other]}")
 
 
