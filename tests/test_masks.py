@@ -203,3 +203,30 @@ def test_annealing_runs_from_one_over_smax_to_smax():
     gates = masks.BatchGates(1, 1, 2, 1, s_max=400.0)
     assert gates.scale(0.0) == pytest.approx(1 / 400)
     assert gates.scale(1.0) == pytest.approx(400.0)
+
+
+def test_a_batch_that_finds_no_free_unit_still_learns_and_earlier_batches_stay_fixed():
+    # Capacity exhausted: batch 0 owns every hidden unit. Batch 1 can then only read them (its gate starts
+    # on for owned units) and write what is its own: embeddings, adapter, client offsets.
+    server, clients = make_server(with_masks=True, adapter_budget=0.3, sparsity=0.0)
+    gates = server.hypernet.gates
+    server.begin_stage(0)
+    with torch.no_grad():
+        gates.embeddings[0] = 6.0                    # batch 0 keeps every unit on (HAT's clamp bound)
+    for r in range(6):
+        server.train_round([0, 1], clients, r / 5, steps=1, batch_size=1, lr=0.0)
+    server.end_stage(0)
+    assert gates.owned.all()
+    frozen_before = {c: server.generate(c).clone() for c in (0, 1)}
+    server.begin_stage(1)
+    new_before = {c: server.generate(c).clone() for c in (2, 3)}
+    free = gates.free_masks(server.hypernet, 1)
+    assert all(free[n].sum() == 0 for n in free if n.startswith(("trunk", "head")))   # nothing shared is free
+    for r in range(6):
+        server.train_round([2, 3], clients, r / 5, steps=1, batch_size=1, lr=0.0)
+    stats = server.end_stage(1)
+    assert stats["reuse"] == 1.0 and stats["owned"] == 1.0
+    for c in (0, 1):
+        assert torch.equal(server.generate(c), frozen_before[c])
+    for c in (2, 3):
+        assert not torch.equal(server.generate(c), new_before[c])
