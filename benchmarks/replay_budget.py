@@ -39,10 +39,7 @@ def replay_once(run_dir, iterations, images):
     t = len(batches) - 1
     earlier = [c for b in batches[:t] for c in b]
     before = {c: clients[c].evaluate(server.generate(c), server.bn_stats[c], "val")[0] for c in earlier}
-    replay = dict(num_images=images, iterations=iterations, steps=config["replay_steps"], lr=config["replay_lr"],
-                  kd_weight=config["replay_kd"], anchor_weight=config["replay_anchor"],
-                  temperature=config["replay_temperature"], validate_every=config["replay_validate_every"],
-                  confirm_z=config["replay_confirm_z"])
+    replay = dict(train.replay_settings(config), num_images=images, iterations=iterations)
     start = time.time()
     report = fl.run_replay(server, clients, t, config["seed"], replay)
     seconds = time.time() - start
