@@ -44,7 +44,12 @@ def replay_once(run_dir, iterations, images):
     report = fl.run_replay(server, clients, t, config["seed"], replay)
     seconds = time.time() - start
     after = {c: clients[c].evaluate(server.generate(c), server.bn_stats[c], "val")[0] for c in earlier}
+    # What the path proposed, before the confirmation test decided: its best point's gain on val_select
+    # (the half that chose it: optimistic), and the confirmation half's paired counts (gained, lost).
+    proposed_gain = [a[0] - b[0] for a, b in zip(report["val_after"], report["val_before"])]
     return {"gain": 100 * float(np.mean([after[c] - before[c] for c in earlier])), "accepted": report["accepted"],
+            "select_gain": 100 * float(np.mean(proposed_gain)) if proposed_gain else 0.0,
+            "gained": sum(c[0] for c in report["confirm"]), "lost": sum(c[1] for c in report["confirm"]),
             "proposed": report["accepted"] + report["rejected"], "bn_loss": float(np.mean(report["bn_loss_end"])),
             "seconds": seconds}
 
@@ -56,14 +61,16 @@ def main():
     p.add_argument("--images", default="32")
     args = p.parse_args()
     print("| DeepInversion iterations | images per new client | val gain of earlier clients (points) | "
-          "accepted / proposed | BN loss | seconds |")
-    print("|---|---|---|---|---|---|")
+          "accepted / proposed | proposals' gain on val_select (points) | val_confirm images gained / lost | "
+          "BN loss | seconds |")
+    print("|---|---|---|---|---|---|---|---|")
     for images in [int(v) for v in args.images.split(",")]:
         for iterations in [int(v) for v in args.iterations.split(",")]:
             rows = [replay_once(run, iterations, images) for run in args.runs]
             mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
             print(f"| {iterations} | {images} | {mean['gain']:+.2f} (" + ", ".join(f"{r['gain']:+.2f}" for r in rows)
                   + f") | {sum(r['accepted'] for r in rows)} / {sum(r['proposed'] for r in rows)} | "
+                  f"{mean['select_gain']:+.2f} | {sum(r['gained'] for r in rows)} / {sum(r['lost'] for r in rows)} | "
                   f"{mean['bn_loss']:.1f} | {mean['seconds']:.1f} |", flush=True)
 
 

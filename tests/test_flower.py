@@ -5,6 +5,7 @@ Skipped without Flower; CI installs requirements-flower.txt and runs them. Every
 is in a process group of its own and is killed when the test ends, passed or not."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -56,6 +57,25 @@ def test_simulation_gives_the_in_process_results(tiny_data_dir, tmp_path):
     for key in ["val_before", "val_after", "confirm", "accepted", "rejected", "bn_loss_end"]:
         assert replay[key] == local["replay"][0][key], key
     assert flower["faults"] == dict(local["faults"], unanswered_messages=0)
+
+
+def test_simulation_with_adapters_gives_the_in_process_results_on_one_thread(tiny_data_dir, tmp_path):
+    """With batch adapters (rank >= 1) the server's update holds a threaded MKL product whose last bits
+    depend on the thread that calls it (Flower runs the ServerApp in a thread of its own: README, "What
+    Flower costs"). On one thread there is nothing to split, and the engines agree bit for bit."""
+    needs_flower()
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    common = TINY + ["--no-replay", "--rounds", "5", "--adapter-budget", "0.5", "--data-dir", str(tiny_data_dir)]
+    results = {}
+    for engine in ["local", "flower"]:
+        done = subprocess.run([sys.executable, str(REPO / "train.py"), *common, "--engine", engine, "--node-timeout",
+                               "300", "--out", str(tmp_path / engine)], capture_output=True, text=True, timeout=600,
+                              env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert re.search(r"adapters of rank [1-9]", done.stdout + done.stderr)
+        results[engine] = json.loads((tmp_path / engine / "results.json").read_text())
+    for key in ["accuracy", "val_accuracy", "metrics", "neurons"]:
+        assert results["flower"][key] == results["local"][key], key
 
 
 def test_flower_bad_input_exits_2_with_one_line(tiny_data_dir, tmp_path, monkeypatch):
