@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 DATASETS = {"cifar10": 10, "cifar100": 100, "tinyimagenet": 200}  # name -> number of classes
+IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "tinyimagenet": 64}  # name -> height = width in pixels
 DEFAULT_CLASSES_PER_CLIENT = {"cifar10": 2, "cifar100": 10, "tinyimagenet": 20}
 CROP_PADDING = 4
 

@@ -70,6 +70,7 @@ def local_client(message, context):
     """This node's federated.Client, with its generator where the previous message left it."""
     import data
     import hypernet as hn
+    import train
 
     setup = dict(message.content["setup"])
     data_dir = str(context.node_config.get("data-dir", setup["data_dir"]))    # the node's own path wins
@@ -77,12 +78,7 @@ def local_client(message, context):
     key = (tuple(sorted(setup.items())), data_dir, device)
     if key not in _DATA:
         dataset = data.load_dataset(setup["dataset"], data_dir, device=device)
-        num_clients = setup["batches"] * setup["clients_per_batch"]
-        splits = data.partition(dataset.y_train, dataset.y_test, num_clients, dataset.num_classes,
-                                scheme=setup["partition"], alpha=setup["alpha"],
-                                classes_per_client=setup["classes_per_client"] or
-                                data.DEFAULT_CLASSES_PER_CLIENT[setup["dataset"]],
-                                val_fraction=setup["val_fraction"], seed=setup["seed"])
+        splits = train.client_splits(setup, dataset)      # setup holds the config's keys (0 for None)
         model = hn.ResNet18(dataset.num_classes, setup["width"]).to(device)
         _DATA[key] = dataset, splits, model, hn.WeightLayout(model)
     cid = client_id(context)

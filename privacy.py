@@ -281,6 +281,20 @@ def valid_range(images, mean, std):
     return torch.maximum(torch.minimum(images, (1 - mean) / std), -mean / std)
 
 
+def auditor(dataset, seed, grid_path):
+    """federated.run_replay's `audit`: audit_replay, with its grid saved at `grid_path(t)` (one row of a
+    client's dreams above a row of their nearest training images)."""
+    import deepinversion
+
+    def audit(server, clients, t, report, upload):
+        figures, grid = audit_replay(server, clients, dataset, t, report, upload, seed=seed)
+        if grid is not None:
+            deepinversion.save_grid(grid, dataset.mean, dataset.std, grid_path(t),
+                                    nrow=len(grid) // (2 * len(report["dreamers"])))
+        return figures
+    return audit
+
+
 @torch.no_grad()
 def audit_replay(server, clients, dataset, t, report, upload, *, seed, per_class=POOL_PER_CLASS, grid_per_client=8):
     """The audit of the replay after stage t: (figures for results.json, grid images), or (None, None)

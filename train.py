@@ -348,7 +348,7 @@ def memory_estimate(config):
     import hypernet as hn
 
     c = config
-    num_classes, size = data.DATASETS[c["dataset"]], 64 if c["dataset"] == "tinyimagenet" else 32
+    num_classes, size = data.DATASETS[c["dataset"]], data.IMAGE_SIZE[c["dataset"]]
     with torch.device("meta"):
         model = hn.ResNet18(num_classes, c["width"])
         activations = []
@@ -416,16 +416,39 @@ def build(config, device, dataset=None):
     torch.manual_seed(config["seed"])
     if dataset is None:
         dataset = data.load_dataset(config["dataset"], config["data_dir"], device=device)
-    num_clients = config["batches"] * config["clients_per_batch"]
-    classes_per_client = config["classes_per_client"] or data.DEFAULT_CLASSES_PER_CLIENT[config["dataset"]]
-    splits = data.partition(dataset.y_train, dataset.y_test, num_clients, dataset.num_classes,
-                            scheme=config["partition"], classes_per_client=classes_per_client,
-                            alpha=config["alpha"], val_fraction=config["val_fraction"], seed=config["seed"])
+    splits = client_splits(config, dataset)
     server, batches, model, layout = build_server(config, device, dataset.num_classes, dataset.image_size)
-    clients = [fl.Client(cid, dataset, splits[cid], model, layout.unflatten, layout.flatten, config["seed"],
+    clients = [fl.Client(cid, dataset, split, model, layout.unflatten, layout.flatten, config["seed"],
                          amp=config["amp"])
-               for cid in range(num_clients)]
+               for cid, split in enumerate(splits)]
     return dataset, clients, server, batches, model
+
+
+def restore_finished(run_dir):
+    """A finished run's final state, as its last checkpoint holds it (the benchmarks replay its last stage
+    from there): (config, dataset, clients, server, batches, onboarding state)."""
+    import checkpoint
+    import federated as fl
+
+    with open(os.path.join(run_dir, "results.json")) as f:
+        results = json.load(f)
+    config = dict(DEFAULTS, **results["config"])
+    device = torch.device(results["device"])
+    state = checkpoint.load(os.path.join(run_dir, checkpoint.FILENAME), config, device, defaults=DEFAULTS)
+    dataset, clients, server, batches, _ = build(config, device)
+    onboarding, _ = checkpoint.restore(state, server, clients, fl.OnboardingState)
+    return config, dataset, clients, server, batches, onboarding
+
+
+def client_splits(config, dataset):
+    """Every client's train/val/test indices and classes (data.partition with the config's settings); a
+    Flower node (flower_app.py) makes the same call to find its own split."""
+    import data
+
+    classes_per_client = config["classes_per_client"] or data.DEFAULT_CLASSES_PER_CLIENT[config["dataset"]]
+    return data.partition(dataset.y_train, dataset.y_test, config["batches"] * config["clients_per_batch"],
+                          dataset.num_classes, scheme=config["partition"], classes_per_client=classes_per_client,
+                          alpha=config["alpha"], val_fraction=config["val_fraction"], seed=config["seed"])
 
 
 def build_server(config, device, num_classes, image_size):
@@ -662,8 +685,8 @@ def run(config, caught, how_to_continue="rerun with --resume to continue", grid=
                 raise CliError("--engine flower simulates the nodes with Ray, which is missing: "
                                "pip install -r requirements-flower.txt")
             torch.manual_seed(config["seed"])
-            image_size = 64 if config["dataset"] == "tinyimagenet" else 32
-            server, batches, model, _ = build_server(config, device, data.DATASETS[config["dataset"]], image_size)
+            server, batches, model, _ = build_server(config, device, data.DATASETS[config["dataset"]],
+                                                     data.IMAGE_SIZE[config["dataset"]])
             dataset, clients = None, None
         else:
             dataset, clients, server, batches, model = build(config, device)
@@ -704,17 +727,9 @@ def run(config, caught, how_to_continue="rerun with --resume to continue", grid=
         replay = replay_settings(config)
 
     audit = None
-    if replay is not None and config["privacy_audit"]:
-        import deepinversion
+    if replay is not None and config["privacy_audit"]:      # its grid goes next to the synthetic images
         import privacy
-
-        def audit(server, clients, t, report, upload):
-            """privacy.audit_replay, with its grid written next to the synthetic images."""
-            figures, grid = privacy.audit_replay(server, clients, dataset, t, report, upload, seed=config["seed"])
-            if grid is not None:
-                deepinversion.save_grid(grid, dataset.mean, dataset.std, os.path.join(out, f"privacy_batch{t}.png"),
-                                        nrow=len(grid) // (2 * len(report["dreamers"])))
-            return figures
+        audit = privacy.auditor(dataset, config["seed"], lambda t: os.path.join(out, f"privacy_batch{t}.png"))
 
     clock = {"start": time.time(), "last": time.time(), "rounds": []}
 

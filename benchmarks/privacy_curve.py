@@ -25,11 +25,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import checkpoint  # noqa: E402
-import deepinversion  # noqa: E402
 import federated as fl  # noqa: E402
 import privacy  # noqa: E402
 import train  # noqa: E402
@@ -83,25 +81,11 @@ def no_replay_run(protocol, seed, out):
 
 def replay_once(run_dir, sigma, grid_path):
     """Restore the run's final state, replay its last stage under noise sigma, audit it, evaluate: one row."""
-    with open(os.path.join(run_dir, "results.json")) as f:
-        results = json.load(f)
-    config = dict(train.DEFAULTS, **results["config"])
-    device = torch.device(results["device"])
-    state = checkpoint.load(os.path.join(run_dir, checkpoint.FILENAME), config, device, defaults=train.DEFAULTS)
-    dataset, clients, server, batches, _ = train.build(config, device)
-    onboarding, _ = checkpoint.restore(state, server, clients, fl.OnboardingState)
+    config, dataset, clients, server, batches, onboarding = train.restore_finished(run_dir)
     t = len(batches) - 1
-
-    def audit(server, clients, t, report, upload):
-        figures, grid = privacy.audit_replay(server, clients, dataset, t, report, upload, seed=config["seed"])
-        if grid is not None:
-            deepinversion.save_grid(grid, dataset.mean, dataset.std, grid_path,
-                                    nrow=len(grid) // (2 * len(report["dreamers"])))
-        return figures
-
     start = time.time()
     report = fl.run_replay(server, clients, t, config["seed"], train.replay_settings(config), bn_noise=sigma,
-                           audit=audit)
+                           audit=privacy.auditor(dataset, config["seed"], lambda t: grid_path))
     seconds = time.time() - start
     seen = [c for b in batches for c in b]
     acc = fl.evaluate_all(server, clients, seen)

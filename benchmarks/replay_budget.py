@@ -13,29 +13,19 @@ The gain is measured on the full validation split, half of which the acceptance 
 an optimistic estimate of the same size for every budget: compare budgets with it, not with other methods.
 """
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import checkpoint  # noqa: E402
 import federated as fl  # noqa: E402
 import train  # noqa: E402
 
 
 def replay_once(run_dir, iterations, images):
-    with open(os.path.join(run_dir, "results.json")) as f:
-        config = json.load(f)["config"]
-    config = dict(train.DEFAULTS, **config)
-    device = torch.device("cpu")
-    state = checkpoint.load(os.path.join(run_dir, checkpoint.FILENAME), config, device)
-    _, clients, server, batches, _ = train.build(config, device)
-    checkpoint.restore(state, server, clients, fl.OnboardingState)
+    config, _, clients, server, batches, _ = train.restore_finished(run_dir)
     t = len(batches) - 1
     earlier = [c for b in batches[:t] for c in b]
     before = {c: clients[c].evaluate(server.generate(c), server.bn_stats[c], "val")[0] for c in earlier}
