@@ -230,7 +230,7 @@ def accept(gained, lost, z):
     return gained > lost and (gained - lost) >= z * math.sqrt(gained + lost)
 
 
-def backward_transfer(server, t, validate, confirm, *, num_images, iterations, steps, lr, kd_weight,
+def backward_transfer(server, t, validate, confirm, *, num_images, iterations, bn_weight, steps, lr, kd_weight,
                       anchor_weight, temperature, validate_every, confirm_z, seed, progress=None, uploads=None):
     """After stage t: dream images from batch t's clients and use them to improve every earlier client.
 
@@ -267,7 +267,7 @@ def backward_transfer(server, t, validate, confirm, *, num_images, iterations, s
                 "dreamers": []}
     teachers = [Teacher(hypernet.unflatten(server.generate(j)), *uploads(j)) for j in new_clients]
     start = time.time()
-    dreamed = synthesize(model, teachers, num_images=num_images, iterations=iterations, seed=seed,
+    dreamed = synthesize(model, teachers, num_images=num_images, iterations=iterations, bn_weight=bn_weight, seed=seed,
                          image_size=server.image_size, amp=getattr(server, "amp", False),
                          progress=None if progress is None else lambda it, loss: progress("synthesis", it + 1,
                                                                                            iterations))

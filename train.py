@@ -43,6 +43,7 @@ DEFAULTS = dict(dataset="cifar10", data_dir="data", batches=2, clients_per_batch
                 no_replay=False, no_masks=False, adapter_budget=0.05, adapter_lr=1e-2,
                 replay_images=64, replay_iterations=200, replay_steps=30, replay_lr=3e-3, replay_kd=1.0,
                 replay_anchor=1.0, replay_temperature=2.0, replay_validate_every=3, replay_confirm_z=1.645,
+                replay_bn_weight=10.0,
                 bn_noise=0.0, privacy_audit=False, checkpoint_every=10, engine="local", node_timeout=600.0,
                 amp=False)
 PRESETS = {
@@ -166,6 +167,8 @@ def build_parser():
     flag(r, "--no-masks", action="store_true", default=None, help="ablation: no masks (pfedhn + replay)")
     flag(r, "--replay-images", type=int, help="synthetic images per new client")
     flag(r, "--replay-iterations", type=int, help="DeepInversion iterations")
+    flag(r, "--replay-bn-weight", type=float,
+         help="DeepInversion's weight of the BN-statistics loss against the dreamed labels' cross-entropy")
     flag(r, "--replay-steps", type=int, help="fine-tuning steps per earlier client")
     flag(r, "--replay-lr", type=float, help="Adam rate of what replay trains (an earlier client's own rows)")
     flag(r, "--replay-kd", type=float, help="weight of KD toward the dreaming client's model")
@@ -276,7 +279,7 @@ def validate(c):
                 "node_timeout"]:
         if not 0 < c[key] < math.inf:
             raise CliError(f"--{key.replace('_', '-')} must be positive and finite, got {c[key]}")
-    for key in ["sparsity", "replay_kd", "replay_anchor", "replay_confirm_z", "bn_noise"]:
+    for key in ["sparsity", "replay_kd", "replay_anchor", "replay_confirm_z", "replay_bn_weight", "bn_noise"]:
         if not 0 <= c[key] < math.inf:
             raise CliError(f"--{key.replace('_', '-')} must be >= 0 and finite, got {c[key]}")
     replays = c["method"] == "pfeddsh" and not c["no_replay"]
@@ -556,6 +559,7 @@ def audit_line(figures, t):
 def replay_settings(config):
     """The keyword arguments of deepinversion.backward_transfer, from the config."""
     return dict(num_images=config["replay_images"], iterations=config["replay_iterations"],
+                bn_weight=config["replay_bn_weight"],
                 steps=config["replay_steps"], lr=config["replay_lr"], kd_weight=config["replay_kd"],
                 anchor_weight=config["replay_anchor"], temperature=config["replay_temperature"],
                 validate_every=config["replay_validate_every"], confirm_z=config["replay_confirm_z"])

@@ -23,8 +23,8 @@ def two_stage_server():
     return server
 
 
-REPLAY = dict(num_images=4, iterations=3, steps=3, lr=3e-2, kd_weight=1.0, anchor_weight=1.0, temperature=2.0,
-              validate_every=1, confirm_z=1.645, seed=0)
+REPLAY = dict(num_images=4, iterations=3, bn_weight=10.0, steps=3, lr=3e-2, kd_weight=1.0, anchor_weight=1.0,
+              temperature=2.0, validate_every=1, confirm_z=1.645, seed=0)
 
 
 def confirm_yes(cid, before, after):      # a client whose confirmation half agrees with any change

@@ -123,6 +123,7 @@ BAD_INPUT = {
     "more clients than test images": (["--batches", "100000000"], "more than the data supports"),
     "negative --bn-noise": (["--bn-noise", "-0.1"], "--bn-noise must be >= 0 and finite"),
     "--bn-noise not a number": (["--bn-noise", "nan"], "--bn-noise must be >= 0 and finite"),
+    "negative --replay-bn-weight": (["--replay-bn-weight", "-1"], "--replay-bn-weight must be >= 0 and finite"),
     "--bn-noise without replay": (["--bn-noise", "0.1", "--no-replay"], "--bn-noise is about replay"),
     "--privacy-audit of a baseline": (["--privacy-audit", "--method", "fedavg"], "--privacy-audit is about replay"),
 }
@@ -146,6 +147,22 @@ def test_bad_input_exits_2_with_one_line(case, tiny_data_dir, tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert expected in lines[0] and "Traceback" not in done.stderr
+
+
+def test_replay_bn_weight_reaches_deepinversion(monkeypatch):
+    from test_replay import confirm_no, two_stage_server
+    import deepinversion
+    weights, synthesize = [], deepinversion.synthesize
+
+    def recording(*args, **kwargs):
+        weights.append(kwargs["bn_weight"])
+        return synthesize(*args, **kwargs)
+
+    monkeypatch.setattr(deepinversion, "synthesize", recording)
+    config = dict(train.DEFAULTS, replay_bn_weight=0.25, replay_images=4, replay_iterations=2, replay_steps=1)
+    deepinversion.backward_transfer(two_stage_server(), 1, lambda cid, flat: (0.0, 1.0), confirm_no, seed=0,
+                                    **train.replay_settings(config))
+    assert weights == [0.25]
 
 
 def test_replay_reports_its_progress():
