@@ -144,3 +144,25 @@ def test_replay_without_any_statistics_from_the_new_batch_skips_everyone():
     report = deepinversion.backward_transfer(server, 1, lambda cid, flat: (1.0, 0.0), confirm_yes, **REPLAY)
     assert report["skipped"] == 2 and report["accepted"] == 0 and len(report["images"]) == 0
     assert all(torch.equal(before[c], server.generate(c)) for c in range(4))
+
+
+def test_replay_benchmarks_run_on_a_finished_run_and_read_no_test_data(tiny_data_dir, tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import replay_diagnosis
+    import replay_settings
+    import train
+    from test_privacy import TINY
+    train.main(TINY + ["--no-replay", "--data-dir", str(tiny_data_dir), "--out", str(tmp_path)])
+    settings = [(0.1, 6, "acc", 10.0), (0.1, 6, "loss", 0.1)]
+    # ThirdsClient raises on any read of test data, so finishing is the check that none happened.
+    results, teachers = replay_settings.replay_stages(str(tmp_path), settings)
+    assert set(results) == set(settings) and set(teachers) == {(1, 10.0), (1, 0.1)}
+    for stages in results.values():
+        (tried, proposals), = stages                     # 2 batches: one stage replays
+        assert 0 < tried <= 2 and len(proposals) <= tried
+        assert all(g >= 0 and lost >= 0 and -1 <= worth <= 1 for g, lost, worth in proposals)
+    assert all(0 <= a <= 1 for accuracies in teachers.values() for a in accuracies)
+    rows = replay_diagnosis.diagnose(str(tmp_path), bn_weight=0.1)
+    tried = [r for r in rows if "on_dreams" in r]
+    assert len(tried) == results[settings[0]][0][0]      # the same clients are tried by both
+    assert all(0 <= r["on_dreams"] <= 1 and 0 <= r["dreamed_before"] <= 1 for r in tried)
