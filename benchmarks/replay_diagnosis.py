@@ -14,6 +14,8 @@ its VALIDATION split only (test data decides nothing):
     python benchmarks/replay_diagnosis.py runs/nr5-100 runs/nr5-101 --bn-weight 0.1
 """
 import argparse
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -25,6 +27,21 @@ import data  # noqa: E402
 import deepinversion  # noqa: E402
 import train  # noqa: E402
 from hypernet import run_model  # noqa: E402
+
+
+def check_runs(parser, runs):
+    """Every folder must hold a finished pfeddsh --no-replay run: with replay, its final checkpoint would hold
+    earlier clients as replay left them, not as each stage found them. One line and exit 2 otherwise."""
+    for run in runs:
+        results = os.path.join(run, "results.json")
+        if not (os.path.isfile(results) and os.path.isfile(os.path.join(run, "checkpoint.pt"))):
+            parser.error(f"{run}: not a finished run (results.json and checkpoint.pt expected)")
+        with open(results) as f:
+            config = json.load(f)["config"]
+        if config.get("method") != "pfeddsh" or not config.get("no_replay") or config.get("no_masks"):
+            what = config.get("method") if config.get("method") != "pfeddsh" else \
+                "pfeddsh with --no-masks" if config.get("no_masks") else "pfeddsh with replay"
+            parser.error(f"{run}: a pfeddsh --no-replay run is needed, this one is {what}")
 
 
 def accuracy_within(logits, labels, classes):
@@ -101,6 +118,7 @@ def main():
     p.add_argument("runs", nargs="+", help="folders of finished --no-replay runs (results.json + checkpoint.pt)")
     p.add_argument("--bn-weight", type=float, help="DeepInversion's BN-loss weight (default: the run's own)")
     args = p.parse_args()
+    check_runs(p, args.runs)
     print("| run | BN loss of the dreams | teachers on their own dreams | earlier clients tried | "
           "all their classes dreamed | their model on the dreams of their classes | "
           "on their real val images of those classes | val acc, dreamed classes: before → after | "

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import deepinversion  # noqa: E402
 import federated as fl  # noqa: E402
 import train  # noqa: E402
-from replay_diagnosis import own_dreams_accuracy  # noqa: E402  (benchmarks/, the folder of this script)
+from replay_diagnosis import check_runs, own_dreams_accuracy  # noqa: E402  (benchmarks/, this script's folder)
 
 Z = [0.0, 1.0, 1.645]
 
@@ -97,8 +97,23 @@ def main():
     p.add_argument("--select", default="acc", help="acc (accuracy, then loss: replay's rule) and/or loss")
     p.add_argument("--bn-weight", default="10", help="DeepInversion BN-loss weights, comma-separated")
     args = p.parse_args()
-    settings = list(itertools.product([float(v) for v in args.lr.split(",")], [int(v) for v in args.steps.split(",")],
-                                      args.select.split(","), [float(v) for v in args.bn_weight.split(",")]))
+
+    def values(text, kind, flag, ok):
+        try:
+            out = [kind(v) for v in text.split(",")]
+        except ValueError:
+            p.error(f"{flag} must be comma-separated {kind.__name__}s, got {text!r}")
+        if not all(ok(v) for v in out):
+            p.error(f"{flag} out of range: {text!r}")
+        return out
+
+    select = args.select.split(",")
+    if not set(select) <= {"acc", "loss"}:
+        p.error(f"--select takes acc and/or loss, got {args.select!r}")
+    settings = list(itertools.product(values(args.lr, float, "--lr", lambda v: 0 < v < math.inf),
+                                      values(args.steps, int, "--steps", lambda v: v >= 1), select,
+                                      values(args.bn_weight, float, "--bn-weight", lambda v: 0 <= v < math.inf)))
+    check_runs(p, args.runs)
     totals = {s: [] for s in settings}
     teachers = {}
     for run in args.runs:

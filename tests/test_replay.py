@@ -1,7 +1,11 @@
 """Backward transfer (deepinversion.backward_transfer): who may change, what a rejection leaves, privacy."""
+import argparse
+import json
+import shutil
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -146,7 +150,7 @@ def test_replay_without_any_statistics_from_the_new_batch_skips_everyone():
     assert all(torch.equal(before[c], server.generate(c)) for c in range(4))
 
 
-def test_replay_benchmarks_run_on_a_finished_run_and_read_no_test_data(tiny_data_dir, tmp_path):
+def test_replay_benchmarks_run_on_a_finished_run_and_read_no_test_data(tiny_data_dir, tmp_path, capsys):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import replay_diagnosis
     import replay_settings
@@ -166,3 +170,15 @@ def test_replay_benchmarks_run_on_a_finished_run_and_read_no_test_data(tiny_data
     tried = [r for r in rows if "on_dreams" in r]
     assert len(tried) == results[settings[0]][0][0]      # the same clients are tried by both
     assert all(0 <= r["on_dreams"] <= 1 and 0 <= r["dreamed_before"] <= 1 for r in tried)
+    # A replay run's final state is not what each stage found: refused, as is a folder without a run.
+    replayed = tmp_path / "replayed"
+    replayed.mkdir()
+    results_json = json.loads((tmp_path / "results.json").read_text())
+    results_json["config"]["no_replay"] = False
+    (replayed / "results.json").write_text(json.dumps(results_json))
+    shutil.copy(tmp_path / "checkpoint.pt", replayed / "checkpoint.pt")
+    replay_diagnosis.check_runs(argparse.ArgumentParser(), [str(tmp_path)])
+    for folder, message in [(replayed, "this one is pfeddsh with replay"), (tmp_path / "none", "not a finished run")]:
+        with pytest.raises(SystemExit) as refused:
+            replay_diagnosis.check_runs(argparse.ArgumentParser(), [str(folder)])
+        assert refused.value.code == 2 and message in capsys.readouterr().err
