@@ -68,12 +68,13 @@ def mean_of(correct):
 
 
 def diagnose(run_dir, bn_weight=None):
+    """(one row per teacher: its BN loss and accuracy on its own dreams, one row per earlier client tried)."""
     config, _, clients, server, batches, _ = train.restore_finished(run_dir)
     model = server.model
     replay = dict(train.replay_settings(config), confirm_z=float("inf"))   # decide nothing: restore every client
     if bn_weight is not None:
         replay["bn_weight"] = bn_weight
-    rows = []
+    teachers, tried = [], []
     for t in range(1, len(batches)):
         path = {}                               # client -> per-image correctness on val, at every validation
 
@@ -88,8 +89,8 @@ def diagnose(run_dir, bn_weight=None):
         start = {c: server.generate(c) for b in batches[:t] for c in b}
         report = deepinversion.backward_transfer(server, t, validate, confirm, seed=config["seed"] + t, **replay)
         images, labels = report["images"], report["labels"]
-        rows += [{"teacher": a, "bn_loss": b} for a, b in
-                 zip(own_dreams_accuracy(server, report["dreamers"], images, labels), report["bn_loss_end"])]
+        teachers += [{"accuracy": a, "bn_loss": b} for a, b in
+                     zip(own_dreams_accuracy(server, report["dreamers"], images, labels), report["bn_loss_end"])]
         model.eval()
         with torch.no_grad():
             for i in start:
@@ -105,12 +106,12 @@ def diagnose(run_dir, bn_weight=None):
                 on_real = run_model(model, weights, server.bn_stats[i],
                                     data.normalize(x_val[real], clients[i].mean, clients[i].std))
                 first, last = path[i][0], path[i][-1]
-                rows.append({"all_dreamed": len(dreamed) == len(classes),
-                             "on_dreams": mean_of(accuracy_within(on_dreams, labels[keep], classes)),
-                             "on_real": mean_of(accuracy_within(on_real, y_val[real], classes)),
-                             "dreamed_before": mean_of(first[real]), "dreamed_after": mean_of(last[real]),
-                             "other_before": mean_of(first[~real]), "other_after": mean_of(last[~real])})
-    return rows
+                tried.append({"all_dreamed": len(dreamed) == len(classes),
+                              "on_dreams": mean_of(accuracy_within(on_dreams, labels[keep], classes)),
+                              "on_real": mean_of(accuracy_within(on_real, y_val[real], classes)),
+                              "dreamed_before": mean_of(first[real]), "dreamed_after": mean_of(last[real]),
+                              "other_before": mean_of(first[~real]), "other_after": mean_of(last[~real])})
+    return teachers, tried
 
 
 def main():
@@ -124,17 +125,17 @@ def main():
           "on their real val images of those classes | val acc, dreamed classes: before → after | "
           "val acc, other classes: before → after |")
     print("|---|---|---|---|---|---|---|---|---|")
-    everything = []
+    all_teachers, all_tried = [], []
     for run in args.runs + [None]:
-        rows = diagnose(run, args.bn_weight) if run is not None else everything
-        if run is not None:
-            everything += rows
-        tried = [r for r in rows if "on_dreams" in r]
+        if run is None:                 # the last line: every run together
+            teachers, tried = all_teachers, all_tried
+        else:
+            teachers, tried = diagnose(run, args.bn_weight)
+            all_teachers, all_tried = all_teachers + teachers, all_tried + tried
         mean = {k: 100 * float(np.nanmean([r[k] for r in tried])) for k in
                 ("on_dreams", "on_real", "dreamed_before", "dreamed_after", "other_before", "other_after")}
-        teachers = [r for r in rows if "teacher" in r]
         print(f"| {run or 'all'} | {np.mean([r['bn_loss'] for r in teachers]):.1f} | "
-              f"{100 * np.mean([r['teacher'] for r in teachers]):.1f} | {len(tried)} | "
+              f"{100 * np.mean([r['accuracy'] for r in teachers]):.1f} | {len(tried)} | "
               f"{sum(r['all_dreamed'] for r in tried)} | {mean['on_dreams']:.1f} | {mean['on_real']:.1f} | "
               f"{mean['dreamed_before']:.1f} → {mean['dreamed_after']:.1f} | "
               f"{mean['other_before']:.1f} → {mean['other_after']:.1f} |", flush=True)

@@ -120,8 +120,8 @@ def main():
         results, accuracy = replay_stages(run, settings)
         for s in settings:
             totals[s] += results[s]
-        for (t, bn_weight), values in accuracy.items():
-            teachers.setdefault(bn_weight, []).extend(values)
+        for (t, bn_weight), accuracies in accuracy.items():
+            teachers.setdefault(bn_weight, []).extend(accuracies)
     print(f"{len(args.runs)} runs: " + ", ".join(args.runs))
     print("| lr | steps | select | BN weight | teachers on own dreams | tried | proposals | "
           + " | ".join(f"z = {z}: accepted, gain per tried, lost" for z in Z) + " |")

@@ -10,7 +10,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import deepinversion  # noqa: E402
-import hypernet as hn  # noqa: E402
 from test_masks import make_server, run_stage, FakeClient  # noqa: E402
 
 
@@ -166,8 +165,7 @@ def test_replay_benchmarks_run_on_a_finished_run_and_read_no_test_data(tiny_data
         assert 0 < tried <= 2 and len(proposals) <= tried
         assert all(g >= 0 and lost >= 0 and -1 <= worth <= 1 for g, lost, worth in proposals)
     assert all(0 <= a <= 1 for accuracies in teachers.values() for a in accuracies)
-    rows = replay_diagnosis.diagnose(str(tmp_path), bn_weight=0.1)
-    tried = [r for r in rows if "on_dreams" in r]
+    _, tried = replay_diagnosis.diagnose(str(tmp_path), bn_weight=0.1)
     assert len(tried) == results[settings[0]][0][0]      # the same clients are tried by both
     assert all(0 <= r["on_dreams"] <= 1 and 0 <= r["dreamed_before"] <= 1 for r in tried)
     # A replay run's final state is not what each stage found: refused, as is a folder without a run.
