@@ -1,6 +1,6 @@
 """The methods pFedDSH is compared with (docs/design.md §6): same clients, split, budget and evaluation.
 
-Each class stands in for federated.Server: the onboarding loop (federated.onboard) calls begin_stage,
+Each class stands in for federated.Server: the onboarding loop (train.onboard) calls begin_stage,
 train_round, end_stage and evaluate; checkpoints call state_dict and load_state_dict. So every method
 trains the same clients for the same rounds and local steps, drawing the same minibatches.
 

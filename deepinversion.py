@@ -1,5 +1,5 @@
-"""Data-free replay: DeepInversion on a client's generated model, then backward transfer (paper: the
-"data-free replay" for backward transfer; docs/design.md §5).
+"""DeepInversion: images dreamed from a client's generated model and its BN statistics (paper: the synthesis
+step of the "data-free replay"; docs/design.md §5).
 
 After stage t the server holds, for every new client j, only (a) the weights its hypernetwork generated
 for j, (b) the BatchNorm running statistics j uploaded and (c) j's label counts. From these it dreams a
@@ -7,10 +7,10 @@ batch of images per client: starting from noise, optimise the pixels so that
   - at every BN layer the batch's per-channel mean / variance of the BN *input* match j's running stats,
   - j's model classifies them as targets drawn in proportion to j's label counts,
   - image priors (total variation, l2) keep them smooth; random jitter and flips make them robust.
-backward_transfer then uses them to fine-tune what belongs to each earlier client (docs/design.md §5).
+replay.py then uses them to fine-tune what belongs to each earlier client.
 
 Owns: the BN-statistics loss and the removable hooks that compute it, the optimisation loop (several
-clients in one vmapped computation), save_grid for looking at the results, and backward_transfer.
+clients in one vmapped computation), and save_grid for looking at the results.
 
 DeepInversion: Yin et al., "Dreaming to Distill: Data-free Knowledge Transfer via DeepInversion", CVPR
 2020 (NVlabs/DeepInversion). Two known bugs of the public script are avoided here: its hooks are never
@@ -155,7 +155,7 @@ def synthesize(model, clients, *, num_images=64, iterations=200, lr=0.1, bn_weig
     bn_stats = {k: torch.stack([c.bn_stats[k].detach() for c in clients]).to(device) for k in clients[0].bn_stats}
     g = torch.Generator().manual_seed(seed)     # CPU generator: the same draws on any device
     x = torch.randn(C, N, 3, S, S, generator=g).to(device).requires_grad_()
-    # No autocast context at all when amp is off: fp32 synthesis is bitwise what it was without the option.
+    # No autocast context at all when amp is off, so fp32 synthesis runs no autocast machinery.
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
     was_training = model.training
     model.eval()                                # BN normalises with the client's running stats, as in DI
@@ -211,136 +211,3 @@ def save_grid(images, mean, std, path, nrow=16):
     mean = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
     std = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
     torchvision.utils.save_image((images.detach() * std + mean).clamp(0, 1), path, nrow=nrow)
-
-
-# --------------------------------------------------------------------------------------------------
-# Backward transfer: the synthetic images improve earlier clients (docs/design.md §5)
-# --------------------------------------------------------------------------------------------------
-
-def distillation_loss(student_logits, teacher_logits, temperature):
-    """Hinton's KD: KL(teacher || student) at temperature T, times T^2 to keep gradients comparable."""
-    teacher = F.softmax(teacher_logits / temperature, dim=1)
-    return F.kl_div(F.log_softmax(student_logits / temperature, dim=1), teacher,
-                    reduction="batchmean") * temperature ** 2
-
-
-def accept(gained, lost, z):
-    """One-sided paired (McNemar) test on the client's confirmation images: did the update fix more
-    images than it broke, by more than chance would? z = 1.645 lets noise through about 5 % of the time."""
-    return gained > lost and (gained - lost) >= z * math.sqrt(gained + lost)
-
-
-def backward_transfer(server, t, validate, confirm, *, num_images, iterations, bn_weight, steps, lr, kd_weight,
-                      anchor_weight, temperature, validate_every, confirm_z, seed, progress=None, uploads=None):
-    """After stage t: dream images from batch t's clients and use them to improve every earlier client.
-
-    The server uses only what it holds: its hypernetwork, each new client's BN statistics and label
-    counts. The client takes part in two ways, on its own data, sending back numbers only:
-    `validate(cid, flat) -> (accuracy, loss)` on half of its validation split, and `confirm(cid,
-    flat_before, flat_after) -> (gained, lost)` on the other half.
-    For earlier client i only what is i's alone may change: its embedding row, its borrow-gate row and
-    its own offset of the classifier and BatchNorm weights (hypernet.client_offsets), so no other client can
-    be disturbed. Every `validate_every` steps the client scores the current model; the best point of the
-    path is proposed if it beats the start, and kept only if the confirmation half agrees (`accept`);
-    otherwise i is restored bitwise. `anchor_weight` adds KD toward i's own model before replay.
-    `progress(phase, done, total)`, if given, is called as it goes: ("synthesis", iteration, iterations),
-    then ("fine-tune", earlier clients done, earlier clients).
-    `uploads(cid) -> (bn_stats, label_counts)` is what the server holds of a client's statistics
-    (privacy.uploads: noisy under --bn-noise); None reads the server's copies, as without noise. The report
-    says which clients dreamed (`dreamers`, in the order of `images`).
-    No defaults here: train.py's DEFAULTS are the one place the settings live.
-    """
-    from hypernet import ServerOptimizer, run_model   # local import: deepinversion.py stays standalone
-
-    hypernet, model, gates = server.hypernet, server.model, server.hypernet.gates
-    if uploads is None:
-        def uploads(cid):
-            return server.bn_stats[cid], server.label_counts[cid]
-    # A new client whose every update was dropped uploaded no statistics: there is nothing to dream from.
-    new_clients = [j for j in server.batches[t] if j in server.label_counts]
-    earlier = [(k, i) for k in range(t) for i in server.batches[k]]
-    if not new_clients:
-        size = server.image_size
-        return {"synthesis_s": 0.0, "bn_loss_start": [], "bn_loss_end": [], "accepted": 0, "rejected": 0,
-                "skipped": len(earlier), "val_before": [], "val_after": [], "confirm": [],
-                "images": torch.zeros(0, 3, size, size), "labels": torch.zeros(0, dtype=torch.long),
-                "dreamers": []}
-    teachers = [Teacher(hypernet.unflatten(server.generate(j)), *uploads(j)) for j in new_clients]
-    start = time.time()
-    dreamed = synthesize(model, teachers, num_images=num_images, iterations=iterations, bn_weight=bn_weight, seed=seed,
-                         image_size=server.image_size, amp=getattr(server, "amp", False),
-                         progress=None if progress is None else lambda it, loss: progress("synthesis", it + 1,
-                                                                                           iterations))
-    synthesis_s = time.time() - start
-    images = torch.cat([d.images for d in dreamed])
-    labels = torch.cat([d.labels for d in dreamed])
-    model.eval()
-    with torch.no_grad():       # each image's teacher is the client it was dreamed from
-        teacher_logits = torch.cat([run_model(model, teacher.weights, teacher.bn_stats, d.images)
-                                    for teacher, d in zip(teachers, dreamed)])
-
-    params = {"client_embeddings": hypernet.client_embeddings, "client_offsets": hypernet.client_offsets}
-    if gates is not None:
-        params["gates.borrow"] = gates.borrow
-
-    def better(a, b):
-        return a[0] > b[0] or (a[0] == b[0] and a[1] < b[1])
-
-    report = {"synthesis_s": synthesis_s, "bn_loss_start": [d.bn_loss_start for d in dreamed],
-              "bn_loss_end": [d.bn_loss_end for d in dreamed], "accepted": 0, "rejected": 0, "skipped": 0,
-              "val_before": [], "val_after": [], "confirm": [], "images": images, "labels": labels,
-              "dreamers": list(new_clients)}
-    if progress is not None:
-        progress("fine-tune", 0, len(earlier))
-    for n, (k, i) in enumerate(earlier):
-        bn_i, counts_i = uploads(i)
-        held = counts_i > 0
-        keep = held.to(labels.device)[labels]
-        if not keep.any():                      # no new client dreamed any class client i holds
-            report["skipped"] += 1
-            if progress is not None:
-                progress("fine-tune", n + 1, len(earlier))
-            continue
-        x, y, soft = images[keep], labels[keep], teacher_logits[keep]
-        classes = held.nonzero().flatten().to(x.device)
-        y_local = torch.searchsorted(classes, y)       # labels as positions in i's own class list
-        start_flat = server.generate(i)
-        with torch.no_grad():
-            own = run_model(model, hypernet.unflatten(start_flat), bn_i, x)[:, classes]
-        saved = {name: p.detach().clone() for name, p in params.items()}
-        best = saved
-        free = {name: torch.zeros_like(p) for name, p in params.items()}
-        for mask in free.values():
-            mask[i] = 1.0
-        optimizer = ServerOptimizer(params, kind="adam", lr=lr)
-        before = best_score = validate(i, start_flat)
-        for step in range(1, steps + 1):
-            flat = hypernet([i], [k])[0]
-            logits = run_model(model, hypernet.unflatten(flat), bn_i, x)[:, classes]
-            loss = (F.cross_entropy(logits, y_local)
-                    + kd_weight * distillation_loss(logits, soft[:, classes], temperature)
-                    + anchor_weight * distillation_loss(logits, own, temperature))
-            grads = torch.autograd.grad(loss, list(params.values()))
-            optimizer.step(dict(zip(params, grads)), free)
-            if step % validate_every == 0 or step == steps:
-                score = validate(i, server.generate(i))
-                if better(score, best_score):
-                    best_score, best = score, {name: p.detach().clone() for name, p in params.items()}
-        counts = (0, 0)
-        if best is not saved:                   # a proposal: the confirmation half has the last word
-            with torch.no_grad():
-                for name, p in params.items():
-                    p.copy_(best[name])
-            counts = confirm(i, start_flat, server.generate(i))
-            if not accept(*counts, confirm_z):
-                best = saved
-        with torch.no_grad():                   # the confirmed point of the path, or exactly the start
-            for name, p in params.items():
-                p.copy_(best[name])
-        report["val_before"].append(list(before))
-        report["val_after"].append(list(best_score))
-        report["confirm"].append(list(counts))
-        report["accepted" if best is not saved else "rejected"] += 1
-        if progress is not None:
-            progress("fine-tune", n + 1, len(earlier))
-    return report

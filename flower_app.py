@@ -1,6 +1,6 @@
-"""The same server and clients on Flower: `--engine flower` (README "Real distributed clients").
+"""The same server and clients on Flower: `--engine flower` (docs/flower.md).
 
-The method does not change. federated.onboard drives federated.Server (or a baseline) exactly as with
+The method does not change. train.onboard drives federated.Server (or a baseline) exactly as with
 `--engine local`; only the clients it is handed live elsewhere. Each one is a Flower ClientApp on a node
 of its own, and the server talks to it with Flower's Message API:
 
@@ -370,8 +370,8 @@ server_app = ServerApp()
 
 @server_app.main()
 def deployed_main(grid: Grid, context: Context):
-    import train
+    import cli
     argv = shlex.split(str(context.run_config.get("args", ""))) + ["--engine", "flower"]
-    code = train.cli(argv, grid=grid)
+    code = cli.cli(argv, grid=grid)
     if code:
         raise SystemExit(code)

@@ -1,6 +1,6 @@
 """The server's hypernetwork and the ResNet-18 it generates (paper: the "central hypernetwork"; docs/design.md §3).
 
-Owns three things, in reading order:
+Owns two things, in reading order:
   1. ResNet18       the target model every client runs: a CIFAR ResNet-18 with a width multiplier. It is
                     run *functionally* (torch.func.functional_call) on weights that the hypernetwork
                     generates, plus the client's own BatchNorm running statistics (never generated).
@@ -9,9 +9,8 @@ Owns three things, in reading order:
                     emits one chunk of the flat weight vector (pFedHN's per-tensor heads would need ~1.1 B
                     parameters for ResNet-18; the shared head needs a few million). The trunk's hidden units
                     are gated per batch of clients: that is the "sub-hypernetwork" (gates live in masks.py).
-  3. server_update  pFedHN's rule: the client returns delta = trained - generated, and the hypernetwork
-                    takes the vector-Jacobian product d(generated)/d(phi)^T (-delta) as its gradient, applied
-                    by ServerOptimizer, which moves only the entries it is told are free (masks.py decides).
+                    BatchAdapters and the client offsets are ours, not the paper's.
+How the hypernetwork learns (pFedHN's update) is the server's business: federated.Server.update.
 
 pFedHN: Shamsian et al., "Personalized Federated Learning using Hypernetworks", ICML 2021.
 """
@@ -141,7 +140,7 @@ def init_scale_and_offset(model):
     return torch.cat(scales), torch.cat(offsets)
 
 
-class BatchAdapters(nn.Module):
+class BatchAdapters(nn.Module):  # ours
     """Each batch's own low-rank offset of the convolutions, written only during its own stage (ours).
 
     The shared base and every owned unit are frozen once batch 0 has finished (that is what keeps earlier
@@ -196,7 +195,7 @@ class HyperNetwork(nn.Module):
       * client_offsets: per client, an offset of its non-convolution weights (BatchNorm gains and biases,
         the classifier): a classifier of its own, which a hypernetwork shared by clients with other
         classes gives it only slowly. With adapters the server trains it in the client's own stage;
-        replay (deepinversion.backward_transfer) may move it later; nobody else ever writes it.
+        replay (replay.backward_transfer) may move it later; nobody else ever writes it.
       * adapter_budget > 0 (needs gates) gives every batch a low-rank offset of its own (BatchAdapters).
     """
 
@@ -222,9 +221,9 @@ class HyperNetwork(nn.Module):
         # BASE: a learned full-size weight vector shared by all clients (a freshly initialised ResNet).
         self.base = nn.Parameter(offset + scale * torch.randn_like(scale))
         self.register_buffer("non_conv_index", self.layout.non_conv_index.clone())
-        self.client_offsets = nn.Parameter(torch.zeros(num_clients, len(self.layout.non_conv_index)))
+        self.client_offsets = nn.Parameter(torch.zeros(num_clients, len(self.layout.non_conv_index)))  # ours
         self.adapters = None
-        if adapter_budget > 0:
+        if adapter_budget > 0:  # ours
             if gates is None:
                 raise ValueError("adapters need gates: without masks every batch writes the shared base anyway")
             num_batches = gates.embeddings.shape[0]
@@ -262,108 +261,5 @@ class HyperNetwork(nn.Module):
         return self.layout.flatten(weights)
 
 
-def replay_only(hypernet):
-    """What only replay (deepinversion.backward_transfer) writes, never the server's training rounds."""
-    return ("gates.borrow",) + (("client_offsets",) if hypernet.adapters is None else ())
-
-
 def count_parameters(module):
     return sum(p.numel() for p in module.parameters())
-
-
-# --------------------------------------------------------------------------------------------------
-# 3. The pFedHN server update
-# --------------------------------------------------------------------------------------------------
-
-def pfedhn_gradients(flat_generated, deltas, params):
-    """d(theta)/d(phi)^T (-delta), averaged over the round's clients.
-
-    pFedHN's update treats the client's local training as an oracle: if the client moved its
-    weights by delta, the hypernetwork should move so that its output moves by delta too. The
-    vector-Jacobian product with -delta is the gradient of 1/2 ||theta - (theta + delta)||^2 at
-    delta's start, i.e. a gradient step pulls the generated weights toward the trained ones.
-    """
-    n = flat_generated.shape[0]
-    # deltas / -n is bitwise -deltas / n (IEEE division is symmetric in sign) with one pass less.
-    grads = torch.autograd.grad(flat_generated, list(params.values()), grad_outputs=deltas / -n,
-                                allow_unused=True)
-    return {name: (torch.zeros_like(p) if g is None else g) for (name, p), g in zip(params.items(), grads)}
-
-
-def clip_gradients(grads, max_norm):
-    total = torch.sqrt(sum((g.float() ** 2).sum() for g in grads.values())).item()    # one host round trip
-    factor = min(1.0, max_norm / (total + 1e-12))
-    return {name: g * factor for name, g in grads.items()}, total
-
-
-def compact_masks(masks):
-    """{name: 0/1 mask} -> the same with an all-zero mask as False, an all-one mask as True and the others
-    as bool tensors: what ServerOptimizer.step reads fastest. Worked out once per stage, since the masks
-    change only when a stage begins (from batch 1 on the shared base alone is 0.70 M frozen entries at width 16)."""
-    compact = {}
-    for name, m in masks.items():
-        on = m > 0
-        compact[name] = False if not on.any() else (True if on.all() else on)
-    return compact
-
-
-class ServerOptimizer:
-    """Adam or SGD with momentum whose step leaves every entry with free-mask 0 bitwise untouched.
-
-    torch.optim would still move a parameter whose gradient is zero (weight decay, momentum, Adam's
-    running averages). Here every update, and every state update, goes through torch.where(free, ...),
-    so a frozen entry is exactly what it was: this is how earlier batches stay isolated, and how
-    embedding rows of clients absent from a round stay put (pFedHN issue #6).
-    """
-
-    def __init__(self, params, kind="adam", lr=1e-3, momentum=0.9, weight_decay=0.0, betas=(0.9, 0.999),
-                 eps=1e-8, lr_of=None):
-        self.params, self.kind, self.lr = params, kind, lr
-        self.lr_of = lr_of or {}            # parameter name -> a rate of its own (the adapters')
-        self.momentum, self.weight_decay, self.betas, self.eps = momentum, weight_decay, betas, eps
-        self.reset()
-
-    def reset(self):
-        """Forget running averages: a new stage starts with a clean optimizer."""
-        self.state = {name: {"m": torch.zeros_like(p), "v": torch.zeros_like(p)} for name, p in self.params.items()}
-        self.steps = 0
-
-    @torch.no_grad()
-    def step(self, grads, free):
-        """`free[name]`: a 0/1 (or bool) mask of the entries that may move; False: none may (the tensor is
-        skipped, which leaves it and its state exactly as a mask of zeros would); True or absent: all may."""
-        self.steps += 1
-        beta1, beta2 = self.betas
-        for name, p in self.params.items():
-            is_free = free.get(name, True)
-            if is_free is False:
-                continue
-            if is_free is not True and is_free.dtype != torch.bool:
-                is_free = is_free > 0
-            g = grads[name] + self.weight_decay * p
-            m, v = self.state[name]["m"], self.state[name]["v"]
-            lr = self.lr_of.get(name, self.lr)
-            if self.kind == "adam":
-                m_new = beta1 * m + (1 - beta1) * g
-                v_new = beta2 * v + (1 - beta2) * g * g
-                m_hat = m_new / (1 - beta1 ** self.steps)
-                v_hat = v_new / (1 - beta2 ** self.steps)
-                update = lr * m_hat / (v_hat.sqrt() + self.eps)
-            else:
-                m_new = self.momentum * m + g
-                v_new = v
-                update = lr * m_new
-            if is_free is True:                 # torch.where with an all-true mask, without the passes
-                m.copy_(m_new)
-                v.copy_(v_new)
-                p.sub_(update)
-            else:
-                m.copy_(torch.where(is_free, m_new, m))
-                v.copy_(torch.where(is_free, v_new, v))
-                p.copy_(torch.where(is_free, p - update, p))
-
-    def state_dict(self):
-        return {"state": self.state, "steps": self.steps}
-
-    def load_state_dict(self, sd):
-        self.state, self.steps = sd["state"], sd["steps"]

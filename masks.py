@@ -15,9 +15,10 @@ role of one task:
     batch's generated weights depend on is frozen; the server's optimizer applies these masks with
     torch.where, so neither momentum nor weight decay can move a frozen entry.
 
-What this file owns: the gate embeddings, their binary snapshots and the ownership record, the
-annealing schedule, HAT's gradient compensation, the sparsity penalty, the free-entry masks and the
-neuron accounting reported after every stage.
+What this file owns, in the order a stage meets it: `prepare` (a batch's gate starts), `step` (HAT's
+update of the gate: compensation, sparsity penalty), `finish` (the gate is binarised and frozen, and the
+neuron accounting reported after every stage), `free_masks` (what later stages may still write), and
+ServerOptimizer, the masked Adam that enforces them. The borrow gates are ours (replay's).
 """
 import torch
 import torch.nn as nn
@@ -38,7 +39,7 @@ class BatchGates(nn.Module):
         self.embeddings = nn.Parameter(torch.randn(num_batches, num_layers, hidden))
         # Replay's "borrow" gates (our proposal, docs/design.md §5): how much client i reads units that LATER
         # batches own. Exactly zero until replay trains them, so they change nothing before that.
-        self.borrow = nn.Parameter(torch.zeros(num_clients, num_layers, hidden))
+        self.borrow = nn.Parameter(torch.zeros(num_clients, num_layers, hidden))  # ours
         self.register_buffer("binary", torch.zeros(num_batches, num_layers, hidden))
         self.register_buffer("owned", torch.zeros(num_layers, hidden, dtype=torch.bool))
         self.register_buffer("finished", torch.zeros(num_batches, dtype=torch.bool))
@@ -176,3 +177,82 @@ class BatchGates(nn.Module):
         reuse = (active & previously_owned).sum().item() / max(active.sum().item(), 1)
         return {"used": used, "owned": self.owned.float().mean().item(), "reuse": reuse,
                 "free_before": 1.0 - previously_owned.float().mean().item()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Applying the masks: an optimizer that never moves a frozen entry
+# --------------------------------------------------------------------------------------------------
+
+def compact_masks(masks):
+    """{name: 0/1 mask} -> {name: False (nothing may move) | True (everything may) | bool tensor}.
+
+    The masks change only when a stage begins, so the server compacts them once per stage; the two
+    constant cases let ServerOptimizer.step skip a tensor or skip torch.where (from batch 1 on, the
+    shared base alone is 0.70 M frozen entries at width 16)."""
+    compact = {}
+    for name, m in masks.items():
+        on = m > 0
+        compact[name] = False if not on.any() else (True if on.all() else on)
+    return compact
+
+
+class ServerOptimizer:
+    """Adam or SGD with momentum whose step leaves every entry with free-mask 0 bitwise untouched.
+
+    torch.optim would still move a parameter whose gradient is zero (weight decay, momentum, Adam's
+    running averages). Here every update, and every state update, goes through torch.where(free, ...),
+    so a frozen entry is exactly what it was: this is how earlier batches stay isolated, and how
+    embedding rows of clients absent from a round stay put (pFedHN issue #6).
+    """
+
+    def __init__(self, params, kind="adam", lr=1e-3, momentum=0.9, weight_decay=0.0, betas=(0.9, 0.999),
+                 eps=1e-8, lr_of=None):
+        self.params, self.kind, self.lr = params, kind, lr
+        self.lr_of = lr_of or {}            # parameter name -> a rate of its own (the adapters')
+        self.momentum, self.weight_decay, self.betas, self.eps = momentum, weight_decay, betas, eps
+        self.reset()
+
+    def reset(self):
+        """Forget running averages: a new stage starts with a clean optimizer."""
+        self.state = {name: {"m": torch.zeros_like(p), "v": torch.zeros_like(p)} for name, p in self.params.items()}
+        self.steps = 0
+
+    @torch.no_grad()
+    def step(self, grads, free):
+        """`free[name]`: a 0/1 (or bool) mask of the entries that may move; False: none may (the tensor is
+        skipped, which leaves it and its state exactly as a mask of zeros would); True or absent: all may."""
+        self.steps += 1
+        beta1, beta2 = self.betas
+        for name, p in self.params.items():
+            is_free = free.get(name, True)
+            if is_free is False:
+                continue
+            if is_free is not True and is_free.dtype != torch.bool:
+                is_free = is_free > 0
+            g = grads[name] + self.weight_decay * p
+            m, v = self.state[name]["m"], self.state[name]["v"]
+            lr = self.lr_of.get(name, self.lr)
+            if self.kind == "adam":
+                m_new = beta1 * m + (1 - beta1) * g
+                v_new = beta2 * v + (1 - beta2) * g * g
+                m_hat = m_new / (1 - beta1 ** self.steps)
+                v_hat = v_new / (1 - beta2 ** self.steps)
+                update = lr * m_hat / (v_hat.sqrt() + self.eps)
+            else:
+                m_new = self.momentum * m + g
+                v_new = v
+                update = lr * m_new
+            if is_free is True:                 # torch.where with an all-true mask, without the passes
+                m.copy_(m_new)
+                v.copy_(v_new)
+                p.sub_(update)
+            else:
+                m.copy_(torch.where(is_free, m_new, m))
+                v.copy_(torch.where(is_free, v_new, v))
+                p.copy_(torch.where(is_free, p - update, p))
+
+    def state_dict(self):
+        return {"state": self.state, "steps": self.steps}
+
+    def load_state_dict(self, sd):
+        self.state, self.steps = sd["state"], sd["steps"]

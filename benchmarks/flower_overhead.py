@@ -52,7 +52,7 @@ def main():
             for a, b in zip(row_a, row_b) if a is not None and b is not None]
     print(f"flower / local = {ratio:.2f} (bound {args.bound}: {'met' if ratio <= args.bound else 'NOT met'}); "
           f"accuracy matrices {'identical' if same else 'DIFFERENT'}"
-          + ("" if same else f" (largest gap {100 * max(gaps):.2f} points; README: why the last bits can differ)"))
+          + ("" if same else f" (largest gap {100 * max(gaps):.2f} points; docs/flower.md: why the last bits can differ)"))
 
 
 if __name__ == "__main__":

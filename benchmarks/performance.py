@@ -52,6 +52,7 @@ import data  # noqa: E402
 import deepinversion  # noqa: E402
 import federated as fl  # noqa: E402
 import hypernet as hn  # noqa: E402
+import replay as replay_module  # noqa: E402
 import train  # noqa: E402
 
 ROWS = []     # every line of the table, also written to --json
@@ -182,7 +183,7 @@ def part_a(args, dataset, width, local_steps, clients_per_round, rounds, warmup_
     ours = limit = 0.0
     for r in range(rounds):
         start = clock(args.device)
-        # The round as federated.onboard runs it: draw the round's clients, train, update.
+        # The round as train.onboard runs it: draw the round's clients, train, update.
         ids = sorted(rng.choice(batches[0], size=clients_per_round, replace=False).tolist())
         server.train_round(ids, clients, r / max(rounds - 1, 1), steps, batch_size, lr)
         middle = clock(args.device)
@@ -194,7 +195,7 @@ def part_a(args, dataset, width, local_steps, clients_per_round, rounds, warmup_
         for _ in range(3):
             start = clock(args.device)
             checkpoint.save(os.path.join(tmp, checkpoint.FILENAME), checkpoint.capture(
-                config, args.device, server, clients, rng, fl.OnboardingState()))
+                config, args.device, server, clients, rng, train.OnboardingState()))
             saves.append(clock(args.device) - start)
     per_checkpoint = statistics.median(saves) * rounds / config["checkpoint_every"]
     total = ours + per_checkpoint
@@ -240,13 +241,13 @@ def part_bc(args, dataset, stages, rounds):
         if "c" not in args.parts:
             continue
         start = clock(args.device)
-        fl.evaluate_all(server, clients, [c for b in batches[:t + 1] for c in b])
+        {cid: server.evaluate(clients[cid]) for b in batches[:t + 1] for cid in b}
         evaluation = clock(args.device) - start
         row("c", f"evaluation of {sum(map(len, batches[:t + 1]))} clients after stage {t + 1} / the stage's "
                  f"{config['rounds']} rounds", seconds(evaluation), seconds(stage_s), evaluation / stage_s)
         if t > 0:
             start = clock(args.device)
-            report = fl.run_replay(server, clients, t, config["seed"], replay)
+            report = replay_module.run_replay(server, clients, t, config["seed"], replay)
             replayed = clock(args.device) - start
             row("c", f"replay after stage {t + 1} (synthesis {report['synthesis_s']:.1f} s, "
                      f"{sum(map(len, batches[:t]))} earlier clients) / the stage's {config['rounds']} rounds",
@@ -314,7 +315,7 @@ def checkpoint_bytes(config, device, server, num_clients):
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, checkpoint.FILENAME)
         checkpoint.save(path, checkpoint.capture(config, device, server, clients, np.random.default_rng(0),
-                                                 fl.OnboardingState()))
+                                                 train.OnboardingState()))
         return os.path.getsize(path)
 
 
@@ -405,7 +406,7 @@ def part_f(args, width, rounds):
                                torch.zeros(10, dtype=torch.long), 0.0) for k, c in enumerate(ids)]
 
     def ours_round():
-        flat = server.hypernet(ids, [0] * n, s=server.s)
+        flat = server.hypernet(ids, [0] * n, s=server.gate_scale)
         server.apply_updates(ids, flat, updates)
     ours_s = time_rounds(args.device, ours_round, rounds)
     learned = [p for name, p in server.hypernet.named_parameters()]

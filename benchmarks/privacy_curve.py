@@ -28,8 +28,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import checkpoint  # noqa: E402
-import federated as fl  # noqa: E402
 import privacy  # noqa: E402
+import cli  # noqa: E402
+import replay  # noqa: E402
+import runner  # noqa: E402
 import train  # noqa: E402
 
 # Set by this script itself, per seed and sigma: not protocol flags.
@@ -48,14 +50,14 @@ def parse(argv):
     args, protocol = p.parse_known_args(argv)
     for flag in OWN_FLAGS:
         if any(a == flag or a.startswith(flag + "=") for a in protocol):
-            raise train.CliError(f"{flag} is set by privacy_curve.py itself; use --seeds, --sigmas and --out")
+            raise runner.CliError(f"{flag} is set by privacy_curve.py itself; use --seeds, --sigmas and --out")
     try:
         args.seeds = [int(s) for s in args.seeds.split(",")]
         args.sigmas = [float(s) for s in args.sigmas.split(",")]
     except ValueError:
-        raise train.CliError("--seeds must be comma-separated integers and --sigmas comma-separated numbers") from None
+        raise runner.CliError("--seeds must be comma-separated integers and --sigmas comma-separated numbers") from None
     if any(not 0 <= s < math.inf for s in args.sigmas):
-        raise train.CliError(f"--sigmas must be >= 0 and finite, got {args.sigmas}")
+        raise runner.CliError(f"--sigmas must be >= 0 and finite, got {args.sigmas}")
     return args, protocol
 
 
@@ -64,35 +66,36 @@ def no_replay_run(protocol, seed, out):
     argv = protocol + ["--no-replay", "--seed", str(seed), "--out", out]
     results_path = os.path.join(out, "results.json")
     if os.path.exists(results_path):
-        config, _ = train.resolve_config(argv)
+        config, _ = cli.resolve_config(argv)
         with open(results_path) as f:
             done = json.load(f)["config"]
         differing = checkpoint.differing_settings(config, dict(train.DEFAULTS, **done))
         if differing:
-            raise train.CliError(f"{results_path} was made with other settings ({', '.join(differing)}): "
+            raise runner.CliError(f"{results_path} was made with other settings ({', '.join(differing)}): "
                                  f"use another --out")
         print(f"== seed {seed}: reusing {out}")
         return out
     resume = os.path.exists(os.path.join(out, checkpoint.FILENAME))
     print(f"== seed {seed}: training the protocol without replay" + (" (resuming)" if resume else ""))
-    train.main(argv + ["--resume"] * resume)
+    cli.main(argv + ["--resume"] * resume)
     return out
 
 
 def replay_once(run_dir, sigma, grid_path):
     """Restore the run's final state, replay its last stage under noise sigma, audit it, evaluate: one row."""
-    config, dataset, clients, server, batches, onboarding = train.restore_finished(run_dir)
+    config, dataset, clients, server, batches, onboarding = runner.restore_finished(run_dir)
     t = len(batches) - 1
     start = time.time()
-    report = fl.run_replay(server, clients, t, config["seed"], train.replay_settings(config), bn_noise=sigma,
-                           audit=privacy.auditor(dataset, config["seed"], lambda t: grid_path))
+    report = replay.run_replay(server, clients, t, config["seed"], train.replay_settings(config),
+                               uploads=privacy.uploads(server, config["seed"], sigma),
+                               audit=privacy.auditor(dataset, config["seed"], lambda t: grid_path))
     seconds = time.time() - start
     seen = [c for b in batches for c in b]
-    acc = fl.evaluate_all(server, clients, seen)
+    acc = {cid: server.evaluate(clients[cid]) for cid in seen}
     test_sizes = [len(c.y_test) for c in clients]
     # the stage's evaluation is the one after replay: replace the no-replay run's last row
-    test = fl.metrics(onboarding.accuracy[:-1] + [[acc[c][0] for c in range(len(clients))]], batches, test_sizes)
-    val = fl.metrics(onboarding.val_accuracy[:-1] + [[acc[c][1] for c in range(len(clients))]], batches, test_sizes)
+    test = train.metrics(onboarding.accuracy[:-1] + [[acc[c][0] for c in range(len(clients))]], batches, test_sizes)
+    val = train.metrics(onboarding.val_accuracy[:-1] + [[acc[c][1] for c in range(len(clients))]], batches, test_sizes)
     return {"seed": config["seed"], "sigma": sigma, "ri": test["ri"], "val_ri": val["ri"],
             "mean_acc": test["mean_acc"], "accepted": report["accepted"],
             "proposed": report["accepted"] + report["rejected"], "dropped": report["dropped"],
@@ -203,10 +206,10 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except train.CliError as e:
+    except runner.CliError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except (train.Interrupted, KeyboardInterrupt) as e:
+    except (runner.Interrupted, KeyboardInterrupt) as e:
         print(f"interrupted ({e or 'SIGINT'}): rerun the same command to continue (finished rows and runs are kept)",
               file=sys.stderr)
         sys.exit(getattr(e, "code", 130))

@@ -20,18 +20,19 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import federated as fl  # noqa: E402
+import replay as replay_module  # noqa: E402
+import runner  # noqa: E402
 import train  # noqa: E402
 
 
 def replay_once(run_dir, iterations, images):
-    config, _, clients, server, batches, _ = train.restore_finished(run_dir)
+    config, _, clients, server, batches, _ = runner.restore_finished(run_dir)
     t = len(batches) - 1
     earlier = [c for b in batches[:t] for c in b]
     before = {c: clients[c].evaluate(server.generate(c), server.bn_stats[c], "val")[0] for c in earlier}
     replay = dict(train.replay_settings(config), num_images=images, iterations=iterations)
     start = time.time()
-    report = fl.run_replay(server, clients, t, config["seed"], replay)
+    report = replay_module.run_replay(server, clients, t, config["seed"], replay)
     seconds = time.time() - start
     after = {c: clients[c].evaluate(server.generate(c), server.bn_stats[c], "val")[0] for c in earlier}
     # What the path proposed, before the confirmation test decided: its best point's gain on val_select

@@ -25,6 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import deepinversion  # noqa: E402
+import replay as replay_module  # noqa: E402
+import runner  # noqa: E402
 import train  # noqa: E402
 from hypernet import run_model  # noqa: E402
 
@@ -69,7 +71,7 @@ def mean_of(correct):
 
 def diagnose(run_dir, bn_weight=None):
     """(one row per teacher: its BN loss and accuracy on its own dreams, one row per earlier client tried)."""
-    config, _, clients, server, batches, _ = train.restore_finished(run_dir)
+    config, _, clients, server, batches, _ = runner.restore_finished(run_dir)
     model = server.model
     replay = dict(train.replay_settings(config), confirm_z=float("inf"))   # decide nothing: restore every client
     if bn_weight is not None:
@@ -87,7 +89,7 @@ def diagnose(run_dir, bn_weight=None):
             return clients[cid].confirm(before, after, server.bn_stats[cid])
 
         start = {c: server.generate(c) for b in batches[:t] for c in b}
-        report = deepinversion.backward_transfer(server, t, validate, confirm, seed=config["seed"] + t, **replay)
+        report = replay_module.backward_transfer(server, t, validate, confirm, seed=config["seed"] + t, **replay)
         images, labels = report["images"], report["labels"]
         teachers += [{"accuracy": a, "bn_loss": b} for a, b in
                      zip(own_dreams_accuracy(server, report["dreamers"], images, labels), report["bn_loss_end"])]

@@ -26,6 +26,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import deepinversion  # noqa: E402
 import federated as fl  # noqa: E402
+import replay as replay_module  # noqa: E402
+import runner  # noqa: E402
 import train  # noqa: E402
 from replay_diagnosis import check_runs, own_dreams_accuracy  # noqa: E402  (benchmarks/, this script's folder)
 
@@ -46,7 +48,7 @@ class ThirdsClient(fl.Client):
 def replay_stages(run_dir, settings):
     """{setting: [(tried, proposals) per stage]}, proposals = [(gained, lost, gain on the third third)],
     and {(stage, BN weight): the teachers' accuracy on their own dreams}."""
-    config, _, clients, server, batches, _ = train.restore_finished(run_dir)
+    config, _, clients, server, batches, _ = runner.restore_finished(run_dir)
     for client in clients:
         client.__class__ = ThirdsClient
     synthesize, dreams = deepinversion.synthesize, {}
@@ -78,7 +80,7 @@ def replay_stages(run_dir, settings):
                 # stage; the z of the table is applied to the recorded counts afterwards.
                 replay = dict(train.replay_settings(config), lr=lr, steps=steps, bn_weight=bn_weight,
                               confirm_z=math.inf)
-                report = deepinversion.backward_transfer(server, t, validate, confirm, seed=config["seed"] + t,
+                report = replay_module.backward_transfer(server, t, validate, confirm, seed=config["seed"] + t,
                                                          **replay)
                 results[setting].append((report["accepted"] + report["rejected"], proposals))
                 if (t, bn_weight) not in teacher_accuracy:
@@ -131,7 +133,7 @@ def main():
         proposals = [q for _, qs in totals[s] for q in qs]
         cells = []
         for z in Z:
-            kept = [worth for gained, lost, worth in proposals if deepinversion.accept(gained, lost, z)]
+            kept = [worth for gained, lost, worth in proposals if replay_module.accept(gained, lost, z)]
             cells.append(f"{len(kept)}, {100 * sum(kept) / max(tried, 1):+.2f}, {sum(w < 0 for w in kept)}")
         print(f"| {s[0]:g} | {s[1]} | {s[2]} | {s[3]:g} | {100 * np.mean(teachers[s[3]]):.1f} % | {tried} | "
               f"{len(proposals)} | " + " | ".join(cells) + " |", flush=True)

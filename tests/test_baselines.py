@@ -15,6 +15,8 @@ import compare  # noqa: E402
 import federated as fl  # noqa: E402
 import hypernet as hn  # noqa: E402
 import train  # noqa: E402
+import cli  # noqa: E402
+import masks  # noqa: E402
 
 TINY = ["--dataset", "cifar10", "--batches", "2", "--clients-per-batch", "2", "--rounds", "3",
         "--clients-per-round", "2", "--local-steps", "2", "--batch-size", "16", "--width", "4",
@@ -22,15 +24,13 @@ TINY = ["--dataset", "cifar10", "--batches", "2", "--clients-per-batch", "2", "-
 
 
 def build(tiny_data_dir, method):
-    config, _ = train.resolve_config(TINY + ["--data-dir", str(tiny_data_dir), "--method", method])
+    config, _ = cli.resolve_config(TINY + ["--data-dir", str(tiny_data_dir), "--method", method])
     dataset, clients, server, batches, model = train.build(config, torch.device("cpu"))
     return config, clients, server, batches
 
 
 def onboard(config, clients, server, batches):
-    return fl.onboard(server, clients, batches, rounds=config["rounds"], clients_per_round=config["clients_per_round"],
-                      local_steps=config["local_steps"], batch_size=config["batch_size"], lr=config["lr"],
-                      seed=config["seed"])
+    return train.onboard(server, clients, batches, config, pa_reference=False)
 
 
 def refuse(*args, **kwargs):
@@ -39,10 +39,10 @@ def refuse(*args, **kwargs):
 
 def test_local_never_communicates(tiny_data_dir, tmp_path, monkeypatch):
     # No pFedHN gradient, no server optimizer step, no FedAvg averaging may run for `local`...
-    monkeypatch.setattr(hn, "pfedhn_gradients", refuse)
-    monkeypatch.setattr(hn.ServerOptimizer, "step", refuse)
+    monkeypatch.setattr(fl.Server, "update", refuse)
+    monkeypatch.setattr(masks.ServerOptimizer, "step", refuse)
     monkeypatch.setattr(baselines.FedAvg, "train_round", refuse)
-    results = train.main(TINY + ["--data-dir", str(tiny_data_dir), "--method", "local", "--out", str(tmp_path)])
+    results = cli.main(TINY + ["--data-dir", str(tiny_data_dir), "--method", "local", "--out", str(tmp_path)])
     assert all(a is not None for a in results["accuracy"][1])
     # ...and what a client ends with depends on its own data only: scramble everybody else's training
     # images and its weights stay bitwise the same.
@@ -63,7 +63,7 @@ class SizedClient:
     def __init__(self, n, delta, bn_value):
         self.y_train, self.delta, self.bn_value = torch.zeros(n), delta, bn_value
 
-    def local_train(self, flat_weights, bn_stats, steps, batch_size, lr):
+    def local_train(self, flat_weights, bn_stats, steps, minibatch_size, lr):
         bn = {name: torch.full_like(b, self.bn_value) for name, b in bn_stats.items()}
         return fl.ClientUpdate(delta=self.delta, bn_stats=bn, label_counts=torch.ones(10), loss=0.0)
 
@@ -75,7 +75,7 @@ def test_fedavg_moves_to_the_size_weighted_average_of_the_clients_models():
     start = server.weights.clone()
     d0, d1 = torch.randn_like(start), torch.randn_like(start)
     clients = [SizedClient(30, d0, 1.0), SizedClient(10, d1, 5.0)]
-    server.train_round([0, 1], clients, 0.0, steps=1, batch_size=1, lr=0.0)
+    server.train_round([0, 1], clients, 0.0, steps=1, minibatch_size=1, lr=0.0)
     torch.testing.assert_close(server.weights, start + 0.75 * d0 + 0.25 * d1)
     torch.testing.assert_close(server.bn["bn1.running_mean"], torch.full_like(server.bn["bn1.running_mean"], 2.0))
 
@@ -122,7 +122,7 @@ def test_pa_is_new_clients_accuracy_minus_local_on_the_same_clients():
 def test_comparison_command_writes_report_and_plots_and_reuses_finished_runs(tiny_data_dir, tmp_path, capsys):
     argv = TINY + ["--data-dir", str(tiny_data_dir), "--methods", "fedavg,pfeddsh-no-replay", "--seeds", "0,1",
                    "--out", str(tmp_path)]
-    runs = train.main(argv)
+    runs = cli.main(argv)
     assert list(runs) == ["local", "fedavg", "pfeddsh-no-replay"]       # local added: PA needs it
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["comparison.md", "comparison.json", "batch_accuracy.png"] + [f"{n}-s{s}" for n in runs for s in (0, 1)])
@@ -138,14 +138,14 @@ def test_comparison_command_writes_report_and_plots_and_reuses_finished_runs(tin
     assert report.count("| fedavg |") == 3 and "| pfeddsh-no-replay |" in report
     assert "Replay's share" not in report            # needs both pfeddsh and pfeddsh-no-replay
     capsys.readouterr()
-    assert train.main(argv)["fedavg"][1] == runs["fedavg"][1]               # finished runs are reused...
+    assert cli.main(argv)["fedavg"][1] == runs["fedavg"][1]               # finished runs are reused...
     assert capsys.readouterr().out.count("reusing") == 6
-    with pytest.raises(train.CliError, match="other settings"):            # ...but only for the same settings
-        train.main(argv + ["--lr", "0.01"])
+    with pytest.raises(cli.CliError, match="other settings"):            # ...but only for the same settings
+        cli.main(argv + ["--lr", "0.01"])
     # A run that stopped before writing results.json is resumed from its checkpoint, not restarted.
     (tmp_path / "fedavg-s1" / "results.json").unlink()
     capsys.readouterr()
-    resumed = train.main(argv)["fedavg"][1]
+    resumed = cli.main(argv)["fedavg"][1]
     assert "fedavg, seed 1: resuming" in capsys.readouterr().out
     assert resumed["accuracy"] == runs["fedavg"][1]["accuracy"]
 

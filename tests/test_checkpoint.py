@@ -15,6 +15,8 @@ sys.path.insert(0, str(REPO))
 import deepinversion  # noqa: E402
 import federated as fl  # noqa: E402
 import train  # noqa: E402
+import cli  # noqa: E402
+import replay  # noqa: E402
 
 # tests/test_train.py's TINY plus a few replay steps, so replay's state is part of what must resume exactly.
 TINY = ["--dataset", "cifar10", "--batches", "2", "--clients-per-batch", "2", "--rounds", "4",
@@ -51,11 +53,11 @@ def final_hypernet(out):
 def reference(tiny_data_dir, tmp_path_factory):
     """One uninterrupted run: its folder (results.json, checkpoint.pt) and results."""
     out = tmp_path_factory.mktemp("reference")
-    return out, train.main(args(tiny_data_dir, out))
+    return out, cli.main(args(tiny_data_dir, out))
 
 
 def test_same_seed_gives_the_same_results(tiny_data_dir, tmp_path, reference):
-    again = train.main(args(tiny_data_dir, tmp_path))
+    again = cli.main(args(tiny_data_dir, tmp_path))
     assert comparable(again) == comparable(reference[1])
     assert again["faults"] == {"dropped_updates": 0, "skipped_rounds": 0, "dropped_replays": 0}
 
@@ -65,16 +67,16 @@ def test_killed_mid_stage_then_resumed_equals_uninterrupted(stop_after, tiny_dat
     # A real SIGINT to ourselves after round 2 (mid stage 0), 4 (stage 0's rounds done, end_stage not yet)
     # or 5 (mid stage 1, after replay's stage 0) of 8; checkpoints are every 3 rounds, so 2, 4 and 5 are
     # the checkpoints the signal handler asks for.
-    with pytest.raises(train.Interrupted) as stopped:
-        train.main(args(tiny_data_dir, tmp_path, "--stop-after-rounds", str(stop_after)))
+    with pytest.raises(cli.Interrupted) as stopped:
+        cli.main(args(tiny_data_dir, tmp_path, "--stop-after-rounds", str(stop_after)))
     assert stopped.value.code == 130
     stage, done = divmod(stop_after - 1, 4)
     assert str(stopped.value).startswith(f"interrupted (SIGINT): checkpoint saved at stage {stage} "
                                          f"round {done + 1} of 4")
     assert not (tmp_path / "results.json").exists()
-    with pytest.raises(train.CliError, match="already exists"):      # without --resume: another run's folder
-        train.main(args(tiny_data_dir, tmp_path))
-    resumed = train.main(args(tiny_data_dir, tmp_path, "--resume"))
+    with pytest.raises(cli.CliError, match="already exists"):      # without --resume: another run's folder
+        cli.main(args(tiny_data_dir, tmp_path))
+    resumed = cli.main(args(tiny_data_dir, tmp_path, "--resume"))
     assert comparable(resumed) == comparable(reference[1])
     ours, theirs = final_hypernet(tmp_path), final_hypernet(reference[0])
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)     # bitwise, gates' buffers included
@@ -115,7 +117,7 @@ def test_checkpoint_from_before_a_setting_existed_resumes_with_its_default(tiny_
     for key in ("bn_noise", "privacy_audit", "amp"):
         del state["config"][key]
     torch.save(state, tmp_path / "checkpoint.pt")
-    resumed = train.main(args(tiny_data_dir, tmp_path, "--resume"))
+    resumed = cli.main(args(tiny_data_dir, tmp_path, "--resume"))
     assert comparable(resumed) == comparable(reference[1])
     done = cli(*args(tiny_data_dir, tmp_path, "--resume", "--bn-noise", "0.5"))     # but not another value
     assert done.returncode == 2 and "bn_noise: 0.0 there, 0.5 here" in done.stderr, done.stderr
@@ -145,7 +147,7 @@ def test_nan_updates_are_dropped_and_counted(tiny_data_dir, tmp_path, monkeypatc
         return update
 
     monkeypatch.setattr(fl.Client, "local_train", sometimes_nan)
-    results = train.main(args(tiny_data_dir, tmp_path, "--no-replay"))
+    results = cli.main(args(tiny_data_dir, tmp_path, "--no-replay"))
     assert results["faults"] == {"dropped_updates": 3, "skipped_rounds": 1, "dropped_replays": 0}
     assert all(a is not None and 0.0 <= a <= 1.0 for a in results["accuracy"][-1])
     hypernet = final_hypernet(tmp_path)
@@ -153,7 +155,7 @@ def test_nan_updates_are_dropped_and_counted(tiny_data_dir, tmp_path, monkeypatc
 
 
 def test_diverged_replay_is_undone_and_counted(tiny_data_dir, tmp_path, monkeypatch):
-    real = deepinversion.backward_transfer
+    real = replay.backward_transfer
 
     def diverging(server, *a, **k):
         report = real(server, *a, **k)
@@ -163,7 +165,7 @@ def test_diverged_replay_is_undone_and_counted(tiny_data_dir, tmp_path, monkeypa
         return report
 
     monkeypatch.setattr(deepinversion, "backward_transfer", diverging)
-    results = train.main(args(tiny_data_dir, tmp_path))
+    results = cli.main(args(tiny_data_dir, tmp_path))
     assert results["faults"]["dropped_replays"] == 1 and results["replay"][0]["dropped"]
     batch0 = results["batches"][0]
     # Masks keep batch 0 exactly where stage 0 left it, and the undone replay changed nothing either.

@@ -19,6 +19,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import train  # noqa: E402
+import cli  # noqa: E402
 
 TINY = ["--dataset", "cifar10", "--batches", "2", "--clients-per-batch", "2", "--rounds", "4",
         "--clients-per-round", "2", "--local-steps", "3", "--batch-size", "16", "--width", "4",
@@ -44,7 +45,7 @@ def test_simulation_gives_the_in_process_results(tiny_data_dir, tmp_path):
     threads as this process does."""
     needs_flower()
     common = TINY + REPLAY + ["--data-dir", str(tiny_data_dir)]
-    local = train.main(common + ["--out", str(tmp_path / "local")])
+    local = cli.main(common + ["--out", str(tmp_path / "local")])
     done = cli(*common, "--out", str(tmp_path / "flower"), "--engine", "flower", "--node-timeout", "60")
     assert done.returncode == 0, done.stderr[-3000:]
     flower = json.loads((tmp_path / "flower" / "results.json").read_text())
@@ -82,8 +83,8 @@ def test_flower_bad_input_exits_2_with_one_line(tiny_data_dir, tmp_path, monkeyp
     import importlib.util
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flwr" else real(name, *a))
-    with pytest.raises(train.CliError, match="needs Flower.*pip install -r requirements-flower.txt"):
-        train.resolve_config(["--engine", "flower"])
+    with pytest.raises(cli.CliError, match="needs Flower.*pip install -r requirements-flower.txt"):
+        cli.resolve_config(["--engine", "flower"])
     monkeypatch.undo()
     needs_flower()
     for args, expected in [(["--method", "fedavg-ft"], "cannot run fedavg-ft"),
@@ -187,7 +188,7 @@ def test_superlink_and_supernodes_run_it(tiny_data_dir, tmp_path):
         output = finish(run, 240)
     assert (out / "results.json").exists(), output[-3000:]
     results = json.loads((out / "results.json").read_text())
-    local = train.main(DEPLOYED + ["--data-dir", str(tiny_data_dir), "--out", str(tmp_path / "local")])
+    local = cli.main(DEPLOYED + ["--data-dir", str(tiny_data_dir), "--out", str(tmp_path / "local")])
     # The nodes read their data from --node-config data-dir (the server's /nowhere is never read).
     assert results["accuracy"] == local["accuracy"] and results["batches"] == local["batches"]
     assert results["faults"]["unanswered_messages"] == 0

@@ -17,7 +17,7 @@ class FakeClient:
     def __init__(self, cid):
         self.generator = torch.Generator().manual_seed(cid)
 
-    def local_train(self, flat_weights, bn_stats, steps, batch_size, lr):
+    def local_train(self, flat_weights, bn_stats, steps, minibatch_size, lr):
         delta = 0.01 * torch.randn(flat_weights.shape, generator=self.generator)
         new_bn = {n: b.clone() for n, b in bn_stats.items()}
         return fl.ClientUpdate(delta=delta, bn_stats=new_bn, label_counts=torch.ones(10, dtype=torch.long),
@@ -40,7 +40,7 @@ def make_server(with_masks, optimizer="sgd", hidden=16, layers=2, batches=((0, 1
 def run_stage(server, clients, t, rounds=6):
     server.begin_stage(t)
     for r in range(rounds):
-        server.train_round(server.batches[t], clients, r / (rounds - 1), steps=1, batch_size=1, lr=0.0)
+        server.train_round(server.batches[t], clients, r / (rounds - 1), steps=1, minibatch_size=1, lr=0.0)
     return server.end_stage(t)
 
 
@@ -174,7 +174,7 @@ def test_masks_learn_a_large_penalty_switches_units_off(sparsity):
     started = units_on(gates, 0)
     assert 0.3 < started < 0.7
     for r in range(10):
-        server.train_round([0, 1], clients, r / 9, steps=1, batch_size=1, lr=0.0)
+        server.train_round([0, 1], clients, r / 9, steps=1, minibatch_size=1, lr=0.0)
     used = server.end_stage(0)["used"]
     if sparsity > 0:
         assert used < 0.25 * started
@@ -214,7 +214,7 @@ def test_a_batch_that_finds_no_free_unit_still_learns_and_earlier_batches_stay_f
     with torch.no_grad():
         gates.embeddings[0] = 6.0                    # batch 0 keeps every unit on (HAT's clamp bound)
     for r in range(6):
-        server.train_round([0, 1], clients, r / 5, steps=1, batch_size=1, lr=0.0)
+        server.train_round([0, 1], clients, r / 5, steps=1, minibatch_size=1, lr=0.0)
     server.end_stage(0)
     assert gates.owned.all()
     frozen_before = {c: server.generate(c).clone() for c in (0, 1)}
@@ -223,7 +223,7 @@ def test_a_batch_that_finds_no_free_unit_still_learns_and_earlier_batches_stay_f
     free = gates.free_masks(server.hypernet, 1)
     assert all(free[n].sum() == 0 for n in free if n.startswith(("trunk", "head")))   # nothing shared is free
     for r in range(6):
-        server.train_round([2, 3], clients, r / 5, steps=1, batch_size=1, lr=0.0)
+        server.train_round([2, 3], clients, r / 5, steps=1, minibatch_size=1, lr=0.0)
     stats = server.end_stage(1)
     assert stats["reuse"] == 1.0 and stats["owned"] == 1.0
     for c in (0, 1):

@@ -14,6 +14,7 @@ import data  # noqa: E402
 import federated as fl  # noqa: E402
 import privacy  # noqa: E402
 import train  # noqa: E402
+import cli  # noqa: E402
 from conftest import make_tiny_dataset  # noqa: E402
 from test_checkpoint import comparable, final_hypernet  # noqa: E402
 
@@ -26,7 +27,7 @@ TINY = ["--dataset", "cifar10", "--batches", "2", "--clients-per-batch", "2", "-
 
 
 def run(tiny_data_dir, out, *extra):
-    return train.main(TINY + ["--data-dir", str(tiny_data_dir), "--out", str(out), *extra])
+    return cli.main(TINY + ["--data-dir", str(tiny_data_dir), "--out", str(out), *extra])
 
 
 def without_audit(results):
@@ -148,8 +149,8 @@ def test_bn_noise_moves_statistics_and_shares_keeps_variances_positive_and_repea
 
 
 def test_bn_noise_zero_is_bitwise_the_run_from_before_the_knob(tiny_data_dir, tmp_path, reference, monkeypatch):
-    # Before the knob, replay read the server's copies directly: backward_transfer(uploads=None) still does.
-    monkeypatch.setattr(fl.privacy, "uploads", lambda server, seed, sigma: None)
+    # sigma 0 never goes through the noisy upload: replay reads the server's copies (uploads=None).
+    monkeypatch.setattr(privacy, "uploads", lambda server, seed, sigma: pytest.fail("sigma 0 made a noisy upload"))
     before = run(tiny_data_dir, tmp_path)
     assert before["replay"][0]["skipped"] < 2               # replay did fine-tune an earlier client
     assert comparable(before) == comparable(reference[1])
@@ -208,7 +209,7 @@ def test_privacy_curve_sigma_zero_row_is_the_train_py_run(tiny_data_dir, tmp_pat
 
 def test_privacy_curve_refuses_flags_it_sets_itself(capsys):
     import privacy_curve
-    with pytest.raises(train.CliError, match="--bn-noise is set by privacy_curve.py"):
+    with pytest.raises(cli.CliError, match="--bn-noise is set by privacy_curve.py"):
         privacy_curve.main(["--bn-noise", "1"])
-    with pytest.raises(train.CliError, match="--sigmas must be >= 0"):
+    with pytest.raises(cli.CliError, match="--sigmas must be >= 0"):
         privacy_curve.main(["--sigmas", "0,-1"])

@@ -1,4 +1,4 @@
-"""Backward transfer (deepinversion.backward_transfer): who may change, what a rejection leaves, privacy."""
+"""Backward transfer (replay.backward_transfer): who may change, what a rejection leaves, privacy."""
 import argparse
 import json
 import shutil
@@ -10,6 +10,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import deepinversion  # noqa: E402
+import cli  # noqa: E402
+import replay  # noqa: E402
 from test_masks import make_server, run_stage, FakeClient  # noqa: E402
 
 
@@ -51,7 +53,7 @@ def test_replay_touches_only_the_client_being_improved():
         calls.append(cid)
         return (1.0, 0.0) if not torch.equal(flat, before[cid]) else (0.5, 1.0)
 
-    report = deepinversion.backward_transfer(server, 1, validate, confirm_yes, **REPLAY)
+    report = replay.backward_transfer(server, 1, validate, confirm_yes, **REPLAY)
     after = snapshot(server)
     assert report["accepted"] >= 1
     changed = [c for c in range(4) if not torch.equal(before[c], after[c])]
@@ -64,7 +66,7 @@ def test_rejected_update_leaves_client_bitwise_unchanged():
     server = two_stage_server()
     before = snapshot(server)
     params_before = {n: p.detach().clone() for n, p in server.hypernet.named_parameters()}
-    report = deepinversion.backward_transfer(server, 1, lambda cid, flat: (0.0, 1.0), confirm_yes,
+    report = replay.backward_transfer(server, 1, lambda cid, flat: (0.0, 1.0), confirm_yes,
                                              **REPLAY)   # never better on the selection half: rejected
     assert report["accepted"] == 0 and report["rejected"] + report["skipped"] == 2
     after = snapshot(server)
@@ -82,7 +84,7 @@ def test_server_replay_never_receives_client_samples():
         received.append(flat)            # what the server sends: its own generated weights
         return 0.0, 1.0                  # what comes back: two floats
 
-    deepinversion.backward_transfer(server, 1, validate, confirm_no, **dict(REPLAY, iterations=2, steps=1))
+    replay.backward_transfer(server, 1, validate, confirm_no, **dict(REPLAY, iterations=2, steps=1))
     assert all(f.shape == (server.hypernet.num_weights,) for f in received)
     # The server's state holds BN statistics and label counts per client, never image-shaped tensors.
     for stats in server.bn_stats.values():
@@ -96,7 +98,7 @@ def test_a_pick_the_confirmation_half_does_not_confirm_is_undone_bitwise():
     before = snapshot(server)
     params_before = {n: p.detach().clone() for n, p in server.hypernet.named_parameters()}
     pleased = lambda cid, flat: (1.0, 0.0) if not torch.equal(flat, before[cid]) else (0.5, 1.0)  # noqa: E731
-    report = deepinversion.backward_transfer(server, 1, pleased, confirm_no, **REPLAY)
+    report = replay.backward_transfer(server, 1, pleased, confirm_no, **REPLAY)
     assert report["accepted"] == 0 and report["rejected"] >= 1 and report["confirm"][0] == [6, 5]
     assert all(torch.equal(p, params_before[n]) for n, p in server.hypernet.named_parameters())
 
@@ -112,7 +114,7 @@ def test_replay_moves_the_earlier_clients_model():
         calls["n"] += 1
         return (calls["n"] / 100.0, 0.0)
 
-    report = deepinversion.backward_transfer(server, 1, improving, confirm_yes, **dict(REPLAY, steps=30))
+    report = replay.backward_transfer(server, 1, improving, confirm_yes, **dict(REPLAY, steps=30))
     assert report["accepted"] >= 1
     moved = [c for c in (0, 1) if not torch.equal(server.generate(c), server.hypernet.flatten(before[c]))]
     assert moved
@@ -131,11 +133,11 @@ def test_acceptance_rule_lets_noise_through_rarely_and_real_gains_often():
         before = torch.rand(trials, n, generator=g) < acc_before
         after = torch.rand(trials, n, generator=g) < acc_after
         gained, lost = (after & ~before).sum(1), (before & ~after).sum(1)
-        return sum(deepinversion.accept(int(a), int(b), 1.645) for a, b in zip(gained, lost)) / trials
+        return sum(replay.accept(int(a), int(b), 1.645) for a, b in zip(gained, lost)) / trials
 
     assert rate(0.8, 0.8) < 0.08
     assert rate(0.8, 0.88) > 0.7
-    assert not deepinversion.accept(1, 0, 1.645) and deepinversion.accept(3, 0, 1.645)
+    assert not replay.accept(1, 0, 1.645) and replay.accept(3, 0, 1.645)
 
 
 def test_replay_without_any_statistics_from_the_new_batch_skips_everyone():
@@ -144,7 +146,7 @@ def test_replay_without_any_statistics_from_the_new_batch_skips_everyone():
     for c in (2, 3):
         del server.label_counts[c]
     before = snapshot(server)
-    report = deepinversion.backward_transfer(server, 1, lambda cid, flat: (1.0, 0.0), confirm_yes, **REPLAY)
+    report = replay.backward_transfer(server, 1, lambda cid, flat: (1.0, 0.0), confirm_yes, **REPLAY)
     assert report["skipped"] == 2 and report["accepted"] == 0 and len(report["images"]) == 0
     assert all(torch.equal(before[c], server.generate(c)) for c in range(4))
 
@@ -155,7 +157,7 @@ def test_replay_benchmarks_run_on_a_finished_run_and_read_no_test_data(tiny_data
     import replay_settings
     import train
     from test_privacy import TINY
-    train.main(TINY + ["--no-replay", "--data-dir", str(tiny_data_dir), "--out", str(tmp_path)])
+    cli.main(TINY + ["--no-replay", "--data-dir", str(tiny_data_dir), "--out", str(tmp_path)])
     settings = [(0.1, 6, "acc", 10.0), (0.1, 6, "loss", 0.1)]
     # ThirdsClient raises on any read of test data, so finishing is the check that none happened.
     results, teachers = replay_settings.replay_stages(str(tmp_path), settings)

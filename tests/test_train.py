@@ -10,6 +10,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import compare  # noqa: E402
 import train  # noqa: E402
+import cli  # noqa: E402
+import replay  # noqa: E402
 
 TINY = ["--dataset", "cifar10", "--batches", "2", "--clients-per-batch", "2", "--rounds", "4",
         "--clients-per-round", "2", "--local-steps", "3", "--batch-size", "16", "--width", "4",
@@ -17,11 +19,12 @@ TINY = ["--dataset", "cifar10", "--batches", "2", "--clients-per-batch", "2", "-
 
 
 def run_tiny(tiny_data_dir, out, *extra):
-    return train.main(TINY + ["--data-dir", str(tiny_data_dir), "--out", str(out), *extra])
+    return cli.main(TINY + ["--data-dir", str(tiny_data_dir), "--out", str(out), *extra])
 
 
 REPLAY_TINY = ["--replay-images", "4", "--replay-iterations", "3", "--replay-steps", "3"]
 SCHEMA = {"config", "batches", "accuracy", "val_accuracy", "metrics", "val_metrics", "neurons", "test_sizes", "time_s", "device", "replay_s",
+          "local_accuracy", "local_s",
           "replay", "faults"}
 
 
@@ -49,7 +52,12 @@ def test_every_method_runs_two_stages_and_writes_the_same_schema(tiny_data_dir, 
         assert all(a is None or 0.0 <= a <= 1.0 for a in row)
     assert all(0.0 <= a <= 1.0 for a in accuracy[1])
     m = results["metrics"]
-    assert set(m) == {"mean_acc", "weighted_acc", "ri", "ri_per_batch", "batch_acc"} and len(m["ri_per_batch"]) == 1
+    assert set(m) == {"mean_acc", "weighted_acc", "ri", "ri_per_batch", "pa", "pa_per_batch", "batch_acc"}
+    assert len(m["ri_per_batch"]) == 1 and len(m["pa_per_batch"]) == 1
+    # PA: batch 1 after its stage against the same clients trained alone in the same run
+    local = results["local_accuracy"][1]
+    assert results["local_accuracy"][0] is None and all((local[c] is None) == (c not in batches[1]) for c in range(4))
+    assert m["pa"] == pytest.approx(sum(accuracy[1][c] - local[c] for c in batches[1]) / len(batches[1]))
     expected_ri = sum(accuracy[1][c] - accuracy[0][c] for c in batches[0]) / len(batches[0])
     assert m["ri"] == pytest.approx(expected_ri)
     assert len(results["time_s"]) == 2
@@ -87,11 +95,11 @@ def test_replay_run_writes_synthetic_grid_and_latency(tiny_data_dir, tmp_path):
 
 def test_refuses_to_overwrite_another_runs_results(tiny_data_dir, tmp_path):
     run_tiny(tiny_data_dir, tmp_path, "--rounds", "1", "--no-replay")
-    with pytest.raises(train.CliError, match="already exists"):
+    with pytest.raises(cli.CliError, match="already exists"):
         run_tiny(tiny_data_dir, tmp_path, "--rounds", "1", "--no-replay")
 
 
-def cli(*args, cwd):
+def train_py(*args, cwd):
     return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, capture_output=True,
                           text=True, timeout=120)
 
@@ -142,7 +150,7 @@ def test_bad_input_exits_2_with_one_line(case, tiny_data_dir, tmp_path):
     args = [a.replace("{empty}", str(empty)).replace("{file}", str(tmp_path / "a_file")) for a in args]
     base = ["--data-dir", str(tiny_data_dir)] if "--data-dir" not in args else []
     out = ["--out", str(tmp_path / "out")] if "--out" not in args else []
-    done = cli(*base, *args, *out, cwd=tmp_path)
+    done = train_py(*base, *args, *out, cwd=tmp_path)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
@@ -160,7 +168,7 @@ def test_replay_bn_weight_reaches_deepinversion(monkeypatch):
 
     monkeypatch.setattr(deepinversion, "synthesize", recording)
     config = dict(train.DEFAULTS, replay_bn_weight=0.25, replay_images=4, replay_iterations=2, replay_steps=1)
-    deepinversion.backward_transfer(two_stage_server(), 1, lambda cid, flat: (0.0, 1.0), confirm_no, seed=0,
+    replay.backward_transfer(two_stage_server(), 1, lambda cid, flat: (0.0, 1.0), confirm_no, seed=0,
                                     **train.replay_settings(config))
     assert weights == [0.25]
 
@@ -169,7 +177,7 @@ def test_replay_reports_its_progress():
     from test_replay import REPLAY, confirm_no, two_stage_server
     import deepinversion
     calls = []
-    deepinversion.backward_transfer(two_stage_server(), 1, lambda cid, flat: (0.0, 1.0), confirm_no,
+    replay.backward_transfer(two_stage_server(), 1, lambda cid, flat: (0.0, 1.0), confirm_no,
                                     **dict(REPLAY, steps=1), progress=lambda *a: calls.append(a))
     assert calls[:3] == [("synthesis", 1, 3), ("synthesis", 2, 3), ("synthesis", 3, 3)]
     assert calls[3:] == [("fine-tune", 0, 2), ("fine-tune", 1, 2), ("fine-tune", 2, 2)]
@@ -178,27 +186,27 @@ def test_replay_reports_its_progress():
 def test_auto_preset_follows_the_device(monkeypatch):
     import torch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    config, _ = train.resolve_config([])
+    config, _ = cli.resolve_config([])
     assert (config["preset"], config["preset_auto"], config["width"], config["rounds"]) == \
         ("cpu-demo", True, 16, 40)
-    line = train.describe_protocol(config)
-    assert "protocol cpu-demo" in line and "--preset paper" in line
+    line = cli.describe_protocol(config)
+    assert "protocol cpu-demo" in line and "--preset full" in line
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    config, _ = train.resolve_config([])
-    assert (config["preset"], config["width"], config["rounds"]) == ("paper", 64, 300)
-    assert "--preset cpu-demo" in train.describe_protocol(config)
-    config, _ = train.resolve_config(["--device", "cpu"])             # CUDA there, but not asked for
+    config, _ = cli.resolve_config([])
+    assert (config["preset"], config["width"], config["rounds"]) == ("full", 64, 300)
+    assert "--preset cpu-demo" in cli.describe_protocol(config)
+    config, _ = cli.resolve_config(["--device", "cpu"])             # CUDA there, but not asked for
     assert config["preset"] == "cpu-demo"
 
 
 def test_explicit_preset_and_flags_win_over_auto(monkeypatch):
     import torch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    config, _ = train.resolve_config(["--preset", "cpu-demo", "--rounds", "7"])
+    config, _ = cli.resolve_config(["--preset", "cpu-demo", "--rounds", "7"])
     assert (config["preset"], config["preset_auto"], config["width"], config["rounds"]) == ("cpu-demo", False, 16, 7)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    config, _ = train.resolve_config(["--preset", "paper", "--width", "8"])
-    assert (config["preset"], config["width"], config["rounds"]) == ("paper", 8, 300)
+    config, _ = cli.resolve_config(["--preset", "paper", "--width", "8"])
+    assert (config["preset"], config["width"], config["rounds"]) == ("full", 8, 300)   # paper: full's old name
     assert {k: v for k, v in config.items() if k in train.DEFAULTS and k != "width"} == \
         {k: v for k, v in train.DEFAULTS.items() if k != "width"}
 
@@ -206,11 +214,11 @@ def test_explicit_preset_and_flags_win_over_auto(monkeypatch):
 def test_help_shows_every_default_and_the_presets(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "300")          # one line per option, whatever the terminal
     with pytest.raises(SystemExit):
-        train.build_parser().parse_args(["--help"])
+        cli.build_parser().parse_args(["--help"])
     text = capsys.readouterr().out
     assert "(default 64; cpu-demo 16)" in text and "(default 300; cpu-demo 40)" in text
     assert "cpu-demo: a few minutes on a 2-core CPU: --width 16" in text
-    for action in train.build_parser()._actions:          # every option with a default says it
+    for action in cli.build_parser()._actions:          # every option with a default says it
         if action.dest in train.DEFAULTS:
             assert "default" in action.help, action.dest
 
@@ -228,7 +236,7 @@ def test_without_amp_no_autocast_context_is_ever_opened(tiny_data_dir, tmp_path,
 
 def test_amp_trains_in_bf16_and_a_whole_run_works_on_cpu(tiny_data_dir, tmp_path):
     import torch
-    config, _ = train.resolve_config(TINY + ["--data-dir", str(tiny_data_dir)])
+    config, _ = cli.resolve_config(TINY + ["--data-dir", str(tiny_data_dir)])
     _, clients, server, batches, _ = train.build(config, torch.device("cpu"))
     client = clients[batches[0][0]]
     flat, state = server.generate(client.cid), client.generator.get_state()

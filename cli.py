@@ -1,0 +1,381 @@
+"""The shell around train.py: the command line, its checks and exit codes (ours; not the paper's).
+
+    python train.py --dataset cifar10 --batches 2 --data-dir ../shared/data      # train.py hands over to cli()
+    python train.py ... --methods local,fedavg,pfedhn,pfeddsh --seeds 0,1,2 --out runs/compare
+
+Owns: the flags (their help; their defaults are train.DEFAULTS), the presets' resolution, the checks of
+every value (a user mistake is one line on stderr and exit code 2, a run too large for the device's
+memory included: docs/robustness.md), signals (SIGINT / SIGTERM finish the current round, write a
+checkpoint and exit with 130 / 143), and `--methods` / `--seeds` comparisons (every (method, seed) into
+<out>/<method>-s<seed>/, then compare.py's report). One run's own machinery is runner.py.
+"""
+import sys
+
+if sys.version_info < (3, 10):          # before anything else: the modules use zip(strict=True) and `X | None`
+    print(f"error: pFedDSH needs Python >= 3.10, this is Python {sys.version.split()[0]}", file=sys.stderr)
+    sys.exit(2)
+
+import argparse  # noqa: E402 (after the version check, on purpose)
+import importlib.util
+import json
+import math
+import os
+import signal
+import textwrap
+import threading
+
+import torch
+
+import checkpoint
+import compare
+import data
+import hypernet as hn
+import runner
+from runner import CliError, Interrupted
+from train import DEFAULTS, PRESETS
+
+PRESET_NOTES = {"full": "the full-scale protocol, for a GPU (not yet timed on one: README)",
+                "cpu-demo": "a few minutes on a 2-core CPU"}
+PRESET_ALIASES = {"paper": "full"}      # the old name of `full`, which runs our extension, not the paper's shape
+# local, fedavg, fedavg-ft and pfedhn-frozen live in baselines.py; pfedhn is federated.Server without masks.
+METHODS = ["local", "fedavg", "fedavg-ft", "pfedhn", "pfedhn-frozen", "pfeddsh"]
+SEED_LIMIT = 2 ** 32      # seeds are mixed into torch generator seeds (seed * 1_000_003 + ...): keep them < 2^64
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):             # argparse's default prints the whole usage block first
+        raise CliError(message)
+
+
+def show(value):
+    return "off" if value is False else str(value)
+
+
+def presets_help():
+    """The epilog of --help: what each preset sets."""
+    lines = ["presets (--preset; the default, auto, picks full when the run uses CUDA and cpu-demo otherwise;",
+             "a flag given on the command line always wins over the preset):"]
+    for name, values in PRESETS.items():
+        sets = " ".join(f"--{k.replace('_', '-')} {show(v)}" for k, v in values.items()) or "every default as listed"
+        lines += textwrap.wrap(f"{name}: {PRESET_NOTES[name]}: {sets}", width=100, initial_indent="  ",
+                               subsequent_indent="      ", break_on_hyphens=False)
+    return "\n".join(lines)
+
+
+def build_parser():
+    p = Parser(description=__doc__.split("\n")[0], epilog=presets_help(),
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def flag(group, name, *aliases, help="", **kwargs):
+        """An option whose help ends with its default (and the cpu-demo value where that preset differs)."""
+        key = name[2:].replace("-", "_")
+        if key in DEFAULTS and DEFAULTS[key] is not None:
+            default = f"default {show(DEFAULTS[key])}"
+            if PRESETS["cpu-demo"].get(key, DEFAULTS[key]) != DEFAULTS[key]:
+                default += f"; cpu-demo {show(PRESETS['cpu-demo'][key])}"
+            help = f"{help} ({default})" if help else f"({default})"
+        group.add_argument(name, *aliases, help=help, **kwargs)
+
+    a = lambda *args, **kwargs: flag(p, *args, **kwargs)    # noqa: E731
+    a("--dataset", help="cifar10 | cifar100 | tinyimagenet")
+    a("--data-dir", help="folder holding <dataset>/train_*.npz, test.npz; CIFAR is downloaded there when missing")
+    a("--batches", type=int, help="number of client batches that join one after another (T)")
+    a("--clients-per-batch", type=int)
+    a("--classes-per-client", type=int,
+      help="pathological split: classes per client (default 2 for cifar10, 10 for cifar100, 20 for tinyimagenet)")
+    a("--partition", choices=["pathological", "dirichlet"])
+    a("--alpha", type=float, help="Dirichlet concentration")
+    a("--rounds", type=int, help="server rounds per stage")
+    a("--clients-per-round", type=int, help="capped at --clients-per-batch")
+    a("--local-steps", type=int, help="client SGD steps per round (K)")
+    a("--batch-size", "--minibatch-size", type=int, help="SGD minibatch size (a *batch* is a group of clients)")
+    a("--lr", type=float, help="client SGD learning rate")
+    a("--width", type=int, help="ResNet-18 width multiplier (64 = standard)")
+    a("--method", help=" | ".join(METHODS))
+    a("--seed", type=int, help=f"0 .. {SEED_LIMIT - 1}")
+    a("--methods", help="comparison: comma-separated methods, plus the ablations pfeddsh-no-replay and "
+                        "pfeddsh-no-masks; each runs into <out>/<method>-s<seed>, then <out>/comparison.md "
+                        "(default: none, a single run)")
+    a("--seeds", help="comparison: comma-separated seeds (default: --seed)")
+    a("--device", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
+    a("--out", help="output folder (default runs/<method>-<dataset>-s<seed>)")
+    a("--preset", choices=["auto"] + list(PRESETS) + list(PRESET_ALIASES),
+      help="protocol: auto (default) is full with CUDA, cpu-demo without; what each sets is listed below "
+           "(paper: the old name of full)")
+    a("--overwrite", action="store_true", help="replace results (and a checkpoint) already in --out (default off)")
+    a("--resume", action="store_true", help="continue the run whose checkpoint is in --out (default off)")
+    a("--checkpoint-every", type=int, help="rounds between checkpoints (also after every stage)")
+    a("--engine", choices=["local", "flower"],
+      help="local: every client in this process; flower: every client a Flower ClientApp, here in Flower's "
+           "simulation engine (pip install -r requirements-flower.txt; README)")
+    a("--node-timeout", type=float, help="flower: seconds a node has to answer a message, and a batch's nodes "
+                                         "to register; a node that does not counts as a dropped update")
+    a("--amp", action="store_true", default=None,
+      help="bf16 autocast for local training, evaluation and replay's synthesis; meant for CUDA (on a CPU it "
+           "runs, usually slower than fp32)")
+    # Testing only: send SIGINT to ourselves after this many rounds in all, so a kill is deterministic.
+    p.add_argument("--stop-after-rounds", type=int, help=argparse.SUPPRESS)
+    g = p.add_argument_group("hypernetwork and masks")
+    flag(g, "--server-lr", type=float)
+    flag(g, "--server-optimizer", choices=["adam", "sgd"])
+    flag(g, "--hidden", type=int, help="hypernetwork trunk width")
+    flag(g, "--hyper-layers", type=int, help="hypernetwork trunk depth")
+    flag(g, "--chunk-size", type=int, help="weights the head emits per call")
+    flag(g, "--embed-dim", type=int, help="client embedding size")
+    flag(g, "--sparsity", type=float, help="HAT sparsity penalty c")
+    flag(g, "--s-max", type=float, help="HAT gate annealing s_max")
+    flag(g, "--val-fraction", type=float, help="share of each client's training data held out for validation")
+    flag(g, "--gate-lr", type=float, help="SGD rate of the gate embeddings (HAT's optimiser)")
+    flag(g, "--gate-start", type=float,
+         help="[ours] where a new batch's gate embedding starts on units nobody owns (0 = undecided)")
+    flag(g, "--adapter-budget", type=float,
+         help="[ours] pfeddsh: per-batch adapters + the batch's client offsets, at most this fraction of the "
+              "model; 0 = the paper's shape")
+    flag(g, "--adapter-lr", type=float, help="[ours] server Adam rate of the adapters and client offsets")
+    r = p.add_argument_group("data-free replay (pfeddsh)")
+    flag(r, "--no-replay", action="store_true", default=None, help="ablation: masks only (RI is then exactly 0)")
+    flag(r, "--no-masks", action="store_true", default=None, help="ablation: no masks (pfedhn + replay)")
+    flag(r, "--replay-images", type=int, help="synthetic images per new client")
+    flag(r, "--replay-iterations", type=int, help="DeepInversion iterations")
+    flag(r, "--replay-bn-weight", type=float,
+         help="DeepInversion's weight of the BN-statistics loss against the dreamed labels' cross-entropy")
+    flag(r, "--replay-steps", type=int, help="fine-tuning steps per earlier client")
+    flag(r, "--replay-lr", type=float, help="Adam rate of what replay trains ([ours] an earlier client's own rows)")
+    flag(r, "--replay-kd", type=float, help="weight of KD toward the dreaming client's model")
+    flag(r, "--replay-anchor", type=float, help="[ours] weight of KD toward the earlier client's own model")
+    flag(r, "--replay-temperature", type=float, help="KD temperature")
+    flag(r, "--replay-validate-every", type=int, help="[ours] fine-tuning steps between the client's scores")
+    flag(r, "--replay-confirm-z", type=float,
+         help="[ours] z of the paired test on the client's confirmation images that accepts an update")
+    v = p.add_argument_group("privacy of replay ([ours]: privacy.py, docs/privacy.md)")
+    flag(v, "--bn-noise", type=float, metavar="SIGMA",
+         help="Gaussian noise sigma on the BN statistics (and sigma x n on the label counts) each client "
+              "uploads for replay, once; 0 = the upload as it is")
+    flag(v, "--privacy-audit", action="store_true", default=None,
+         help="after each replay, audit what the dreamed images and the uploaded statistics give away "
+              "(reconstruction, membership AUC; reads the new clients' images, changes nothing; "
+              "privacy_batch{t}.png)")
+    return p
+
+
+def auto_preset(device):
+    """`--preset auto`: the full-scale protocol when the run will use CUDA, the CPU protocol otherwise."""
+    return "full" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu-demo"
+
+
+def resolve_config(argv):
+    """Command line -> config: a flag given wins, then the preset (auto: by device), then DEFAULTS."""
+    args = build_parser().parse_args(argv)
+    chosen = args.preset in (None, "auto")
+    preset_name = auto_preset(args.device or DEFAULTS["device"]) if chosen else args.preset
+    preset_name = PRESET_ALIASES.get(preset_name, preset_name)
+    preset = PRESETS[preset_name]
+    config = {}
+    for key, default in DEFAULTS.items():
+        given = getattr(args, key)
+        config[key] = given if given is not None else preset.get(key, default)
+    config["preset"], config["preset_auto"] = preset_name, chosen
+    config["overwrite"], config["resume"] = args.overwrite, args.resume
+    config["stop_after_rounds"] = args.stop_after_rounds
+    validate(config)
+    comparison = None
+    if args.methods is not None or args.seeds is not None:
+        comparison = parse_comparison(args, config)
+    return config, comparison
+
+
+def describe_protocol(config):
+    """One line: which protocol runs, why, and how to get the other."""
+    name = config["preset"]
+    other = "cpu-demo" if name == "full" else "full"
+    if config["preset_auto"]:
+        why = "CUDA found" if name == "full" else ("--device cpu" if config["device"] == "cpu" else "no CUDA")
+        why = f"chosen by --preset auto: {why}"
+    else:
+        why = f"--preset {name}"
+    ours = "" if config["adapter_budget"] == 0 or config["method"] != "pfeddsh" else " with our adapters"
+    return (f"protocol {name} ({why}){ours}: ResNet-18 width {config['width']}, {config['clients_per_batch']} clients "
+            f"per batch, {config['rounds']} rounds x "
+            f"{min(config['clients_per_round'], config['clients_per_batch'])} clients x "
+            f"{config['local_steps']} local steps per stage; --preset {other} for {PRESET_NOTES[other]}")
+
+
+def parse_comparison(args, config):
+    """--methods / --seeds -> (variant names, seeds); `local` is added since PA is measured against it."""
+    for given, flag in [(args.method, "--method"), (args.no_replay, "--no-replay"), (args.no_masks, "--no-masks"),
+                        (args.resume or None, "--resume"), (args.stop_after_rounds, "--stop-after-rounds")]:
+        if given is not None:
+            raise CliError(f"{flag} does not go with --methods / --seeds (a comparison resumes its runs by itself)")
+    names = (args.methods or config["method"]).split(",")
+    unknown = [n for n in names if n not in compare.VARIANTS]
+    if unknown:
+        raise CliError(f"unknown method '{unknown[0]}' in --methods: choose from {', '.join(compare.VARIANTS)}")
+    if len(set(names)) != len(names):
+        raise CliError(f"--methods lists a method twice: {args.methods}")
+    try:
+        seeds = [int(s) for s in (args.seeds or str(config["seed"])).split(",")]
+    except ValueError:
+        raise CliError(f"--seeds must be comma-separated integers, got '{args.seeds}'") from None
+    for seed in seeds:
+        check_seed(seed, "--seeds")
+    if len(set(seeds)) != len(seeds):
+        raise CliError(f"--seeds lists a seed twice: {args.seeds}")
+    if "local" not in names:
+        names.insert(0, "local")
+    if config["engine"] == "flower":
+        for name in names:
+            check_flower(compare.variant_config(name)["method"])
+    return names, seeds
+
+
+def validate(c):
+    if c["dataset"] not in data.DATASETS:
+        raise CliError(f"unknown dataset '{c['dataset']}': choose from {', '.join(data.DATASETS)}")
+    if c["method"] not in METHODS:
+        raise CliError(f"unknown method '{c['method']}': choose from {', '.join(METHODS)}")
+    for flag in ["no_replay", "no_masks"]:
+        if c[flag] and c["method"] != "pfeddsh":
+            raise CliError(f"--{flag.replace('_', '-')} is an option of pfeddsh, not of {c['method']}")
+    if not math.isfinite(c["gate_start"]):
+        raise CliError(f"--gate-start must be a finite number, got {c['gate_start']}")
+    if not 0 <= c["adapter_budget"] < 1:
+        raise CliError(f"--adapter-budget must be in [0, 1), got {c['adapter_budget']}")
+    for key in ["batches", "clients_per_batch", "rounds", "clients_per_round", "local_steps", "batch_size",
+                "width", "hidden", "hyper_layers", "chunk_size", "embed_dim", "replay_images",
+                "replay_iterations", "replay_steps", "replay_validate_every", "checkpoint_every"]:
+        if c[key] < 1:
+            raise CliError(f"--{key.replace('_', '-')} must be a positive integer, got {c[key]}")
+    for key in ["lr", "server_lr", "adapter_lr", "alpha", "s_max", "gate_lr", "replay_lr", "replay_temperature",
+                "node_timeout"]:
+        if not 0 < c[key] < math.inf:
+            raise CliError(f"--{key.replace('_', '-')} must be positive and finite, got {c[key]}")
+    for key in ["sparsity", "replay_kd", "replay_anchor", "replay_confirm_z", "replay_bn_weight", "bn_noise"]:
+        if not 0 <= c[key] < math.inf:
+            raise CliError(f"--{key.replace('_', '-')} must be >= 0 and finite, got {c[key]}")
+    replays = c["method"] == "pfeddsh" and not c["no_replay"]
+    for flag, given in [("--privacy-audit", c["privacy_audit"]), ("--bn-noise", c["bn_noise"] > 0)]:
+        if given and not replays:
+            raise CliError(f"{flag} is about replay: it needs --method pfeddsh without --no-replay")
+    if c["s_max"] < 1:
+        raise CliError(f"--s-max must be >= 1 (the gates anneal from s = 1/s_max up to s_max), got {c['s_max']}")
+    check_seed(c["seed"], "--seed")
+    clients, test_images = c["batches"] * c["clients_per_batch"], runner.DATASET_IMAGES[c["dataset"]][1]
+    if clients > test_images:
+        raise CliError(f"{clients} clients (--batches x --clients-per-batch) is more than the data supports: "
+                       f"{c['dataset']} has {test_images} test images and every client needs some")
+    if c["classes_per_client"] is not None and c["classes_per_client"] < 1:
+        raise CliError(f"--classes-per-client must be a positive integer, got {c['classes_per_client']}")
+    if c["classes_per_client"] is not None and c["classes_per_client"] > data.DATASETS[c["dataset"]]:
+        raise CliError(f"--classes-per-client {c['classes_per_client']} is more than {c['dataset']} has "
+                       f"({data.DATASETS[c['dataset']]} classes)")
+    if not 0 <= c["val_fraction"] < 1:
+        raise CliError(f"--val-fraction must be in [0, 1), got {c['val_fraction']}")
+    if c["device"] == "cuda" and not torch.cuda.is_available():
+        raise CliError("--device cuda was asked for but CUDA is not available here; use --device cpu or auto")
+    if c["engine"] == "flower":
+        check_flower(c["method"], c["resume"])
+        if c["privacy_audit"]:
+            raise CliError("--privacy-audit reads the clients' training images, which stay on their Flower nodes; "
+                           "run the audit with --engine local")
+
+
+def check_flower(method, resume=False):
+    """--engine flower: Flower installed, a method whose clients only answer messages, no resume."""
+    if importlib.util.find_spec("flwr") is None:
+        raise CliError("--engine flower needs Flower, which is not installed: pip install -r requirements-flower.txt")
+    if method == "fedavg-ft":
+        raise CliError("--engine flower cannot run fedavg-ft: its evaluation fine-tunes each client with a "
+                       "generator the server makes, which a message cannot carry; use --engine local")
+    if resume:
+        raise CliError("--engine flower keeps no checkpoint (the clients' generators live on their nodes), "
+                       "so there is nothing to --resume")
+
+
+def check_seed(seed, flag):
+    if not 0 <= seed < SEED_LIMIT:
+        raise CliError(f"{flag} must be an integer in 0 .. {SEED_LIMIT - 1}, got {seed}")
+
+
+def main(argv=None, grid=None):
+    """Parse, build, (resume,) train, write results.json. Signals are handled only while this runs.
+
+    `grid`: a Flower Grid, when this runs as the ServerApp of a real SuperLink (flower_app.py)."""
+    caught = []
+
+    def on_signal(signum, frame):
+        if caught:       # a second signal: the user does not want to wait for the round to end
+            raise Interrupted("interrupted again: stopped without waiting for the round; the last checkpoint "
+                              "is kept", 128 + signum)
+        caught.append(signum)
+
+    # Only the main thread may set handlers (a Flower ServerApp may run in another): there, no handlers.
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+    try:
+        config, comparison = resolve_config(sys.argv[1:] if argv is None else argv)
+        print(describe_protocol(config))
+        if comparison is not None:
+            return run_comparison(config, *comparison, caught, argv, grid=grid)
+        return runner.run(config, caught, grid=grid)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def run_comparison(config, names, seeds, caught, argv, grid=None):
+    """Every (method, seed) into <out>/<method>-s<seed>, then the report (compare.py)."""
+    out = config["out"] or os.path.join("runs", f"compare-{config['dataset']}")
+    runs = {}
+    for name in names:
+        for seed in seeds:
+            run_config = dict(config, **compare.variant_config(name), seed=seed,
+                              out=os.path.join(out, f"{name}-s{seed}"))
+            results_path = os.path.join(run_config["out"], "results.json")
+            if os.path.exists(results_path) and not config["overwrite"]:
+                with open(results_path) as f:
+                    results = json.load(f)
+                # A setting missing from an older results.json did not exist then: it had its default.
+                differing = checkpoint.differing_settings(run_config, dict(DEFAULTS, **results["config"]))
+                if differing:
+                    raise CliError(f"{results_path} was made with other settings ({', '.join(differing)}): "
+                                   f"use another --out, or --overwrite to rerun every method")
+                print(f"== {name}, seed {seed}: finished earlier, reusing {results_path}")
+            else:
+                run_config["resume"] = (not config["overwrite"] and config["engine"] != "flower"
+                                        and os.path.exists(os.path.join(run_config["out"], checkpoint.FILENAME)))
+                print(f"== {name}, seed {seed}" + (": resuming" if run_config["resume"] else ""))
+                results = runner.run(run_config, caught, how_to_continue="rerun the same command to continue "
+                                                                  "(finished runs are reused, this one resumes)",
+                              grid=grid)
+            runs.setdefault(name, []).append(results)
+    command = "python train.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(compare.write_report(out, runs, command))
+    print(f"wrote {os.path.join(out, 'comparison.md')} and its plots")
+    return runs
+
+
+def cli(argv=None, grid=None):
+    """main() as a program: returns the exit code; a user mistake or a signal is one line on stderr."""
+    try:
+        main(argv, grid)
+        return 0
+    except CliError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (MemoryError, RuntimeError) as e:      # the estimate let it through, the allocator did not
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) and "allocate" not in first:
+            raise
+        print(f"error: out of memory ({first}): use a smaller --width, --batch-size or --replay-images "
+              "(a checkpoint, if one was written, is kept for --resume)", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,459 @@
+"""One run's machinery around train.run (ours; not the paper's): everything real use needs and a reader of
+the method does not.
+
+Owns: the output folder and its checks, resume from <out>/checkpoint.pt (written after every stage and
+every --checkpoint-every rounds), the progress bars and the run's time estimate, stopping cleanly on a
+signal, the Flower engine's wiring, and what a finished run prints and writes: the accuracy table with
+mean accuracy, PA and RI, results.json (the configuration, the batches, the accuracy matrix A[t][i] and
+the metrics) with accuracy_matrix.png, batch_accuracy.png, neurons.png and synthetic_batch{t}.png.
+"""
+import importlib.util
+import json
+import os
+import signal
+import time
+
+import torch
+
+import checkpoint
+import compare
+import data
+import deepinversion
+import hypernet as hn
+import train
+
+
+# Sizes of the datasets data.py reads (train, test images): to refuse early what cannot fit.
+DATASET_IMAGES = {"cifar10": (50_000, 10_000), "cifar100": (50_000, 10_000), "tinyimagenet": (100_000, 10_000)}
+
+
+class CliError(Exception):
+    """A user mistake: printed as one line, exit code 2."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM: printed as one line, exit code 128 + signal number."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
+def run(config, caught, how_to_continue="rerun with --resume to continue", grid=None, pa_reference=True):
+    """One run of train.py's experiment, with the shell around it; returns its results (results.json).
+
+    `caught`: the signals cli.main's handler has seen (the run stops after the round it is in).
+    With --engine flower the clients are Flower nodes (flower_app.py): simulated in this process, or,
+    given a Flower `grid`, the nodes of a real SuperLink; the server and the loop are the same."""
+    config = dict(config)
+    device = torch.device("cuda" if config["device"] == "auto" and torch.cuda.is_available()
+                          else ("cpu" if config["device"] == "auto" else config["device"]))
+    out = config["out"] or os.path.join("runs", f"{run_name(config)}-{config['dataset']}-s{config['seed']}")
+    config["out"] = out
+    state = prepare_out(config, device)
+    check_memory(config, device)
+    shell = Shell(config, device, caught, state, how_to_continue)
+    flower = config["engine"] == "flower"
+    try:
+        if flower:              # the server holds no data: the nodes do (and report their sizes)
+            results = run_on_flower(config, device, shell, grid)
+        else:
+            results = train.run(config, device, shell, pa_reference=pa_reference)
+    except data.DataError as e:
+        raise CliError(str(e)) from None
+    finally:
+        shell.close()
+    report(results, config, shell)
+    return results
+
+
+def prepare_out(config, device):
+    """Check --out against what is there; the checkpoint to resume from (--resume), else None."""
+    out = config["out"]
+    check_out(out)
+    results_path, checkpoint_path = os.path.join(out, "results.json"), os.path.join(out, checkpoint.FILENAME)
+    if not config["resume"] and not config["overwrite"]:
+        for path in (results_path, checkpoint_path):
+            if os.path.exists(path):
+                raise CliError(f"{path} already exists: pick another --out, pass --resume to continue that run "
+                               f"or --overwrite to replace it")
+    if not config["resume"]:
+        return None
+    if not os.path.exists(checkpoint_path):
+        raise CliError(f"--resume: no checkpoint in {out} ({checkpoint.FILENAME} not found)")
+    try:
+        return checkpoint.load(checkpoint_path, config, device, defaults=train.DEFAULTS)
+    except checkpoint.CheckpointError as e:
+        raise CliError(str(e)) from None
+
+
+def check_out(out):
+    """--out must be (or become) a folder we can write: refuse a file, or a parent that is not writable."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CliError(f"--out {out} is a file, not a folder: pick another --out")
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise CliError(f"--out {out}: {parent} is a file, not a folder: pick another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CliError(f"--out {out}: cannot write in {parent}: pick another --out")
+
+
+def run_on_flower(config, device, shell, grid):
+    """train.py's loop with every client a Flower node (flower_app.run); no checkpoint, no PA reference."""
+    if grid is None and importlib.util.find_spec("ray") is None:
+        raise CliError("--engine flower simulates the nodes with Ray, which is missing: "
+                       "pip install -r requirements-flower.txt")
+    import flower_app
+    torch.manual_seed(config["seed"])
+    server, batches, model, _ = train.build_server(config, device, data.DATASETS[config["dataset"]],
+                                                   data.IMAGE_SIZE[config["dataset"]])
+    found = {}
+
+    def onboard(clients, nodes):
+        shell.nodes = nodes
+        state, rng = shell.begin(server, clients, batches, model)
+        found["clients"] = clients
+        return train.onboard(server, clients, batches, config, state, rng, shell, pa_reference=False)
+
+    state = flower_app.run(config, batches, onboard, device, grid=grid)
+    faults = dict(server.faults, **shell.nodes.faults)
+    return train.results(config, batches, state, found["clients"], device, faults)
+
+
+class Shell(train.Hooks):
+    """train.Hooks as a real run needs them: header, resume, bars, time estimate, checkpoints, signals,
+    replay's pictures, --bn-noise's uploads and the privacy audit."""
+
+    def __init__(self, config, device, caught, checkpoint_state, how_to_continue):
+        self.config, self.device, self.caught = config, device, caught
+        self.checkpoint_state, self.how_to_continue = checkpoint_state, how_to_continue
+        self.flower = config["engine"] == "flower"
+        self.nodes = None                   # --engine flower: flower_app.Nodes, once the nodes are reached
+        self.bar = self.replay_bar = self.replay_phase = None
+        self.clock = {"start": time.time(), "last": time.time(), "rounds": []}
+        self.checkpoint_path = os.path.join(config["out"], checkpoint.FILENAME)
+
+    def begin(self, server, clients, batches, model, dataset=None):
+        """Restore a checkpoint (--resume), make the folder, print the run's header, start the bar."""
+        config = self.config
+        self.server, self.clients, self.batches, self.stage = server, clients, batches, 0
+        state, rng = None, None
+        if self.checkpoint_state is not None:
+            try:
+                state, rng = checkpoint.restore(self.checkpoint_state, server, clients, train.OnboardingState)
+            except Exception as e:          # passed the config check yet does not fit: corrupt inside
+                raise CliError(f"checkpoint {self.checkpoint_path} does not fit this run ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''}); delete it to start over") from None
+            self.checkpoint_state = None
+        try:
+            os.makedirs(config["out"], exist_ok=True)
+        except OSError as e:
+            raise CliError(f"--out {config['out']}: cannot create the folder ({e.strerror or e})") from None
+        print(header(config, self.device, server, batches, model, state))
+        if config["amp"] and self.device.type == "cpu":
+            print("note: --amp on a CPU runs bf16 autocast, usually slower than fp32 there; it is meant for CUDA")
+        from tqdm import tqdm
+        self.write = tqdm.write
+        done = (state.stage * config["rounds"] + state.round) if state is not None else 0
+        self.bar = tqdm(total=config["batches"] * config["rounds"], initial=done, desc="rounds", dynamic_ncols=True)
+        self.stage = state.stage if state is not None else 0
+        if config["method"] == "pfeddsh" and not config["no_replay"]:
+            if config["bn_noise"] > 0:
+                import privacy
+                self.uploads = privacy.uploads(server, config["seed"], config["bn_noise"])
+            if config["privacy_audit"]:     # its grid goes next to the synthetic images
+                import privacy
+                self.audit = privacy.auditor(dataset, config["seed"],
+                                             lambda t: os.path.join(config["out"], f"privacy_batch{t}.png"))
+        return (state, rng) if state is not None else (None, None)
+
+    def after_round(self, state, rng, stage_done, loss=None):
+        """Between rounds: the bar, the run's estimated length, replay's picture, checkpoints, signals."""
+        config, rounds = self.config, self.config["rounds"]
+        self.stage = state.stage
+        if not stage_done:
+            self.bar.set_postfix(stage=f"{state.stage + 1}/{config['batches']}", loss=f"{loss:.3f}")
+            self.bar.update(1)
+            self.estimate(state)
+        self.clock["last"] = time.time()
+        if stage_done and state.replays and "images" in state.replays[-1]:
+            mean, std = (flower_channel_stats(self.nodes) if self.flower else
+                         (self.clients[0].mean, self.clients[0].std))
+            report_replay(state.replays[-1], state.stage - 1, mean, std, config["out"], write=self.write)
+        done = state.stage * rounds + state.round
+        if not stage_done and done == config["stop_after_rounds"]:
+            os.kill(os.getpid(), signal.SIGINT)         # handled by cli's on_signal right here, like a real Ctrl-C
+        # The flower engine keeps no checkpoint: the clients' generators live on their nodes.
+        if not self.flower and (stage_done or self.caught or done % config["checkpoint_every"] == 0):
+            checkpoint.save(self.checkpoint_path, checkpoint.capture(config, self.device, self.server, self.clients,
+                                                                     rng, state))
+        if self.caught and self.flower:
+            raise Interrupted(f"interrupted ({signal.Signals(self.caught[0]).name}): the flower engine keeps no "
+                              "checkpoint; rerun to start over", 128 + self.caught[0])
+        if self.caught:
+            self.bar.close()
+            where = (f"after stage {state.stage - 1}" if state.round == 0
+                     else f"at stage {state.stage} round {state.round} of {rounds}")
+            raise Interrupted(f"interrupted ({signal.Signals(self.caught[0]).name}): checkpoint saved {where}; "
+                              f"{self.how_to_continue}", 128 + self.caught[0])
+
+    def estimate(self, state):
+        """Once two rounds are timed, the run's estimated length (the first round carries one-off costs)."""
+        config, now = self.config, time.time()
+        if len(self.clock["rounds"]) >= 2:
+            return
+        self.clock["rounds"].append(now - self.clock["last"])
+        if len(self.clock["rounds"]) == 2:
+            first, round_s = self.clock["rounds"]
+            rounds_left = config["batches"] * config["rounds"] - (state.stage * config["rounds"] + state.round)
+            replays = config["method"] == "pfeddsh" and not config["no_replay"]
+            replay_stages = range(max(state.stage, 1), config["batches"]) if replays else []
+            total = now - self.clock["start"] + estimate_seconds(config, round_s, rounds_left, replay_stages)
+            self.write(f"rounds take {round_s:.1f} s (the first {first:.1f} s): this run should take about "
+                       f"{duration(total)} in all" + (", replay included" if replay_stages else ""))
+
+    def replay_progress(self, phase, done, total):
+        """Replay's progress on a second bar under the rounds (synthesis iterations, then earlier clients)."""
+        from tqdm import tqdm
+        if self.replay_bar is None:
+            self.replay_bar = tqdm(total=total, position=1, leave=False, dynamic_ncols=True,
+                                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}]")
+        if self.replay_phase != phase:
+            self.replay_phase = phase
+            self.replay_bar.set_description(f"replay after stage {self.stage}: {phase}", refresh=False)
+            self.replay_bar.reset(total=total)
+        self.replay_bar.n = done
+        self.replay_bar.refresh()
+        if phase == "fine-tune" and done == total:
+            self.replay_bar.close()
+            self.replay_bar = self.replay_phase = None
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def memory_estimate(config):
+    """A lower estimate of the bytes a run holds at once, from the config alone, before anything is allocated.
+
+    Returns {part: bytes}. Counted in float32: the target model's weights (with its gradient and SGD
+    momentum while a client trains) and a training batch's activations; the hypernetwork's parameters with
+    their gradients and Adam moments, its scale/offset buffers and one round of generation; replay's
+    images and activations; the dataset as uint8. The ResNet is built on the meta device: shapes only.
+    """
+    c = config
+    num_classes, size = data.DATASETS[c["dataset"]], data.IMAGE_SIZE[c["dataset"]]
+    with torch.device("meta"):
+        model = hn.ResNet18(num_classes, c["width"])
+        activations = []
+        hooks = [m.register_forward_hook(lambda m, i, o: activations.append(o.numel()))
+                 for m in model.modules() if not list(m.children())]
+        model(torch.empty(1, 3, size, size))
+        for h in hooks:
+            h.remove()
+    weights, per_image = hn.count_parameters(model), sum(activations)
+    clients = c["batches"] * c["clients_per_batch"]
+    round_clients = min(c["clients_per_round"], c["clients_per_batch"])
+    floats = {"client training (--width, --batch-size)": 3 * weights + c["batch_size"] * (per_image + 3 * size ** 2)}
+    if c["method"] in ("pfedhn", "pfedhn-frozen", "pfeddsh"):
+        chunks, h, layers, e = -(-weights // c["chunk_size"]), c["hidden"], c["hyper_layers"], c["embed_dim"]
+        params = (clients * e + chunks * 32 + (e + 32) * h + (layers - 1) * h * h + layers * h
+                  + (h + 1) * c["chunk_size"] + weights)
+        masks = c["method"] == "pfeddsh" and not c["no_masks"]
+        if masks:
+            params += (c["batches"] + clients) * layers * h
+        if masks and c["adapter_budget"] > 0:     # adapters + client offsets: the budget per batch, or the
+            params += max(c["adapter_budget"] * weights * c["batches"],  # clients' classifiers where larger
+                          clients * num_classes * (8 * c["width"] + 1))
+        generation = round_clients * (2 * chunks * h * layers + chunks * c["chunk_size"] + 2 * weights)
+        floats["hypernetwork, its gradients and Adam state (--width, --chunk-size, --hidden, --hyper-layers, "
+               "--embed-dim, --batches, --clients-per-batch)"] = 4 * params + 2 * weights + generation
+    elif c["method"] == "local":
+        floats["one model per client (--width, --batches, --clients-per-batch)"] = clients * weights
+    if c["method"] == "pfeddsh" and not c["no_replay"]:
+        images = c["clients_per_batch"] * c["replay_images"]
+        floats["replay (--replay-images, --clients-per-batch, --width)"] = (images * (per_image + 3 * size ** 2)
+                                                                            + c["clients_per_batch"] * weights)
+    parts = {name: 4 * n for name, n in floats.items()}
+    train_images, test_images = DATASET_IMAGES[c["dataset"]]
+    parts["the dataset"] = (train_images + test_images) * 3 * size * size
+    return parts
+
+
+def check_memory(config, device):
+    """Refuse, before allocating anything, a run that cannot fit in the device's memory."""
+    try:
+        parts = memory_estimate(config)
+    except (RuntimeError, OverflowError, ValueError, TypeError) as e:   # sizes torch cannot even describe
+        raise CliError(f"this model is too large to build ({str(e).splitlines()[0]}): use a smaller --width, "
+                       "--hidden, --chunk-size or --embed-dim") from None
+    if device.type == "cuda":
+        available, where = torch.cuda.mem_get_info(device)[0], f"free on {torch.cuda.get_device_name(device)}"
+    else:
+        available, where = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "of memory on this machine"
+    needed = sum(parts.values())
+    if needed > available:
+        largest = max(parts, key=parts.get)
+        raise CliError(f"this run needs at least {needed / 2 ** 30:.1f} GiB, {available / 2 ** 30:.1f} GiB "
+                       f"{where}; the largest part is {largest}: {parts[largest] / 2 ** 30:.1f} GiB")
+    return needed
+
+
+def flower_channel_stats(nodes):
+    import flower_app
+    return flower_app.channel_stats(nodes)
+
+
+def header(config, device, server, batches, model, state):
+    """The run's first line: method, data, device, clients, model and hypernetwork sizes."""
+    hypernet = getattr(server, "hypernet", None)
+    line = (f"{run_name(config)} on {config['dataset']} | device {device} | {sum(map(len, batches))} clients in "
+            f"{len(batches)} batches | ResNet-18 width {config['width']}: {hn.count_parameters(model) / 1e6:.2f} M weights")
+    if hypernet is not None:
+        line += f", hypernetwork {hn.count_parameters(hypernet) / 1e6:.2f} M parameters"
+    if hypernet is not None and hypernet.adapters is not None:
+        cost, offsets, weights = hypernet.adapters.per_batch_cost(), hypernet.client_offsets.shape[1], hypernet.num_weights
+        line += (f", adapters of rank {hypernet.adapters.rank}: {cost / 1e3:.1f} k per batch ({cost / weights:.1%} "
+                 f"of the model) + {offsets / 1e3:.1f} k per client ({offsets / weights:.1%})")
+    if state is not None:
+        line += f" | resumed at stage {state.stage} round {state.round}"
+    return line
+
+
+def report(results, config, shell):
+    """Print the table, mean accuracy, PA and RI; write results.json and the plots."""
+    m, out = results["metrics"], config["out"]
+    print_table(m["batch_acc"], m["ri_per_batch"], results["neurons"] or [None] * len(m["batch_acc"]))
+    pa = "n/a (needs --engine local)" if m["pa"] is None else f"{m['pa']:+.4f}"
+    local_s = sum(results["local_s"])
+    print(f"mean accuracy {m['mean_acc']:.4f} (weighted {m['weighted_acc']:.4f}), PA {pa}, RI {m['ri']:+.4f}"
+          + (f" (PA's local reference took {local_s:.0f} s)" if local_s else ""))
+    if results["replay"]:
+        print(replay_summary(results))
+    if any(results["faults"].values()):
+        print("faults survived: " + ", ".join(f"{k} {v}" for k, v in results["faults"].items()))
+    neurons = results["neurons"]
+    if neurons is not None:
+        plot_neurons(neurons, os.path.join(out, "neurons.png"))
+        if neurons[-1]["owned"] == 1.0:
+            print("note: every hypernetwork unit is owned: later batches can only reuse (read) owned units "
+                  "and learn their embeddings and gates")
+    results_path = os.path.join(out, "results.json")
+    tmp = results_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, results_path)       # never leave a half-written results.json behind
+    plots = compare.write_run_plots(results, out, run_name(config))
+    print(f"wrote {results_path} and {', '.join(os.path.basename(p) for p in plots)}")
+
+
+def replay_summary(results):
+    """How many earlier clients replay improved (on their test data), and by how much."""
+    accuracy, batches = results["accuracy"], results["batches"]
+    earlier = [c for b in batches[:-1] for c in b]
+    gains = [accuracy[-1][c] - accuracy[next(t for t, b in enumerate(batches) if c in b)][c] for c in earlier]
+    improved = [g for g in gains if g > 0]
+    accepted = sum(r["accepted"] for r in results["replay"])
+    seconds = sum(r["replay_s"] for r in results["replay"])
+    return (f"replay: {accepted} updates accepted in {len(results['replay'])} replays ({seconds:.0f} s); "
+            f"{len(improved)} of {len(earlier)} earlier clients end above where their own stage left them"
+            + (f", by {sum(improved) / len(improved):+.4f} on average" if improved else ""))
+
+
+def restore_finished(run_dir):
+    """A finished run's final state, as its last checkpoint holds it (the benchmarks replay its last stage
+    from there): (config, dataset, clients, server, batches, onboarding state)."""
+    with open(os.path.join(run_dir, "results.json")) as f:
+        results = json.load(f)
+    config = dict(train.DEFAULTS, **results["config"])
+    device = torch.device(results["device"])
+    state = checkpoint.load(os.path.join(run_dir, checkpoint.FILENAME), config, device, defaults=train.DEFAULTS)
+    dataset, clients, server, batches, _ = train.build(config, device)
+    onboarding, _ = checkpoint.restore(state, server, clients, train.OnboardingState)
+    return config, dataset, clients, server, batches, onboarding
+
+
+def print_table(accuracy_by_batch, ri_per_batch, neurons):
+    header = "stage | " + " | ".join(f"batch {b}" for b in range(len(accuracy_by_batch[0])))
+    print(header)
+    for t, row in enumerate(accuracy_by_batch):
+        cells = " | ".join("   -   " if a is None else f"{a:7.4f}" for a in row)
+        extra = ""
+        if neurons[t] is not None:
+            extra = f"   neurons used {neurons[t]['used']:.2f} owned {neurons[t]['owned']:.2f} reuse {neurons[t]['reuse']:.2f}"
+        print(f"{t:5d} | {cells}{extra}")
+    print("RI per batch: " + ", ".join(f"{r:+.4f}" for r in ri_per_batch))
+
+
+def plot_neurons(neurons, path):
+    """Capacity over the batches: units each batch uses, units owned so far, and reuse (seed experiment 3)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = range(len(neurons))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(stages, [n["used"] for n in neurons], "o-", label="used by batch t")
+    ax.plot(stages, [n["owned"] for n in neurons], "s-", label="owned by batches <= t")
+    ax.plot(stages, [n["reuse"] for n in neurons], "^--", label="reuse: used & owned before")
+    ax.set_xlabel("batch t")
+    ax.set_ylabel("fraction of hypernetwork hidden units")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report_replay(report, t, mean, std, out, write=print):
+    """Write stage t's synthetic images to a png and drop them from the report (results.json holds numbers)."""
+    images = report.pop("images")
+    report.pop("labels"), report.pop("dreamers")
+    if len(images) == 0:
+        write(f"replay after stage {t}: no new client uploaded statistics (all their updates were dropped)")
+        return
+    deepinversion.save_grid(images[:128], mean, std, os.path.join(out, f"synthetic_batch{t}.png"))
+    write(f"replay after stage {t}: {report['replay_s']:.1f} s (synthesis {report['synthesis_s']:.1f} s), "
+          f"BN loss {sum(report['bn_loss_start']) / len(report['bn_loss_start']):.2f} -> "
+          f"{sum(report['bn_loss_end']) / len(report['bn_loss_end']):.2f}, updates accepted "
+          f"{report['accepted']}, rejected {report['rejected']}, skipped {report['skipped']}"
+          + (" -- DIVERGED (non-finite), undone" if report["dropped"] else ""))
+    if report.get("audit"):
+        write(audit_line(report["audit"], t))
+
+
+def audit_line(figures, t):
+    """The privacy audit in one line: membership AUCs, and how often dreams sit nearer training images."""
+    aucs = ", ".join(f"{name} {m['auc']:.3f} [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}]"
+                     for name, m in figures["membership"].items())
+    px, ft = figures["reconstruction"]["pixel"], figures["reconstruction"]["feature"]
+    return (f"privacy audit after stage {t} ({figures['audit_s']:.1f} s): membership AUC (0.5 = nothing leaks) "
+            f"{aucs}; dreams nearer a training than a held-out image: pixel {px['nearest_is_train']:.0%}, "
+            f"feature {ft['nearest_is_train']:.0%} (chance 50%); closer than chance: pixel "
+            f"{px['closer_than_chance']:.0%}, feature {ft['closer_than_chance']:.0%} (chance 5%)")
+
+
+def estimate_seconds(config, round_s, rounds_left, replay_stages):
+    """Rough length of what is left, from one timed round: the rounds, plus replay after each stage in
+    `replay_stages`, counted in image passes against a round's. The factor 1.5 is the cpu-demo protocol's
+    on a 2-core AMD EPYC CPU (replay about 30 s next to rounds of about 1.3 s); elsewhere it is rough."""
+    c = config
+    round_images = min(c["clients_per_round"], c["clients_per_batch"]) * c["local_steps"] * c["batch_size"]
+    replay_images = sum(c["clients_per_batch"] * c["replay_images"] * (c["replay_iterations"]
+                                                                       + t * c["replay_steps"])
+                        for t in replay_stages)
+    return round_s * (rounds_left + 1.5 * replay_images / round_images)
+
+
+def duration(seconds):
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def run_name(config):
+    return (config["method"] + "-no-replay" * bool(config["no_replay"]) + "-no-masks" * bool(config["no_masks"])
+            + "-paper" * (config["method"] == "pfeddsh" and not config["no_masks"]
+                          and config["adapter_budget"] == 0))
