@@ -35,10 +35,10 @@ class Local:
     def begin_stage(self, t):
         self.stage = t
 
-    def train_round(self, client_ids, clients, stage_fraction, steps, batch_size, lr):
+    def train_round(self, client_ids, clients, stage_fraction, steps, minibatch_size, lr):
         losses = []
         for cid in client_ids:
-            update = clients[cid].local_train(self.weights[cid], self.bn_stats[cid], steps, batch_size, lr)
+            update = clients[cid].local_train(self.weights[cid], self.bn_stats[cid], steps, minibatch_size, lr)
             if not fl.is_finite_update(update):     # a diverged step is dropped, as the server would
                 self.faults["dropped_updates"] += 1
                 continue
@@ -73,8 +73,8 @@ class FedAvg:
     def begin_stage(self, t):
         self.stage = t
 
-    def train_round(self, client_ids, clients, stage_fraction, steps, batch_size, lr):
-        updates = [clients[cid].local_train(self.weights, self.bn, steps, batch_size, lr) for cid in client_ids]
+    def train_round(self, client_ids, clients, stage_fraction, steps, minibatch_size, lr):
+        updates = [clients[cid].local_train(self.weights, self.bn, steps, minibatch_size, lr) for cid in client_ids]
         kept = [(cid, u) for cid, u in zip(client_ids, updates) if fl.is_finite_update(u)]
         self.faults["dropped_updates"] += len(updates) - len(kept)
         if not kept:

@@ -278,10 +278,10 @@ class RemoteClient:
                 self.nodes.waited.add(t)
                 self.nodes.wait_for(self.nodes.batches[t])
 
-    def local_train(self, flat_weights, bn_stats, steps, batch_size, lr):
+    def local_train(self, flat_weights, bn_stats, steps, minibatch_size, lr):
         self._ready()
         request = (self.cid, "train", {"weights": to_record({"flat": flat_weights}), "bn": to_record(bn_stats),
-                                       "config": ConfigRecord({"steps": steps, "batch-size": batch_size, "lr": lr})})
+                                       "config": ConfigRecord({"steps": steps, "batch-size": minibatch_size, "lr": lr})})
         pending = PendingUpdate(self.nodes, request, flat_weights.detach(), bn_stats)
         self.nodes.pending.append(pending)
         return pending

@@ -168,7 +168,7 @@ def part_a(args, dataset, width, local_steps, clients_per_round, rounds, warmup_
     server.begin_stage(0)
     watch = Stopwatch(args.device)
     server.hypernet.forward = watch.wrap("generation", server.hypernet.forward)
-    server.apply_updates = watch.wrap("update", server.apply_updates)
+    server.update = watch.wrap("update", server.update)
     for client in clients:
         client.local_train = watch.wrap("local training", client.local_train)
     plain = hn.ResNet18(dataset.num_classes, width).to(args.device)
@@ -407,7 +407,7 @@ def part_f(args, width, rounds):
 
     def ours_round():
         flat = server.hypernet(ids, [0] * n, s=server.gate_scale)
-        server.apply_updates(ids, flat, updates)
+        server.update(ids, flat, updates)
     ours_s = time_rounds(args.device, ours_round, rounds)
     learned = [p for name, p in server.hypernet.named_parameters()]
     ours_bytes = (sum(server_memory(server)[k] for k in ("hypernetwork", "masks", "per-batch adapters",

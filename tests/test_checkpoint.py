@@ -30,7 +30,7 @@ def args(tiny_data_dir, out, *extra):
     return TINY + ["--data-dir", str(tiny_data_dir), "--out", str(out), *extra]
 
 
-def cli(*argv):
+def train_py(*argv):
     return subprocess.run([sys.executable, str(REPO / "train.py"), *argv], capture_output=True, text=True,
                           timeout=120)
 
@@ -38,7 +38,7 @@ def cli(*argv):
 def comparable(results):
     """results.json without wall-clock times and the settings that only say how the run was run."""
     r = json.loads(json.dumps(results))
-    r.pop("time_s"), r.pop("replay_s")
+    r.pop("time_s"), r.pop("replay_s"), r.pop("local_s")
     for report in r["replay"]:
         report.pop("replay_s"), report.pop("synthesis_s")
     r["config"] = {k: v for k, v in r["config"].items() if k not in RUN_ONLY}
@@ -102,7 +102,7 @@ def test_truncated_checkpoint_is_refused_and_left_alone(tiny_data_dir, tmp_path,
     shutil.copy(reference[0] / "results.json", tmp_path / "results.json")
     blob = (reference[0] / "checkpoint.pt").read_bytes()
     (tmp_path / "checkpoint.pt").write_bytes(blob[: len(blob) // 2])
-    done = cli(*args(tiny_data_dir, tmp_path, "--resume"))
+    done = train_py(*args(tiny_data_dir, tmp_path, "--resume"))
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "unreadable" in lines[0], done.stderr
@@ -119,7 +119,7 @@ def test_checkpoint_from_before_a_setting_existed_resumes_with_its_default(tiny_
     torch.save(state, tmp_path / "checkpoint.pt")
     resumed = cli.main(args(tiny_data_dir, tmp_path, "--resume"))
     assert comparable(resumed) == comparable(reference[1])
-    done = cli(*args(tiny_data_dir, tmp_path, "--resume", "--bn-noise", "0.5"))     # but not another value
+    done = train_py(*args(tiny_data_dir, tmp_path, "--resume", "--bn-noise", "0.5"))     # but not another value
     assert done.returncode == 2 and "bn_noise: 0.0 there, 0.5 here" in done.stderr, done.stderr
 
 
@@ -127,9 +127,9 @@ def test_checkpoint_from_before_a_setting_existed_resumes_with_its_default(tiny_
 def test_resume_refuses_with_one_line(case, tiny_data_dir, tmp_path, reference):
     if case == "different config":
         shutil.copy(reference[0] / "checkpoint.pt", tmp_path / "checkpoint.pt")
-        done, expected = cli(*args(tiny_data_dir, tmp_path, "--resume", "--rounds", "5")), "different configuration"
+        done, expected = train_py(*args(tiny_data_dir, tmp_path, "--resume", "--rounds", "5")), "different configuration"
     else:
-        done, expected = cli(*args(tiny_data_dir, tmp_path, "--resume")), "no checkpoint"
+        done, expected = train_py(*args(tiny_data_dir, tmp_path, "--resume")), "no checkpoint"
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0] and "Traceback" not in done.stderr, done.stderr
@@ -164,7 +164,7 @@ def test_diverged_replay_is_undone_and_counted(tiny_data_dir, tmp_path, monkeypa
             server.hypernet.client_embeddings.fill_(float("inf"))
         return report
 
-    monkeypatch.setattr(deepinversion, "backward_transfer", diverging)
+    monkeypatch.setattr(replay, "backward_transfer", diverging)
     results = cli.main(args(tiny_data_dir, tmp_path))
     assert results["faults"]["dropped_replays"] == 1 and results["replay"][0]["dropped"]
     batch0 = results["batches"][0]

@@ -34,7 +34,7 @@ def needs_flower():
     pytest.importorskip("ray")
 
 
-def cli(*args, timeout=120):
+def train_py(*args, timeout=120):
     return subprocess.run([sys.executable, str(REPO / "train.py"), *args], capture_output=True, text=True,
                           timeout=timeout)
 
@@ -46,12 +46,15 @@ def test_simulation_gives_the_in_process_results(tiny_data_dir, tmp_path):
     needs_flower()
     common = TINY + REPLAY + ["--data-dir", str(tiny_data_dir)]
     local = cli.main(common + ["--out", str(tmp_path / "local")])
-    done = cli(*common, "--out", str(tmp_path / "flower"), "--engine", "flower", "--node-timeout", "60")
+    done = train_py(*common, "--out", str(tmp_path / "flower"), "--engine", "flower", "--node-timeout", "60")
     assert done.returncode == 0, done.stderr[-3000:]
     flower = json.loads((tmp_path / "flower" / "results.json").read_text())
     assert set(flower) == set(local)
-    for key in ["batches", "accuracy", "val_accuracy", "metrics", "val_metrics", "neurons", "test_sizes"]:
+    for key in ["batches", "accuracy", "val_accuracy", "val_metrics", "neurons", "test_sizes"]:
         assert flower[key] == local[key], key
+    # PA's local reference trains on the clients' own data in this process: the flower engine has none
+    without_pa = {k: v for k, v in local["metrics"].items() if not k.startswith("pa")}
+    assert flower["metrics"] == dict(without_pa, pa=None, pa_per_batch=None) and local["metrics"]["pa"] is not None
     assert flower["config"]["engine"] == "flower"
     replay, = flower["replay"]
     assert replay["skipped"] == 0                   # the clients did validate and confirm, as messages
@@ -75,8 +78,9 @@ def test_simulation_with_adapters_gives_the_in_process_results_on_one_thread(tin
         assert done.returncode == 0, done.stderr[-3000:]
         assert re.search(r"adapters of rank [1-9]", done.stdout + done.stderr)
         results[engine] = json.loads((tmp_path / engine / "results.json").read_text())
-    for key in ["accuracy", "val_accuracy", "metrics", "neurons"]:
+    for key in ["accuracy", "val_accuracy", "val_metrics", "neurons"]:
         assert results["flower"][key] == results["local"][key], key
+    assert results["flower"]["metrics"] == dict(results["local"]["metrics"], pa=None, pa_per_batch=None)
 
 
 def test_flower_bad_input_exits_2_with_one_line(tiny_data_dir, tmp_path, monkeypatch):
@@ -92,7 +96,7 @@ def test_flower_bad_input_exits_2_with_one_line(tiny_data_dir, tmp_path, monkeyp
                            (["--resume"], "nothing to --resume"),
                            (["--node-timeout", "0"], "--node-timeout must be positive"),
                            (["--privacy-audit"], "stay on their Flower nodes")]:
-        done = cli("--data-dir", str(tiny_data_dir), "--out", str(tmp_path / "out"), "--engine", "flower", *args)
+        done = train_py("--data-dir", str(tiny_data_dir), "--out", str(tmp_path / "out"), "--engine", "flower", *args)
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(lines) == 1 and expected in lines[0], done.stderr
 
