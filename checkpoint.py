@@ -23,7 +23,8 @@ FILENAME = "checkpoint.pt"
 # Settings that say how to run, not what to compute: they may differ between a run and its resume.
 RUN_ONLY_KEYS = {"out", "overwrite", "resume", "checkpoint_every", "device", "stop_after_rounds",
                  "preset", "preset_auto",    # a preset only sets other keys, which are compared themselves
-                 "engine", "node_timeout"}   # where the clients run: the same numbers (tests/test_flower.py)
+                 "engine", "node_timeout",   # where the clients run: the same numbers (tests/test_flower.py)
+                 "threads"}                  # how many CPU threads a run used
 
 
 class CheckpointError(Exception):

@@ -9,19 +9,14 @@ memory included: docs/robustness.md), signals (SIGINT / SIGTERM finish the curre
 checkpoint and exit with 130 / 143), and `--methods` / `--seeds` comparisons (every (method, seed) into
 <out>/<method>-s<seed>/, then compare.py's report). One run's own machinery is runner.py.
 """
-import sys
-
-if sys.version_info < (3, 10):          # before anything else: the modules use zip(strict=True) and `X | None`
-    print(f"error: pFedDSH needs Python >= 3.10, this is Python {sys.version.split()[0]}", file=sys.stderr)
-    sys.exit(2)
-
-import argparse  # noqa: E402 (after the version check, on purpose)
+import argparse
 import importlib.util
 import json
 import math
 import os
 import signal
 import textwrap
+import sys
 import threading
 
 import torch
@@ -110,6 +105,8 @@ def build_parser():
            "simulation engine (pip install -r requirements-flower.txt; README)")
     a("--node-timeout", type=float, help="flower: seconds a node has to answer a message, and a batch's nodes "
                                          "to register; a node that does not counts as a dropped update")
+    a("--threads", type=int, help="[ours] CPU threads (default: OMP_NUM_THREADS when set, else one fewer than "
+                                   "the cores this process may use, so that a busy core cannot stall every step)")
     a("--amp", action="store_true", default=None,
       help="bf16 autocast for local training, evaluation and replay's synthesis; meant for CUDA (on a CPU it "
            "runs, usually slower than fp32)")
@@ -240,9 +237,10 @@ def validate(c):
         raise CliError(f"--gate-start must be a finite number, got {c['gate_start']}")
     if not 0 <= c["adapter_budget"] < 1:
         raise CliError(f"--adapter-budget must be in [0, 1), got {c['adapter_budget']}")
-    for key in ["batches", "clients_per_batch", "rounds", "clients_per_round", "local_steps", "batch_size",
-                "width", "hidden", "hyper_layers", "chunk_size", "embed_dim", "replay_images",
-                "replay_iterations", "replay_steps", "replay_validate_every", "checkpoint_every"]:
+    positive = ["batches", "clients_per_batch", "rounds", "clients_per_round", "local_steps", "batch_size", "width",
+                "hidden", "hyper_layers", "chunk_size", "embed_dim", "replay_images", "replay_iterations",
+                "replay_steps", "replay_validate_every", "checkpoint_every"]
+    for key in positive + (["threads"] if c["threads"] is not None else []):
         if c[key] < 1:
             raise CliError(f"--{key.replace('_', '-')} must be a positive integer, got {c[key]}")
     for key in ["lr", "server_lr", "adapter_lr", "alpha", "s_max", "gate_lr", "replay_lr", "replay_temperature",
@@ -311,15 +309,35 @@ def main(argv=None, grid=None):
     # Only the main thread may set handlers (a Flower ServerApp may run in another): there, no handlers.
     in_main = threading.current_thread() is threading.main_thread()
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+    threads = torch.get_num_threads()
     try:
         config, comparison = resolve_config(sys.argv[1:] if argv is None else argv)
+        config["threads"] = use_threads(config["threads"])
         print(describe_protocol(config))
         if comparison is not None:
             return run_comparison(config, *comparison, caught, argv, grid=grid)
         return runner.run(config, caught, grid=grid)
     finally:
+        torch.set_num_threads(threads)
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def default_threads():
+    """One core fewer than this process may use (at least one). With as many threads as cores, one other
+    busy process stalls every parallel step (each waits for its slowest thread): 8x slower on 2 cores,
+    measured by benchmarks/contention.py, which also shows what the spare core costs on an idle machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - 1)
+
+
+def use_threads(threads):
+    """Set torch's CPU threads: --threads, else OMP_NUM_THREADS when set, else default_threads(); returns it."""
+    if threads is None and "OMP_NUM_THREADS" not in os.environ:
+        threads = default_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
 
 
 def run_comparison(config, names, seeds, caught, argv, grid=None):
@@ -344,9 +362,10 @@ def run_comparison(config, names, seeds, caught, argv, grid=None):
                 run_config["resume"] = (not config["overwrite"] and config["engine"] != "flower"
                                         and os.path.exists(os.path.join(run_config["out"], checkpoint.FILENAME)))
                 print(f"== {name}, seed {seed}" + (": resuming" if run_config["resume"] else ""))
+                # `local` is in every comparison, so its runs need no PA reference of their own.
                 results = runner.run(run_config, caught, how_to_continue="rerun the same command to continue "
-                                                                  "(finished runs are reused, this one resumes)",
-                              grid=grid)
+                                                                         "(finished runs are reused, this one resumes)",
+                                     grid=grid, pa_reference=False)
             runs.setdefault(name, []).append(results)
     command = "python train.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print(compare.write_report(out, runs, command))

@@ -53,6 +53,7 @@ def run(config, caught, how_to_continue="rerun with --resume to continue", grid=
     state = prepare_out(config, device)
     check_memory(config, device)
     shell = Shell(config, device, caught, state, how_to_continue)
+    shell.pa_reference = pa_reference and config["engine"] != "flower" and config["method"] != "local"
     flower = config["engine"] == "flower"
     try:
         if flower:              # the server holds no data: the nodes do (and report their sizes)
@@ -130,6 +131,7 @@ class Shell(train.Hooks):
         self.config, self.device, self.caught = config, device, caught
         self.checkpoint_state, self.how_to_continue = checkpoint_state, how_to_continue
         self.flower = config["engine"] == "flower"
+        self.pa_reference = True            # whether train.onboard trains PA's local reference (for the estimate)
         self.nodes = None                   # --engine flower: flower_app.Nodes, once the nodes are reached
         self.bar = self.replay_bar = self.replay_phase = None
         self.clock = {"start": time.time(), "last": time.time(), "rounds": []}
@@ -210,7 +212,10 @@ class Shell(train.Hooks):
             rounds_left = config["batches"] * config["rounds"] - (state.stage * config["rounds"] + state.round)
             replays = config["method"] == "pfeddsh" and not config["no_replay"]
             replay_stages = range(max(state.stage, 1), config["batches"]) if replays else []
-            total = now - self.clock["start"] + estimate_seconds(config, round_s, rounds_left, replay_stages)
+            # PA's reference trains each later batch's clients alone: about a round's local training per round
+            reference_rounds = config["rounds"] * len(range(max(state.stage, 1), config["batches"])) * self.pa_reference
+            total = now - self.clock["start"] + estimate_seconds(config, round_s, rounds_left + reference_rounds,
+                                                                 replay_stages)
             self.write(f"rounds take {round_s:.1f} s (the first {first:.1f} s): this run should take about "
                        f"{duration(total)} in all" + (", replay included" if replay_stages else ""))
 

@@ -11,6 +11,11 @@ The machinery real use needs (flags and checks, resume, progress bars, results.j
 comparisons, Flower) is the shell, cli.py and runner.py; it hands this file `Hooks` to listen in.
 """
 import sys
+
+if sys.version_info < (3, 10):          # before the imports below: they use zip(strict=True) and `X | None`
+    print(f"error: pFedDSH needs Python >= 3.10, this is Python {sys.version.split()[0]}", file=sys.stderr)
+    sys.exit(2)
+# (the imports come after the check, on purpose)
 import time
 from dataclasses import dataclass, field
 
@@ -43,11 +48,11 @@ DEFAULTS = dict(
     replay_confirm_z=1.645,
     # ours, the shell's: privacy of replay, where the run goes, how it runs
     bn_noise=0.0, privacy_audit=False, device="auto", out=None, checkpoint_every=10, engine="local",
-    node_timeout=600.0, amp=False)
+    node_timeout=600.0, amp=False, threads=None)
 PRESETS = {
     "full": {},     # the defaults: the full-scale protocol (ResNet-18 width 64), for a GPU
-    # the same pipeline on a 2-core CPU in a few minutes: narrow ResNet-18, 5 clients per batch, short stages
-    "cpu-demo": dict(width=16, clients_per_batch=5, rounds=40, clients_per_round=5, local_steps=5,
+    # the same pipeline on one CPU core in under 5 minutes: narrow ResNet-18, 5 clients per batch, short stages
+    "cpu-demo": dict(width=16, clients_per_batch=5, rounds=20, clients_per_round=5, local_steps=5, batch_size=32,
                      replay_images=32, replay_iterations=100, replay_steps=30),
 }
 
@@ -206,7 +211,7 @@ def local_reference(clients, batches, t, state, config):  # ours
                                               config["batch_size"], config["lr"], generator=generators[cid])
             if fl.is_finite_update(update):     # a diverged step is dropped, as `local` drops it
                 weights[cid], bn_stats[cid] = weights[cid] + update.delta, update.bn_stats
-    accuracy = {cid: clients[cid].accuracy(weights[cid], bn_stats[cid])[0] for cid in batches[t]}
+    accuracy = {cid: clients[cid].evaluate(weights[cid], bn_stats[cid], "test")[0] for cid in batches[t]}
     return [accuracy.get(cid) for cid in range(len(clients))]
 
 

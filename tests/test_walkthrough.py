@@ -1,0 +1,59 @@
+"""docs/walkthrough.md cannot rot: every command it shows runs (at toy size) and shows what it says to look for.
+And PA measured inside one run equals PA from a separate `local` run, as the guide and compare.py promise."""
+import json
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import cli  # noqa: E402
+import compare  # noqa: E402
+
+GUIDE = REPO / "docs" / "walkthrough.md"
+# Appended to each command: later flags win, so the guide's protocol shrinks to a few seconds.
+TOY = ["--clients-per-batch", "2", "--clients-per-round", "2", "--rounds", "3", "--local-steps", "2",
+       "--batch-size", "16", "--width", "4", "--hidden", "16", "--chunk-size", "256", "--embed-dim", "4",
+       "--replay-images", "4", "--replay-iterations", "3", "--replay-steps", "3", "--device", "cpu"]
+
+
+def guide_commands():
+    return re.findall(r"```bash\n(.*?)\n```", GUIDE.read_text(), flags=re.S)
+
+
+def test_the_guide_has_a_command_per_mechanism():
+    commands = guide_commands()
+    assert len(commands) == 5 and all(c.startswith("python train.py ") and "\n" not in c for c in commands)
+
+
+@pytest.mark.parametrize("command", guide_commands())
+def test_guide_command_runs_at_toy_size(command, tiny_data_dir, tmp_path):
+    argv = shlex.split(command)[2:]
+    argv[argv.index("--data-dir") + 1] = str(tiny_data_dir)
+    out = tmp_path / Path(argv[argv.index("--out") + 1]).name
+    argv[argv.index("--out") + 1] = str(out)
+    found = cli.main(argv + TOY)
+    if "--methods" in argv:                 # step 5: a comparison and its report
+        assert (out / "comparison.md").exists() and set(found) >= {"local", "pfeddsh"}
+        return
+    assert (out / "results.json").exists() and (out / "accuracy_matrix.png").exists()
+    m = found["metrics"]
+    assert m["pa"] is not None              # every single run reports PA next to RI
+    if "--no-replay" in argv:               # step 3: earlier clients bitwise fixed, units switched
+        assert m["ri_per_batch"] == [0.0] * (len(found["batches"]) - 1)
+        assert (out / "neurons.png").exists() and found["neurons"][0]["used"] > 0
+    if found["config"]["method"] == "pfeddsh" and "--no-replay" not in argv:    # step 4: replay ran
+        assert (out / "synthetic_batch1.png").exists() and len(found["replay"]) == len(found["batches"]) - 1
+
+
+def test_pa_of_one_run_equals_pa_against_a_separate_local_run(tiny_data_dir, tmp_path):
+    common = ["--dataset", "cifar10", "--batches", "3", "--data-dir", str(tiny_data_dir)] + TOY
+    single = cli.main(common + ["--no-replay", "--out", str(tmp_path / "single")])
+    runs = cli.main(common + ["--methods", "local,pfeddsh-no-replay", "--seeds", "0", "--out", str(tmp_path / "compare")])
+    local, = runs["local"]
+    assert single["accuracy"] == runs["pfeddsh-no-replay"][0]["accuracy"]
+    assert single["metrics"]["pa_per_batch"] == compare.plasticity(single, local)
+    assert len(single["metrics"]["pa_per_batch"]) == 2
