@@ -375,6 +375,8 @@ def restore_finished(run_dir):
     config = dict(train.DEFAULTS, **results["config"])
     device = torch.device(results["device"])
     state = checkpoint.load(os.path.join(run_dir, checkpoint.FILENAME), config, device, defaults=train.DEFAULTS)
+    if config["threads"] is not None:       # the run's own thread count: the same kernels, the same bits
+        torch.set_num_threads(config["threads"])
     dataset, clients, server, batches, _ = train.build(config, device)
     onboarding, _ = checkpoint.restore(state, server, clients, train.OnboardingState)
     return config, dataset, clients, server, batches, onboarding

@@ -188,7 +188,7 @@ def test_auto_preset_follows_the_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     config, _ = cli.resolve_config([])
     assert (config["preset"], config["preset_auto"], config["width"], config["rounds"]) == \
-        ("cpu-demo", True, 16, 40)
+        ("cpu-demo", True, 16, 20)
     line = cli.describe_protocol(config)
     assert "protocol cpu-demo" in line and "--preset full" in line
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -216,7 +216,7 @@ def test_help_shows_every_default_and_the_presets(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["--help"])
     text = capsys.readouterr().out
-    assert "(default 64; cpu-demo 16)" in text and "(default 300; cpu-demo 40)" in text
+    assert "(default 64; cpu-demo 16)" in text and "(default 300; cpu-demo 20)" in text
     assert "cpu-demo: a few minutes on a 2-core CPU: --width 16" in text
     for action in cli.build_parser()._actions:          # every option with a default says it
         if action.dest in train.DEFAULTS:
