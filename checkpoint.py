@@ -24,7 +24,7 @@ FILENAME = "checkpoint.pt"
 RUN_ONLY_KEYS = {"out", "overwrite", "resume", "checkpoint_every", "device", "stop_after_rounds",
                  "preset", "preset_auto",    # a preset only sets other keys, which are compared themselves
                  "engine", "node_timeout",   # where the clients run: the same numbers (tests/test_flower.py)
-                 "threads"}                  # how many CPU threads a run used
+                 "threads", "deterministic"}  # how the kernels run, not what the run is
 
 
 class CheckpointError(Exception):

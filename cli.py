@@ -107,6 +107,10 @@ def build_parser():
                                          "to register; a node that does not counts as a dropped update")
     a("--threads", type=int, help="[ours] CPU threads (default: OMP_NUM_THREADS when set, else one fewer than "
                                    "the cores this process may use, so that a busy core cannot stall every step)")
+    a("--deterministic", action="store_true", default=None,
+      help="[ours] CUDA: deterministic cuDNN, no cuDNN benchmark, no TF32, so a rerun or a resume gives the same "
+           "bits (slower); without it cuDNN picks its fastest kernels. CPU runs need no switch: one thread is "
+           "bitwise reproducible")
     a("--amp", action="store_true", default=None,
       help="bf16 autocast for local training, evaluation and replay's synthesis; meant for CUDA (on a CPU it "
            "runs, usually slower than fp32)")
@@ -313,6 +317,7 @@ def main(argv=None, grid=None):
     try:
         config, comparison = resolve_config(sys.argv[1:] if argv is None else argv)
         config["threads"] = use_threads(config["threads"])
+        use_kernels(config["deterministic"])
         print(describe_protocol(config))
         if comparison is not None:
             return run_comparison(config, *comparison, caught, argv, grid=grid)
@@ -329,6 +334,16 @@ def default_threads():
     measured by benchmarks/contention.py, which also shows what the spare core costs on an idle machine."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores - 1)
+
+
+def use_kernels(deterministic):
+    """CUDA kernels: reproducible ones under --deterministic, else cuDNN's fastest (its benchmark mode)."""
+    if deterministic:                   # cuBLAS's reproducible reductions need this before CUDA starts
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not deterministic
 
 
 def use_threads(threads):

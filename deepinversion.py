@@ -18,7 +18,7 @@ removed, and its "best" batch is an alias of the pixels being optimised, so it r
 """
 import math
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -69,8 +69,7 @@ def bn_loss_hooks(model, first_bn_multiplier=1.0):
 
     def make_hook(multiplier):
         def hook(module, inputs, output):
-            # .float(): under --amp the layer's input is bf16, too coarse for a variance; a no-op in fp32.
-            losses.append(multiplier * bn_statistics_loss(inputs[0].float(), module.running_mean, module.running_var))
+            losses.append(multiplier * bn_statistics_loss(inputs[0], module.running_mean, module.running_var))
         return hook
 
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -138,13 +137,14 @@ def jensen_shannon(teacher_logits, student_logits, temperature=3.0):
 
 def synthesize(model, clients, *, num_images=64, iterations=200, lr=0.1, bn_weight=10.0, first_bn_multiplier=1.0,
                tv_weight=2.5e-5, l2_weight=0.0, jitter=2, flip=True, competition_weight=0.0, student=None,
-               image_size=32, seed=0, device=None, progress=None, vmap=True, amp=False):
+               image_size=32, seed=0, device=None, progress=None, vmap=True):
     """One batch of images per client; all clients' pixels are optimised together, in one computation.
 
     Each client's loss depends only on its own pixels and Adam is elementwise, so the joint run is the
     same as C separate runs (up to sharing the jitter/flip draws). `student` (x -> logits) is ADI's
     competitor, called on all clients' images at once; `vmap=False` loops over clients instead.
-    `amp`: the teachers' forward and backward under bf16 autocast (the pixels and the losses stay fp32).
+    Always fp32, also under --amp: vmapped batch norm refuses bf16 activations against the clients' fp32
+    running statistics (what CUDA autocast hands it), and matching those statistics is what synthesis is for.
     `progress(iteration, loss)`, if given, hears every iteration; loss is the summed loss as a 0-d tensor.
     """
     clients = [c if isinstance(c, Teacher) else Teacher(*c) for c in clients]
@@ -155,8 +155,6 @@ def synthesize(model, clients, *, num_images=64, iterations=200, lr=0.1, bn_weig
     bn_stats = {k: torch.stack([c.bn_stats[k].detach() for c in clients]).to(device) for k in clients[0].bn_stats}
     g = torch.Generator().manual_seed(seed)     # CPU generator: the same draws on any device
     x = torch.randn(C, N, 3, S, S, generator=g).to(device).requires_grad_()
-    # No autocast context at all when amp is off, so fp32 synthesis runs no autocast machinery.
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
     was_training = model.training
     model.eval()                                # BN normalises with the client's running stats, as in DI
     try:
@@ -177,9 +175,7 @@ def synthesize(model, clients, *, num_images=64, iterations=200, lr=0.1, bn_weig
                 do_flip = bool(torch.rand((), generator=g) < 0.5) and flip
                 xj = torch.roll(x, shifts=(dx, dy), dims=(3, 4))
                 xj = xj.flip(4) if do_flip else xj
-                with autocast:
-                    logits, bn = teacher_forward(model, weights, bn_stats, xj, losses, vmap)
-                logits = logits.float()
+                logits, bn = teacher_forward(model, weights, bn_stats, xj, losses, vmap)
                 ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(C, N).mean(1)
                 tv, l2 = image_priors(xj)
                 loss = ce + bn_weight * bn + tv_weight * tv + l2_weight * l2

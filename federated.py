@@ -97,7 +97,8 @@ class Client:
         for start in range(0, len(y_all), minibatch_size):
             x = data.normalize(x_all[start:start + minibatch_size], self.mean, self.std)
             y = y_all[start:start + minibatch_size]
-            with hn.autocast(x.device, self.amp):
+            # --amp speeds up what is reported; replay's decisions (val_select, val_confirm) stay fp32.
+            with hn.autocast(x.device, self.amp and split in ("test", "val")):
                 logits = hn.run_model(self.model, weights, bn_stats, x)
             correct.append(logits.argmax(1) == y)
             loss += F.cross_entropy(logits.float(), y, reduction="sum").double()
@@ -129,7 +130,7 @@ class Server:
     def __init__(self, hypernet, model, batches, *, optimizer="adam", server_lr=3e-3, server_momentum=0.9,
                  server_weight_decay=0.0, grad_clip=50.0, sparsity=0.75, image_size=32, adapter_lr=None, amp=False):
         self.hypernet, self.model, self.batches, self.image_size = hypernet, model, batches, image_size
-        self.amp = amp              # --amp: replay's synthesis runs under bf16 autocast (deepinversion.py)
+        self.amp = amp              # --amp: the clients' training and reported evaluation (never replay's synthesis)
         self.batch_of = {cid: t for t, ids in enumerate(batches) for cid in ids}
         # The server's optimizer owns everything but the gates (BatchGates.step learns them, HAT's way)
         # and what only replay writes (the borrow gates, and the client offsets when there are no adapters).

@@ -74,7 +74,7 @@ def local_client(message, context):
 
     setup = dict(message.content["setup"])
     data_dir = str(context.node_config.get("data-dir", setup["data_dir"]))    # the node's own path wins
-    device = str(context.node_config.get("device", "cpu"))
+    device = str(context.node_config.get("device", setup.get("device", "cpu")))   # a real node's own wins
     key = (tuple(sorted(setup.items())), data_dir, device)
     if key not in _DATA:
         dataset = data.load_dataset(setup["dataset"], data_dir, device=device)
@@ -330,6 +330,7 @@ def run(config, batches, train, device, grid=None):
     grid None: Flower's simulation engine in this process, one virtual node per client (partition i is
     client i). Returns train's result."""
     setup = {k: (config[k] if config[k] is not None else 0) for k in SETUP_KEYS}   # records hold no None
+    setup["device"] = device.type       # simulated nodes train where the run does (and draw the same minibatches)
     setup["data_dir"] = os.path.abspath(setup["data_dir"])
     num_clients = sum(len(b) for b in batches)
 
@@ -358,9 +359,10 @@ def run(config, batches, train, device, grid=None):
     # One worker with as many threads as this process: the nodes train one after another on this machine,
     # with the same kernels as --engine local, so the numbers are the same.
     threads = torch.get_num_threads()
+    gpus = 1 if device.type == "cuda" else 0      # one worker, on the run's GPU
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_clients,
-                   backend_config={"client_resources": {"num_cpus": threads, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": threads, "num_gpus": 0, "include_dashboard": False}})
+                   backend_config={"client_resources": {"num_cpus": threads, "num_gpus": gpus},
+                                   "init_args": {"num_cpus": threads, "num_gpus": gpus, "include_dashboard": False}})
     return result["value"]
 
 

@@ -16,7 +16,7 @@ improve every earlier client, without any client's data ever reaching it:
 The paper fine-tunes the global hypernetwork on the synthetic data with earlier masks frozen; that
 replay writes only an earlier client's own rows, and the acceptance test, are ours (docs/design.md §5).
 What replay needs of the server: its hypernetwork and target model, the batches, the clients' uploads
-(`uploads(cid) -> (bn_stats, label_counts)`), `generate(cid)`, `image_size`, `amp` and `faults`.
+(`uploads(cid) -> (bn_stats, label_counts)`), `generate(cid)`, `image_size` and `faults`.
 """
 import math
 import time
@@ -50,7 +50,7 @@ def dream(server, new_clients, uploads, *, num_images, iterations, bn_weight, se
                 for j in new_clients]
     dreamed = deepinversion.synthesize(
         server.model, teachers, num_images=num_images, iterations=iterations, bn_weight=bn_weight, seed=seed,
-        image_size=server.image_size, amp=getattr(server, "amp", False),
+        image_size=server.image_size,
         progress=None if progress is None else lambda it, loss: progress("synthesis", it + 1, iterations))
     server.model.eval()
     with torch.no_grad():

@@ -295,6 +295,7 @@ def check_memory(config, device):
         raise CliError(f"this model is too large to build ({str(e).splitlines()[0]}): use a smaller --width, "
                        "--hidden, --chunk-size or --embed-dim") from None
     if device.type == "cuda":
+        torch.cuda.empty_cache()        # blocks an earlier run of a comparison cached are free for this one
         available, where = torch.cuda.mem_get_info(device)[0], f"free on {torch.cuda.get_device_name(device)}"
     else:
         available, where = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "of memory on this machine"

@@ -48,7 +48,7 @@ DEFAULTS = dict(
     replay_confirm_z=1.645,
     # ours, the shell's: privacy of replay, where the run goes, how it runs
     bn_noise=0.0, privacy_audit=False, device="auto", out=None, checkpoint_every=10, engine="local",
-    node_timeout=600.0, amp=False, threads=None)
+    node_timeout=600.0, amp=False, threads=None, deterministic=False)
 PRESETS = {
     "full": {},     # the defaults: the full-scale protocol (ResNet-18 width 64), for a GPU
     # the same pipeline on one CPU core in under 5 minutes: narrow ResNet-18, 5 clients per batch, short stages

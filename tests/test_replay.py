@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import deepinversion  # noqa: E402
 import cli  # noqa: E402
 import replay  # noqa: E402
+import train  # noqa: E402
 from test_masks import make_server, run_stage, FakeClient  # noqa: E402
 
 
@@ -182,3 +184,62 @@ def test_replay_benchmarks_run_on_a_finished_run_and_read_no_test_data(tiny_data
         with pytest.raises(SystemExit) as refused:
             replay_diagnosis.check_runs(argparse.ArgumentParser(), [str(folder)])
         assert refused.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_synthesis_under_amp_survives_the_dtypes_a_gpu_produces(monkeypatch):
+    """Under CUDA autocast a convolution hands batch norm bf16 activations, and vmapped batch norm refuses
+    them against a client's fp32 running statistics ("expected scalar type BFloat16 but found Float"); a
+    CPU's autocast leaves convolutions in fp32, so it never shows. Imitate the GPU: inside any autocast
+    context, convolutions compute in bf16. Replay of a server running --amp must still work: synthesis
+    opens no autocast at all."""
+    real_conv, inside = F.conv2d, []
+
+    class GpuLikeAutocast:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            inside.append(True)
+
+        def __exit__(self, *exc):
+            inside.pop()
+
+    def conv2d(x, w, *args, **kwargs):
+        return real_conv(x.bfloat16(), w.bfloat16(), *args, **kwargs) if inside else real_conv(x, w, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "autocast", GpuLikeAutocast)
+    monkeypatch.setattr(F, "conv2d", conv2d)
+    with pytest.raises(RuntimeError, match="BFloat16"):      # the imitation does show the GPU's failure
+        with torch.autocast("cuda"):
+            bn = torch.nn.BatchNorm2d(3).eval()
+            w = {k: torch.stack([v, v]) for k, v in bn.named_parameters()}
+            b = {k: torch.stack([v, v]) for k, v in bn.named_buffers()}
+            x = conv2d(torch.randn(4, 3, 5, 5), torch.randn(3, 3, 1, 1)).view(2, 2, 3, 5, 5)
+            torch.func.vmap(lambda w_, b_, x_: torch.func.functional_call(bn, (w_, b_), (x_,)))(w, b, x)
+    server = two_stage_server()
+    server.amp = True
+    report = replay.backward_transfer(server, 1, lambda cid, flat: (0.5, 1.0), confirm_no, **REPLAY)
+    assert report["images"].dtype == torch.float32 and torch.isfinite(report["images"]).all()
+
+
+def test_replay_decides_in_fp32_under_amp(tiny_data_dir, monkeypatch):
+    """--amp: the reported evaluation may run in bf16; what decides replay (val_select, val_confirm) never does."""
+    config, _ = cli.resolve_config(["--dataset", "cifar10", "--data-dir", str(tiny_data_dir), "--batches", "2",
+                                    "--clients-per-batch", "2", "--width", "4", "--amp", "--device", "cpu"])
+    _, clients, server, _, _ = train.build(config, torch.device("cpu"))
+    opened = []
+    real = torch.autocast
+    monkeypatch.setattr(torch, "autocast", lambda *a, **k: opened.append(True) or real(*a, **k))
+    flat = server.generate(0)
+    clients[0].evaluate(flat, server.bn_stats[0], "val_select")
+    clients[0].confirm(flat, flat, server.bn_stats[0])
+    assert not opened
+    clients[0].evaluate(flat, server.bn_stats[0], "test")
+    assert opened
+
+
+def test_an_earlier_client_that_never_trained_is_skipped_not_a_crash():
+    server = two_stage_server()
+    del server.label_counts[1]              # never drawn for a round of its stage: it uploaded nothing
+    report = replay.backward_transfer(server, 1, lambda cid, flat: (0.5, 1.0), confirm_no, **REPLAY)
+    assert report["skipped"] >= 1 and report["accepted"] + report["rejected"] + report["skipped"] == 2

@@ -1,10 +1,12 @@
 """End to end: train.py on tiny generated data, the results.json it writes, and bad input (exit 2)."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -250,3 +252,24 @@ def test_amp_trains_in_bf16_and_a_whole_run_works_on_cpu(tiny_data_dir, tmp_path
     results = run_tiny(tiny_data_dir, tmp_path, "--method", "pfeddsh", "--amp", *REPLAY_TINY)
     assert results["config"]["amp"] is True and len(results["replay"]) == 1
     assert all(0.0 <= a <= 1.0 for a in results["accuracy"][-1])
+
+
+def test_threads_flag_is_checked_recorded_and_restored(tiny_data_dir, tmp_path):
+    with pytest.raises(cli.CliError, match="--threads must be a positive integer"):
+        cli.resolve_config(["--threads", "0"])
+    before = torch.get_num_threads()
+    results = run_tiny(tiny_data_dir, tmp_path, "--method", "local", "--threads", "1", "--rounds", "1")
+    assert results["config"]["threads"] == 1 and torch.get_num_threads() == before
+    assert cli.default_threads() == max(1, len(os.sched_getaffinity(0)) - 1)
+
+
+def test_deterministic_switches_cuda_kernels_both_ways():
+    try:
+        cli.use_kernels(True)
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert not torch.backends.cuda.matmul.allow_tf32 and torch.are_deterministic_algorithms_enabled()
+        cli.use_kernels(False)
+        assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        cli.use_kernels(False)
