@@ -134,7 +134,9 @@ def backward_transfer(server, t, validate, confirm, *, num_images, iterations, b
     images, labels, teacher_logits, report["bn_loss_start"], report["bn_loss_end"] = dream(
         server, new_clients, uploads, num_images=num_images, iterations=iterations, bn_weight=bn_weight,
         seed=seed, progress=progress)
-    report.update(synthesis_s=time.time() - start, images=images, labels=labels)
+    report.update(synthesis_s=time.time() - start, images=images, labels=labels,
+                  # how many dreams their own teacher reads as the class they were dreamed for
+                  teacher_reads=float((teacher_logits.argmax(1) == labels).float().mean()))
     hypernet = server.hypernet
     params = {"client_embeddings": hypernet.client_embeddings, "client_offsets": hypernet.client_offsets}
     if hypernet.gates is not None:

@@ -425,7 +425,8 @@ def report_replay(report, t, mean, std, out, write=print):
     deepinversion.save_grid(images[:128], mean, std, os.path.join(out, f"synthetic_batch{t}.png"))
     write(f"replay after stage {t}: {report['replay_s']:.1f} s (synthesis {report['synthesis_s']:.1f} s), "
           f"BN loss {sum(report['bn_loss_start']) / len(report['bn_loss_start']):.2f} -> "
-          f"{sum(report['bn_loss_end']) / len(report['bn_loss_end']):.2f}, updates accepted "
+          f"{sum(report['bn_loss_end']) / len(report['bn_loss_end']):.2f}, teachers read "
+          f"{report['teacher_reads']:.0%} of their dreams as dreamed, updates accepted "
           f"{report['accepted']}, rejected {report['rejected']}, skipped {report['skipped']}"
           + (" -- DIVERGED (non-finite), undone" if report["dropped"] else ""))
     if report.get("audit"):

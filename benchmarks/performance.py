@@ -262,7 +262,7 @@ def part_d(args, server, clients, batches, iterations):
     config = protocol(args)
     teachers = [deepinversion.Teacher(server.hypernet.unflatten(server.generate(j)), server.bn_stats[j],
                                       clients[j].label_counts) for j in batches[0]]
-    kwargs = dict(num_images=config["replay_images"], image_size=32, amp=args.amp)
+    kwargs = dict(num_images=config["replay_images"], image_size=32)     # synthesis is fp32 even under --amp
     for together in (True, False):                                  # warm-up
         deepinversion.synthesize(server.model, teachers, iterations=1, vmap=together, **kwargs)
     spent = {True: 0.0, False: 0.0}

@@ -93,6 +93,8 @@ def test_replay_run_writes_synthetic_grid_and_latency(tiny_data_dir, tmp_path):
     report = results["replay"][0]
     assert report["accepted"] + report["rejected"] + report["skipped"] == len(results["batches"][0])
     assert len(report["bn_loss_start"]) == len(results["batches"][1])
+    # the share of dreams their own teacher reads as dreamed: 8 dreams from each of 2 clients
+    assert report["teacher_reads"] in {k / 16 for k in range(17)}
 
 
 def test_refuses_to_overwrite_another_runs_results(tiny_data_dir, tmp_path):
