@@ -184,9 +184,9 @@ def onboard(server, clients, batches, config, state=None, rng=None, hooks=None, 
         state.val_accuracy.append([scores[cid][1] if cid in scores else None for cid in range(num_clients)])
         state.stage_seconds.append(time.time() - start)
         if pa_reference:
-            start = time.time()
+            reference_start = time.time()
             state.local_accuracy.append(local_reference(clients, batches, t, state, config))
-            state.local_seconds.append(time.time() - start)
+            state.local_seconds.append(time.time() - reference_start)
         state.stage, state.round, state.stage_elapsed = t + 1, 0, 0.0
         hooks.after_round(state, rng, stage_done=True)
     return state
