@@ -64,7 +64,7 @@ def run(config, caught, how_to_continue="rerun with --resume to continue", grid=
         raise CliError(str(e)) from None
     finally:
         shell.close()
-    report(results, config, shell)
+    report(results, config)
     return results
 
 
@@ -181,8 +181,11 @@ class Shell(train.Hooks):
             self.estimate(state)
         self.clock["last"] = time.time()
         if stage_done and state.replays and "images" in state.replays[-1]:
-            mean, std = (flower_channel_stats(self.nodes) if self.flower else
-                         (self.clients[0].mean, self.clients[0].std))
+            if self.flower:             # the dataset's normalisation lives on the nodes
+                import flower_app
+                mean, std = flower_app.channel_stats(self.nodes)
+            else:
+                mean, std = self.clients[0].mean, self.clients[0].std
             report_replay(state.replays[-1], state.stage - 1, mean, std, config["out"], write=self.write)
         done = state.stage * rounds + state.round
         if not stage_done and done == config["stop_after_rounds"]:
@@ -307,11 +310,6 @@ def check_memory(config, device):
     return needed
 
 
-def flower_channel_stats(nodes):
-    import flower_app
-    return flower_app.channel_stats(nodes)
-
-
 def header(config, device, server, batches, model, state):
     """The run's first line: method, data, device, clients, model and hypernetwork sizes."""
     hypernet = getattr(server, "hypernet", None)
@@ -328,7 +326,7 @@ def header(config, device, server, batches, model, state):
     return line
 
 
-def report(results, config, shell):
+def report(results, config):
     """Print the table, mean accuracy, PA and RI; write results.json and the plots."""
     m, out = results["metrics"], config["out"]
     print_table(m["batch_acc"], m["ri_per_batch"], results["neurons"] or [None] * len(m["batch_acc"]))
