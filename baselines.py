@@ -229,7 +229,7 @@ class FedRep(FedAvg):
     Local update (FedRep's alternation, simplified to fit everyone's budget): of a round's K local steps,
     the first ceil(K/2) train the head with the body fixed, the rest the body with the new head fixed
     (FedRep itself gives the head several epochs and the body one). So the adaptation budget is the same
-    K steps per round as every method.
+    K steps per round as every method (with K = 1 the body never trains).
     frozen=True (fedrep-frozen): after batch 0 the body and its BN statistics never change; new clients
     spend all K steps on their heads. Earlier clients then cannot forget.
     A client's head starts from the initial classifier, which the global vector keeps (it is never averaged).
