@@ -231,3 +231,31 @@ def test_new_methods_refuse_the_flower_engine():
     for method in cli.LOCAL_ENGINE_ONLY:
         with pytest.raises(cli.CliError, match=f"cannot run {method}|needs Flower"):
             cli.check_flower(method)
+
+
+def all_finite(value):
+    if isinstance(value, torch.Tensor):
+        return not value.is_floating_point() or bool(torch.isfinite(value).all())
+    if isinstance(value, dict):
+        return all(all_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(all_finite(v) for v in value)
+    return True
+
+
+@pytest.mark.parametrize("method", ["pfedhn-frozen", "pfedhn-pc", "fedrep", "fedrep-frozen", "ditto", "fedlwf"])
+def test_a_diverged_local_update_is_dropped_and_counted(tiny_data_dir, monkeypatch, method):
+    real, calls = fl.Client.local_train, []
+
+    def first_one_nan(self, *args, **kwargs):
+        update = real(self, *args, **kwargs)
+        calls.append(self.cid)
+        if len(calls) == 1:
+            update.delta = torch.full_like(update.delta, float("nan"))
+        return update
+    monkeypatch.setattr(fl.Client, "local_train", first_one_nan)
+    config, clients, server, batches = build(tiny_data_dir, method)
+    state = onboard(config, clients, server, batches)
+    assert server.faults["dropped_updates"] == 1 and server.faults["skipped_rounds"] == 0
+    assert all_finite(server.state_dict())
+    assert all(0.0 <= a <= 1.0 for a in state.accuracy[-1])
