@@ -95,7 +95,13 @@ def test_pfedhn_pc_sends_the_hypernetwork_nothing_of_the_classifier(tiny_data_di
 
 def test_ditto_evaluates_the_personal_model_which_differs_from_the_global_one(tiny_data_dir, monkeypatch):
     config, clients, server, batches = build(tiny_data_dir, "ditto")
-    personal_after = []
+    personal_after, received = [], []
+    real_round = baselines.Ditto.train_round
+
+    def train_round(self, *args):
+        received.append(self.weights.clone())     # every global model a client is sent
+        return real_round(self, *args)
+    monkeypatch.setattr(baselines.Ditto, "train_round", train_round)
 
     class Hooks(train.Hooks):
         def after_round(self, state, rng, stage_done, loss=None):
@@ -105,7 +111,8 @@ def test_ditto_evaluates_the_personal_model_which_differs_from_the_global_one(ti
     seen = recording(monkeypatch, fl.Client, "accuracy")
     for b in batches:
         for c in b:
-            assert not torch.equal(server.personal[c], server.weights)
+            # trained on its own: neither the final global model nor any global model it was sent
+            assert not any(torch.equal(server.personal[c], w) for w in received + [server.weights])
             server.evaluate(clients[c])
             assert torch.equal(seen[-1][0], server.personal[c])
     for c in batches[0]:                    # an earlier client keeps its personal model
