@@ -2,24 +2,41 @@
 
 Each class stands in for federated.Server: the onboarding loop (train.onboard) calls begin_stage,
 train_round, end_stage and evaluate; checkpoints call state_dict and load_state_dict. So every method
-trains the same clients for the same rounds and local steps, drawing the same minibatches.
+trains the same clients for the same rounds and local steps, drawing their minibatches from the same
+per-client generators (Client.local_train). Each method's adaptation budget is in its docstring.
 
   * Local         each client trains alone from the same initial weights; nothing is ever sent.
   * FedAvg        one global model for everyone, continued on each new batch (McMahan et al., 2017,
                   "Communication-Efficient Learning of Deep Networks from Decentralized Data").
                   With finetune_steps > 0 it is FedAvg-FT: before it is evaluated, each client
                   fine-tunes the global model for that many local steps on its own training data.
-  * FrozenPFedHN  pFedHN whose hypernetwork is frozen after batch 0: later batches learn only their
-                  own embeddings, so earlier clients cannot forget, and new ones have little to adapt.
+  * FrozenPFedHN  pFedHN's protocol for novel clients (Shamsian et al., ICML 2021): the hypernetwork is
+                  frozen after batch 0, and each later client's embedding is optimised alone.
+  * PFedHNPC      pFedHN-PC (same paper): the hypernetwork generates the model, each client keeps a
+                  classifier of its own.
+  * FedRep        shared body, personal head (Collins et al., ICML 2021, "Exploiting Shared
+                  Representations for Personalized Federated Learning"); body continued or frozen.
+  * Ditto         FedAvg plus a personal model per client pulled toward the global one (Li et al.,
+                  ICML 2021, "Ditto: Fair and Robust Federated Learning Through Personalization").
+  * FedLwF        FedAvg whose later stages distil the previous stage's global model on the clients' own
+                  data (Learning without Forgetting: Li and Hoiem, ECCV 2016; its federated form is a
+                  usual federated continual-learning baseline).
 
 pFedHN itself is federated.Server without masks; the ablation "pFedDSH without masks" is that server
-plus replay (train.py wires both).
+plus replay (train.py wires both). Methods with a personal part (PFedHNPC, FedRep, Ditto) keep it in
+their object only so that onboard() and checkpoints handle every method alike, as Local does: only the
+client it belongs to ever trains or reads it, and what is averaged or sent into the hypernetwork never
+contains it (tests/test_new_baselines.py checks this).
 """
+import dataclasses
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import federated as fl
 import hypernet as hn
+import masks
 
 
 class Local:
@@ -75,6 +92,10 @@ class FedAvg:
 
     def train_round(self, client_ids, clients, stage_fraction, steps, minibatch_size, lr):
         updates = [clients[cid].local_train(self.weights, self.bn, steps, minibatch_size, lr) for cid in client_ids]
+        return self.average(client_ids, clients, updates)
+
+    def average(self, client_ids, clients, updates):
+        """FedAvg's server step from the round's updates; returns their mean local loss (NaN if none kept)."""
         kept = [(cid, u) for cid, u in zip(client_ids, updates) if fl.is_finite_update(u)]
         self.faults["dropped_updates"] += len(updates) - len(kept)
         if not kept:
@@ -111,11 +132,257 @@ class FedAvg:
         self.faults = dict(sd["faults"])
 
 
-class FrozenPFedHN(fl.Server):
-    """pFedHN, except that from batch 1 on only the client embeddings may move."""
+HEAD = ("fc.weight", "fc.bias")     # the classifier of the generated / shared ResNet-18: the personal part
 
-    def free_masks(self, t):
+
+def head_index(layout):
+    """Flat positions of the classifier (fc.weight, fc.bias) in `layout`'s weight vector."""
+    starts = dict(zip(layout.names, torch.tensor([0] + layout.numels).cumsum(0)[:-1].tolist()))
+    numels = dict(zip(layout.names, layout.numels))
+    return torch.cat([torch.arange(starts[n], starts[n] + numels[n]) for n in HEAD])
+
+
+def without_head(update, index):
+    """The update with its classifier part zeroed: what leaves a client whose classifier is its own."""
+    return dataclasses.replace(update, delta=update.delta.index_fill(0, index.to(update.delta.device), 0.0))
+
+
+class FrozenPFedHN(fl.Server):
+    """pFedHN's protocol for novel clients: after batch 0 the hypernetwork is frozen and each new client
+    learns only its own embedding, with an optimiser of its own.
+
+    Adaptation budget: the same rounds and local steps as every method; from batch 1 on, the server's
+    step moves nothing but the round's clients' embeddings, with Adam at `embed_lr` (fresh each stage)
+    instead of the hypernetwork's optimiser and rate. The gradient clip then sees the embeddings alone.
+    """
+
+    def __init__(self, *args, embed_lr=0.1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.embed_lr = embed_lr
+        self.hypernet_params = self.params
+
+    def use_stage(self, t):
+        """Batch 0 trains the whole hypernetwork; later stages own only the embeddings, so the VJP, the
+        clip and the optimiser see nothing else (an embedding at the hypernetwork's Adam rate of 3e-3 moves
+        ~0.06 in 20 steps from N(0, 1): new clients stayed below chance, docs/design.md §6)."""
         if t == 0:
-            return super().free_masks(t)
-        # train_round then frees the embedding rows of the round's clients, and nothing else.
-        return {name: torch.zeros_like(p) for name, p in self.params.items() if name != "client_embeddings"}
+            self.params = self.hypernet_params
+            return
+        self.params = {"client_embeddings": self.hypernet.client_embeddings}
+        self.optimizer = masks.ServerOptimizer(self.params, kind="adam", lr=self.embed_lr)
+
+    def begin_stage(self, t):
+        self.use_stage(t)
+        super().begin_stage(t)
+
+    def load_state_dict(self, sd):
+        self.use_stage(sd["stage"])         # the optimiser of the stage the checkpoint was in
+        super().load_state_dict(sd)
+
+
+class PFedHNPC(fl.Server):
+    """pFedHN-PC: pFedHN with a personal classifier. The hypernetwork generates the whole ResNet, but each
+    client replaces the generated classifier (fc.weight, fc.bias) with its own, trained in its local steps
+    together with the rest and never sent: the delta that reaches the hypernetwork has zeros there.
+
+    Adaptation budget: the same rounds and local steps as pfedhn; the classifier learns in those steps.
+    Each client's classifier starts from the target model's initial one. The hypernetwork is continued on
+    every new batch, as pfedhn's is.
+    """
+
+    def __init__(self, hypernet, model, batches, **kwargs):
+        super().__init__(hypernet, model, batches, **kwargs)
+        self.head_index = head_index(hypernet.layout).to(hypernet.base.device)
+        start = hypernet.layout.flatten(dict(model.named_parameters())).detach()[self.head_index]
+        self.heads = {cid: start.clone() for ids in batches for cid in ids}     # each client's own
+
+    def with_head(self, flat, cid):
+        return flat.detach().index_copy(0, self.head_index, self.heads[cid])
+
+    @torch.no_grad()
+    def generate(self, cid):
+        return self.with_head(super().generate(cid), cid)
+
+    def train_round(self, client_ids, clients, stage_fraction, steps, minibatch_size, lr):
+        generated = self.hypernet(client_ids, [self.batch_of[c] for c in client_ids], s=self.gate_scale)
+        updates = []
+        for k, cid in enumerate(client_ids):
+            update = clients[cid].local_train(self.with_head(generated[k], cid), self.bn_stats[cid], steps,
+                                              minibatch_size, lr)
+            if fl.is_finite_update(update):     # the client's half: its classifier moves on its side only
+                self.heads[cid] = self.heads[cid] + update.delta[self.head_index]
+            updates.append(without_head(update, self.head_index))
+        return self.update(client_ids, generated, updates)
+
+    def state_dict(self):
+        return dict(super().state_dict(), heads=self.heads)
+
+    def load_state_dict(self, sd):
+        super().load_state_dict(sd)
+        self.heads = sd["heads"]
+
+
+class FedRep(FedAvg):
+    """FedRep: a shared body averaged FedAvg-style (BN statistics with it), and a head (the classifier
+    fc.*) of each client's own, trained locally and never averaged.
+
+    Local update (FedRep's alternation, simplified to fit everyone's budget): of a round's K local steps,
+    the first ceil(K/2) train the head with the body fixed, the rest the body with the new head fixed
+    (FedRep itself gives the head several epochs and the body one). So the adaptation budget is the same
+    K steps per round as every method (with K = 1 the body never trains).
+    frozen=True (fedrep-frozen): after batch 0 the body and its BN statistics never change; new clients
+    spend all K steps on their heads. Earlier clients then cannot forget.
+    A client's head starts from the initial classifier, which the global vector keeps (it is never averaged).
+    """
+
+    def __init__(self, model, layout, batches, *, frozen=False, **kwargs):
+        super().__init__(model, layout, batches, **kwargs)
+        self.frozen = frozen
+        self.head_index = head_index(layout).to(self.weights.device)
+        self.heads = {}         # cid -> its head (flat); only that client trains or reads it
+        self.body_names = [n for n in layout.names if n not in HEAD]
+
+    def body_frozen(self):
+        return self.frozen and self.stage > 0
+
+    def head_of(self, cid):
+        return self.heads.get(cid, self.weights[self.head_index])
+
+    def model_of(self, cid):
+        return self.weights.index_copy(0, self.head_index, self.head_of(cid))
+
+    def local_round(self, client, steps, minibatch_size, lr):
+        """The client's side: head steps, then body steps; the update carries both (one delta)."""
+        start = self.model_of(client.cid)
+        head_steps = steps if self.body_frozen() else (steps + 1) // 2
+        head = client.local_train(start, self.bn, head_steps, minibatch_size, lr, trainable=HEAD)
+        if head_steps == steps or not fl.is_finite_update(head):
+            return head
+        body = client.local_train(start + head.delta, head.bn_stats, steps - head_steps, minibatch_size, lr,
+                                  trainable=self.body_names)
+        loss = (head_steps * head.loss + (steps - head_steps) * body.loss) / steps
+        return dataclasses.replace(body, delta=head.delta + body.delta, loss=loss)
+
+    def train_round(self, client_ids, clients, stage_fraction, steps, minibatch_size, lr):
+        updates = [self.local_round(clients[cid], steps, minibatch_size, lr) for cid in client_ids]
+        for cid, update in zip(client_ids, updates):
+            if fl.is_finite_update(update):     # the head stays with its client
+                self.heads[cid] = self.head_of(cid) + update.delta[self.head_index]
+        body_updates = [without_head(u, self.head_index) for u in updates]
+        if not self.body_frozen():
+            return self.average(client_ids, clients, body_updates)
+        kept = [u for u in updates if fl.is_finite_update(u)]
+        self.faults["dropped_updates"] += len(updates) - len(kept)
+        if not kept:
+            self.faults["skipped_rounds"] += 1
+        return float(np.mean([u.loss for u in kept])) if kept else float("nan")
+
+    def evaluate(self, client):
+        return client.accuracy(self.model_of(client.cid), self.bn)
+
+    def state_dict(self):
+        return dict(super().state_dict(), heads=self.heads)
+
+    def load_state_dict(self, sd):
+        super().load_state_dict(sd)
+        self.heads = sd["heads"]
+
+
+class Ditto(FedAvg):
+    """Ditto: FedAvg's global model, plus a personal model per client trained with a proximal pull
+    lam / 2 * ||v - w||^2 toward the global model w it received that round. The personal model is what a
+    client is evaluated with; a client that has left keeps its last one (so RI is 0 by construction).
+
+    Adaptation budget: each round a client takes K local steps for the global model and K more for its
+    personal one (Ditto's protocol): twice the local computation of FedAvg, with the same rounds.
+    A personal model starts as the global model (and BN statistics) of the client's first round.
+    """
+
+    def __init__(self, model, layout, batches, *, lam=0.1, **kwargs):
+        super().__init__(model, layout, batches, **kwargs)
+        self.layout, self.lam = layout, lam
+        self.personal, self.personal_bn = {}, {}
+
+    def proximal(self, anchor):
+        """The extra loss of the personal steps: the pull toward `anchor` (flat, the received global model)."""
+        anchor = self.layout.unflatten(anchor)
+        return lambda weights, x, logits: 0.5 * self.lam * sum(((w - anchor[n]) ** 2).sum()
+                                                               for n, w in weights.items())
+
+    def train_round(self, client_ids, clients, stage_fraction, steps, minibatch_size, lr):
+        received, pull = self.weights, self.proximal(self.weights)
+        updates = []
+        for cid in client_ids:
+            updates.append(clients[cid].local_train(received, self.bn, steps, minibatch_size, lr))
+            if cid not in self.personal:
+                self.personal[cid], self.personal_bn[cid] = received.clone(), dict(self.bn)
+            own = clients[cid].local_train(self.personal[cid], self.personal_bn[cid], steps, minibatch_size, lr,
+                                           extra_loss=pull)
+            if fl.is_finite_update(own):
+                self.personal[cid], self.personal_bn[cid] = self.personal[cid] + own.delta, own.bn_stats
+            else:
+                self.faults["dropped_updates"] += 1
+        return self.average(client_ids, clients, updates)
+
+    def evaluate(self, client):
+        if client.cid not in self.personal:         # never trained: the global model is all it has
+            return super().evaluate(client)
+        return client.accuracy(self.personal[client.cid], self.personal_bn[client.cid])
+
+    def state_dict(self):
+        return dict(super().state_dict(), personal=self.personal, personal_bn=self.personal_bn)
+
+    def load_state_dict(self, sd):
+        super().load_state_dict(sd)
+        self.personal, self.personal_bn = sd["personal"], sd["personal_bn"]
+
+
+class FedLwF(FedAvg):
+    """FedLwF: FedAvg continued on each new batch; from stage 1 on, each client's local loss adds
+    kd_weight * T^2 * KL(teacher_T || student_T), the teacher being the global model as it was at the end
+    of the previous stage, run on the same augmented minibatch (its outputs over every class: a fixed task).
+
+    Adaptation budget: the same rounds and local steps as FedAvg; each step also runs the teacher forward.
+    """
+
+    def __init__(self, model, layout, batches, *, kd_weight=1.0, temperature=2.0, **kwargs):
+        super().__init__(model, layout, batches, **kwargs)
+        self.model, self.layout = model, layout
+        self.kd_weight, self.temperature = kd_weight, temperature
+        self.teacher = None         # (flat weights, BN statistics) of the previous stage's global model
+
+    def begin_stage(self, t):
+        super().begin_stage(t)
+        if t > 0:
+            self.teacher = (self.weights.clone(), {n: b.clone() for n, b in self.bn.items()})
+
+    def distillation(self):
+        """The extra loss of a local step: KD toward the teacher's softened outputs."""
+        weights, bn = self.layout.unflatten(self.teacher[0]), self.teacher[1]
+        T = self.temperature
+
+        def extra_loss(student_weights, x, logits):
+            with torch.no_grad():
+                # eval mode: the teacher answers with its own running statistics (as it was evaluated) and
+                # leaves them untouched; the client's training goes on in train mode.
+                self.model.eval()
+                target = F.softmax(hn.run_model(self.model, weights, bn, x).float() / T, dim=1)
+                self.model.train()
+            kd = F.kl_div(F.log_softmax(logits.float() / T, dim=1), target, reduction="batchmean")
+            return self.kd_weight * T * T * kd
+        return extra_loss
+
+    def train_round(self, client_ids, clients, stage_fraction, steps, minibatch_size, lr):
+        if self.teacher is None or self.kd_weight == 0:
+            return super().train_round(client_ids, clients, stage_fraction, steps, minibatch_size, lr)
+        kd = self.distillation()
+        updates = [clients[cid].local_train(self.weights, self.bn, steps, minibatch_size, lr, extra_loss=kd)
+                   for cid in client_ids]
+        return self.average(client_ids, clients, updates)
+
+    def state_dict(self):
+        return dict(super().state_dict(), teacher=self.teacher)
+
+    def load_state_dict(self, sd):
+        super().load_state_dict(sd)
+        self.teacher = sd["teacher"]

@@ -32,8 +32,11 @@ from train import DEFAULTS, PRESETS
 PRESET_NOTES = {"full": "the full-scale protocol, for a GPU (not yet timed on one: README)",
                 "cpu-demo": "a few minutes on a 2-core CPU"}
 PRESET_ALIASES = {"paper": "full"}      # the old name of `full`, which runs our extension, not the paper's shape
-# local, fedavg, fedavg-ft and pfedhn-frozen live in baselines.py; pfedhn is federated.Server without masks.
-METHODS = ["local", "fedavg", "fedavg-ft", "pfedhn", "pfedhn-frozen", "pfeddsh"]
+# Every baseline but pfedhn lives in baselines.py; pfedhn is federated.Server without masks.
+METHODS = ["local", "fedavg", "fedavg-ft", "pfedhn", "pfedhn-frozen", "pfedhn-pc", "fedrep", "fedrep-frozen", "ditto",
+           "fedlwf", "pfeddsh"]
+# Methods whose clients keep a personal part, or train with a loss, that a Flower message cannot carry.
+LOCAL_ENGINE_ONLY = ["pfedhn-pc", "fedrep", "fedrep-frozen", "ditto", "fedlwf"]
 SEED_LIMIT = 2 ** 32      # seeds are mixed into torch generator seeds (seed * 1_000_003 + ...): keep them < 2^64
 
 
@@ -133,6 +136,11 @@ def build_parser():
          help="[ours] pfeddsh: per-batch adapters + the batch's client offsets, at most this fraction of the "
               "model; 0 = the paper's shape")
     flag(g, "--adapter-lr", type=float, help="[ours] server Adam rate of the adapters and client offsets")
+    b = p.add_argument_group("baselines (each to be chosen on validation with development seeds)")
+    flag(b, "--embed-lr", type=float, help="pfedhn-frozen: Adam rate of a new client's embedding (batch 1 on)")
+    flag(b, "--ditto-lambda", type=float, help="ditto: weight lambda of the personal model's pull to the global one")
+    flag(b, "--lwf-weight", type=float, help="fedlwf: weight of distillation from the previous stage's model")
+    flag(b, "--lwf-temperature", type=float, help="fedlwf: distillation temperature")
     r = p.add_argument_group("data-free replay (pfeddsh)")
     flag(r, "--no-replay", action="store_true", default=None, help="ablation: masks only (RI is then exactly 0)")
     flag(r, "--no-masks", action="store_true", default=None, help="ablation: no masks (pfedhn + replay)")
@@ -248,10 +256,11 @@ def validate(c):
         if c[key] < 1:
             raise CliError(f"--{key.replace('_', '-')} must be a positive integer, got {c[key]}")
     for key in ["lr", "server_lr", "adapter_lr", "alpha", "s_max", "gate_lr", "replay_lr", "replay_temperature",
-                "node_timeout"]:
+                "node_timeout", "embed_lr", "lwf_temperature"]:
         if not 0 < c[key] < math.inf:
             raise CliError(f"--{key.replace('_', '-')} must be positive and finite, got {c[key]}")
-    for key in ["sparsity", "replay_kd", "replay_anchor", "replay_confirm_z", "replay_bn_weight", "bn_noise"]:
+    for key in ["sparsity", "replay_kd", "replay_anchor", "replay_confirm_z", "replay_bn_weight", "bn_noise",
+                "ditto_lambda", "lwf_weight"]:
         if not 0 <= c[key] < math.inf:
             raise CliError(f"--{key.replace('_', '-')} must be >= 0 and finite, got {c[key]}")
     replays = c["method"] == "pfeddsh" and not c["no_replay"]
@@ -288,6 +297,9 @@ def check_flower(method, resume=False):
     if method == "fedavg-ft":
         raise CliError("--engine flower cannot run fedavg-ft: its evaluation fine-tunes each client with a "
                        "generator the server makes, which a message cannot carry; use --engine local")
+    if method in LOCAL_ENGINE_ONLY:
+        raise CliError(f"--engine flower cannot run {method}: its clients keep a personal part or train with an "
+                       "extra loss, which the Flower messages do not carry; use --engine local")
     if resume:
         raise CliError("--engine flower keeps no checkpoint (the clients' generators live on their nodes), "
                        "so there is nothing to --resume")

@@ -27,6 +27,11 @@ VARIANTS = {
     "fedavg-ft": dict(method="fedavg-ft"),
     "pfedhn": dict(method="pfedhn"),
     "pfedhn-frozen": dict(method="pfedhn-frozen"),
+    "pfedhn-pc": dict(method="pfedhn-pc"),
+    "fedrep": dict(method="fedrep"),
+    "fedrep-frozen": dict(method="fedrep-frozen"),
+    "ditto": dict(method="ditto"),
+    "fedlwf": dict(method="fedlwf"),
     "pfeddsh": dict(method="pfeddsh"),
     "pfeddsh-no-replay": dict(method="pfeddsh", no_replay=True),
     "pfeddsh-no-masks": dict(method="pfeddsh", no_masks=True),       # = pfedhn + replay

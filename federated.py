@@ -51,22 +51,32 @@ class Client:
         self.amp = amp
 
     def local_train(self, flat_weights, bn_stats, steps, minibatch_size, lr, momentum=0.9, weight_decay=5e-5,
-                    generator=None):
+                    generator=None, trainable=None, extra_loss=None):
         """K steps of SGD from the weights it is sent; returns the delta, never the data.
 
         `generator` replaces the client's own for this call (FedAvg-FT's fine-tuning at evaluation time
-        uses one, so that evaluating does not change what later training rounds draw)."""
+        uses one, so that evaluating does not change what later training rounds draw).
+        Two optional hooks for the baselines (baselines.py); without them the steps are exactly as before:
+          * trainable: the parameter names that train (FedRep's head-then-body steps); the others keep
+            their values bit for bit (their delta is exactly 0).
+          * extra_loss(weights, x, logits) -> scalar added to the cross-entropy (Ditto's proximal pull,
+            LwF's distillation); x is the augmented, normalised minibatch the logits came from."""
         generator = generator if generator is not None else self.generator
-        weights = {n: w.detach().clone().requires_grad_(True) for n, w in self.unflatten(flat_weights).items()}
+        trains = (lambda name: True) if trainable is None else (lambda name: name in trainable)
+        weights = {n: w.detach().clone().requires_grad_(trains(n)) for n, w in self.unflatten(flat_weights).items()}
         bn_stats = {n: b.clone() for n, b in bn_stats.items()}
-        optimizer = torch.optim.SGD(weights.values(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+        optimizer = torch.optim.SGD([w for n, w in weights.items() if trains(n)], lr=lr, momentum=momentum,
+                                    weight_decay=weight_decay)
         self.model.train()
         losses = []
         for _ in range(steps):
             idx = torch.randint(len(self.y_train), (minibatch_size,), generator=generator, device=self.y_train.device)
             x = data.augment(self.x_train[idx], self.mean, self.std, generator=generator)
             with hn.autocast(x.device, self.amp):
-                loss = F.cross_entropy(hn.run_model(self.model, weights, bn_stats, x), self.y_train[idx])
+                logits = hn.run_model(self.model, weights, bn_stats, x)
+                loss = F.cross_entropy(logits, self.y_train[idx])
+            if extra_loss is not None:
+                loss = loss + extra_loss(weights, x, logits)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

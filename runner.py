@@ -265,7 +265,7 @@ def memory_estimate(config):
     clients = c["batches"] * c["clients_per_batch"]
     round_clients = min(c["clients_per_round"], c["clients_per_batch"])
     floats = {"client training (--width, --batch-size)": 3 * weights + c["batch_size"] * (per_image + 3 * size ** 2)}
-    if c["method"] in ("pfedhn", "pfedhn-frozen", "pfeddsh"):
+    if c["method"] in ("pfedhn", "pfedhn-frozen", "pfedhn-pc", "pfeddsh"):
         chunks, h, layers, e = -(-weights // c["chunk_size"]), c["hidden"], c["hyper_layers"], c["embed_dim"]
         params = (clients * e + chunks * 32 + (e + 32) * h + (layers - 1) * h * h + layers * h
                   + (h + 1) * c["chunk_size"] + weights)
@@ -278,7 +278,7 @@ def memory_estimate(config):
         generation = round_clients * (2 * chunks * h * layers + chunks * c["chunk_size"] + 2 * weights)
         floats["hypernetwork, its gradients and Adam state (--width, --chunk-size, --hidden, --hyper-layers, "
                "--embed-dim, --batches, --clients-per-batch)"] = 4 * params + 2 * weights + generation
-    elif c["method"] == "local":
+    elif c["method"] in ("local", "ditto"):       # ditto: the global model plus a personal one per client
         floats["one model per client (--width, --batches, --clients-per-batch)"] = clients * weights
     if c["method"] == "pfeddsh" and not c["no_replay"]:
         images = c["clients_per_batch"] * c["replay_images"]

@@ -40,6 +40,9 @@ DEFAULTS = dict(
     rounds=300, clients_per_round=5, local_steps=50, batch_size=64, lr=0.05, width=64, method="pfeddsh",
     # the hypernetwork (pFedHN) and its server optimizer
     server_lr=3e-3, server_optimizer="adam", hidden=128, hyper_layers=3, chunk_size=4096, embed_dim=32,
+    # baselines (baselines.py): pfedhn-frozen's embedding rate, Ditto's pull, FedLwF's distillation. Defaults
+    # are plausible starting points, not tuned: each is to be chosen on validation with development seeds
+    embed_lr=0.1, ditto_lambda=0.1, lwf_weight=1.0, lwf_temperature=2.0,
     # the batch masks (HAT); gate_start, and the adapters and client offsets, are ours
     sparsity=0.01, s_max=400.0, gate_lr=0.05, gate_start=0.0, no_masks=False, adapter_budget=0.05, adapter_lr=1e-2,
     # data-free replay (DeepInversion, then fine-tuning); the validation and confirmation test are ours
@@ -92,13 +95,21 @@ def build_server(config, device, num_classes, image_size):
     batches = data.assign_batches(num_clients, config["batches"], config["seed"])
     model = hn.ResNet18(num_classes, config["width"]).to(device)
     method = config["method"]
-    if method in ("local", "fedavg", "fedavg-ft"):
+    if method in ("local", "fedavg", "fedavg-ft", "fedrep", "fedrep-frozen", "ditto", "fedlwf"):
         layout = hn.WeightLayout(model)
         if method == "local":
             return baselines.Local(model, layout, batches), batches, model, layout
-        finetune_steps = config["local_steps"] if method == "fedavg-ft" else 0
-        server = baselines.FedAvg(model, layout, batches, batch_size=config["batch_size"], lr=config["lr"],
-                                  finetune_steps=finetune_steps, seed=config["seed"])
+        common = dict(batch_size=config["batch_size"], lr=config["lr"], seed=config["seed"])
+        if method in ("fedrep", "fedrep-frozen"):
+            server = baselines.FedRep(model, layout, batches, frozen=method == "fedrep-frozen", **common)
+        elif method == "ditto":
+            server = baselines.Ditto(model, layout, batches, lam=config["ditto_lambda"], **common)
+        elif method == "fedlwf":
+            server = baselines.FedLwF(model, layout, batches, kd_weight=config["lwf_weight"],
+                                      temperature=config["lwf_temperature"], **common)
+        else:
+            finetune_steps = config["local_steps"] if method == "fedavg-ft" else 0
+            server = baselines.FedAvg(model, layout, batches, finetune_steps=finetune_steps, **common)
         return server, batches, model, layout
     gates = None
     if method == "pfeddsh" and not config["no_masks"]:      # pfedhn is the same server without masks
@@ -107,10 +118,11 @@ def build_server(config, device, num_classes, image_size):
     hypernet = hn.HyperNetwork(model, num_clients, embed_dim=config["embed_dim"], hidden=config["hidden"],
                                num_layers=config["hyper_layers"], chunk_size=config["chunk_size"], gates=gates,
                                adapter_budget=config["adapter_budget"] if gates is not None else 0.0).to(device)
-    server_class = baselines.FrozenPFedHN if method == "pfedhn-frozen" else fl.Server
+    server_class = {"pfedhn-frozen": baselines.FrozenPFedHN, "pfedhn-pc": baselines.PFedHNPC}.get(method, fl.Server)
+    extra = dict(embed_lr=config["embed_lr"]) if method == "pfedhn-frozen" else {}
     server = server_class(hypernet, model, batches, optimizer=config["server_optimizer"],
                           server_lr=config["server_lr"], sparsity=config["sparsity"], adapter_lr=config["adapter_lr"],
-                          image_size=image_size, amp=config["amp"])
+                          image_size=image_size, amp=config["amp"], **extra)
     return server, batches, model, hypernet.layout
 
 

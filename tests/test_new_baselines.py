@@ -1,0 +1,268 @@
+"""The baselines of issue 22 (baselines.py) do what defines them: pfedhn-frozen, pfedhn-pc, fedrep(-frozen),
+ditto and fedlwf, on tiny generated data. Every one also runs through train.py in tests/test_train.py
+(parametrized over compare.VARIANTS)."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import baselines  # noqa: E402
+import cli  # noqa: E402
+import federated as fl  # noqa: E402
+import train  # noqa: E402
+from test_baselines import TINY, build, onboard  # noqa: E402
+from test_checkpoint import comparable  # noqa: E402
+
+
+def recording(monkeypatch, cls, name):
+    """Wrap cls.name so that every call's positional arguments are kept (the call itself goes on)."""
+    calls, real = [], getattr(cls, name)
+
+    def wrapper(self, *args, **kwargs):
+        calls.append(args)
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(cls, name, wrapper)
+    return calls
+
+
+# --- the personal head / classifier never leaves its client ------------------------------------------
+
+@pytest.mark.parametrize("method", ["fedrep", "fedrep-frozen"])
+def test_fedrep_heads_are_never_averaged(tiny_data_dir, monkeypatch, method):
+    averaged = recording(monkeypatch, baselines.FedAvg, "average")     # the only way into the shared body
+    config, clients, server, batches = build(tiny_data_dir, method)
+    index, initial_head = server.head_index, server.weights[server.head_index].clone()
+    heads_after = []
+
+    class Hooks(train.Hooks):
+        def after_round(self, state, rng, stage_done, loss=None):
+            if stage_done:
+                heads_after.append({cid: h.clone() for cid, h in server.heads.items()})
+    train.onboard(server, clients, batches, config, hooks=Hooks(), pa_reference=False)
+    # What is averaged carries zeros where the head is, in every round...
+    assert averaged and all((u.delta[index] == 0).all() for _, _, updates in averaged for u in updates)
+    # ...so the shared vector still holds the initial classifier, while every client's own head moved.
+    assert torch.equal(server.weights[index], initial_head)
+    assert all(not torch.equal(server.heads[c], initial_head) for b in batches for c in b)
+    for c in batches[0]:                    # nobody else's training touches an earlier client's head
+        assert torch.equal(heads_after[0][c], heads_after[1][c])
+    # the head it is evaluated with is its own
+    seen = recording(monkeypatch, fl.Client, "accuracy")
+    server.evaluate(clients[batches[1][0]])
+    assert torch.equal(seen[-1][0][index], server.heads[batches[1][0]])
+    if method == "fedrep":                  # stage 1 averages its clients' bodies: both stages average
+        assert len(averaged) == 2 * config["rounds"]
+    else:                                   # frozen: stage 1 never reaches the body
+        assert len(averaged) == config["rounds"]
+
+
+def test_fedrep_frozen_keeps_the_body_and_batch_0_exactly_after_its_stage(tiny_data_dir):
+    config, clients, server, batches = build(tiny_data_dir, "fedrep-frozen")
+    server.begin_stage(0)
+    for _ in range(2):
+        server.train_round(batches[0], clients, 0.0, config["local_steps"], config["batch_size"], config["lr"])
+    body, bn = server.weights.clone(), {n: b.clone() for n, b in server.bn.items()}
+    before = [server.evaluate(clients[c]) for c in batches[0]]
+    server.begin_stage(1)
+    for _ in range(2):
+        server.train_round(batches[1], clients, 0.0, config["local_steps"], config["batch_size"], config["lr"])
+    assert torch.equal(server.weights, body) and all(torch.equal(server.bn[n], bn[n]) for n in bn)
+    assert [server.evaluate(clients[c]) for c in batches[0]] == before
+
+
+def test_pfedhn_pc_sends_the_hypernetwork_nothing_of_the_classifier(tiny_data_dir, monkeypatch):
+    sent = recording(monkeypatch, fl.Server, "update")
+    config, clients, server, batches = build(tiny_data_dir, "pfedhn-pc")
+    initial = {cid: h.clone() for cid, h in server.heads.items()}
+    onboard(config, clients, server, batches)
+    index = server.head_index
+    assert len(sent) == 2 * config["rounds"]
+    assert all((u.delta[index] == 0).all() for _, _, updates in sent for u in updates)
+    assert all(not torch.equal(server.heads[c], initial[c]) for b in batches for c in b)
+    # A client's model is the generated body with its own classifier; scrambling one client's
+    # classifier changes nobody else's model.
+    cid, other = batches[0]
+    assert torch.equal(server.generate(cid)[index], server.heads[cid])
+    theirs = server.generate(other)
+    server.heads[cid] = torch.randn_like(server.heads[cid])
+    assert torch.equal(server.generate(other), theirs)
+
+
+# --- Ditto ----------------------------------------------------------------------------------------
+
+def test_ditto_evaluates_the_personal_model_which_differs_from_the_global_one(tiny_data_dir, monkeypatch):
+    config, clients, server, batches = build(tiny_data_dir, "ditto")
+    personal_after, received = [], []
+    real_round = baselines.Ditto.train_round
+
+    def train_round(self, *args):
+        received.append(self.weights.clone())     # every global model a client is sent
+        return real_round(self, *args)
+    monkeypatch.setattr(baselines.Ditto, "train_round", train_round)
+
+    class Hooks(train.Hooks):
+        def after_round(self, state, rng, stage_done, loss=None):
+            if stage_done:
+                personal_after.append({c: w.clone() for c, w in server.personal.items()})
+    train.onboard(server, clients, batches, config, hooks=Hooks(), pa_reference=False)
+    seen = recording(monkeypatch, fl.Client, "accuracy")
+    for b in batches:
+        for c in b:
+            # trained on its own: neither the final global model nor any global model it was sent
+            assert not any(torch.equal(server.personal[c], w) for w in received + [server.weights])
+            server.evaluate(clients[c])
+            assert torch.equal(seen[-1][0], server.personal[c])
+    for c in batches[0]:                    # an earlier client keeps its personal model
+        assert torch.equal(personal_after[0][c], personal_after[1][c])
+
+
+def test_ditto_pull_is_the_proximal_term_and_lambda_matters(tiny_data_dir):
+    config, clients, server, batches = build(tiny_data_dir, "ditto")
+    anchor = server.weights.clone()
+    pull = server.proximal(anchor)
+    weights = server.layout.unflatten(anchor + 0.5)
+    expected = 0.5 * server.lam * 0.25 * anchor.numel()
+    assert float(pull(weights, None, None)) == pytest.approx(expected, rel=1e-4)
+    # The personal model of a strong pull stays nearer the global model than that of no pull.
+    distance = {}
+    for lam in (0.0, 10.0):
+        config, clients, server, batches = build(tiny_data_dir, "ditto")
+        server.lam = lam
+        server.begin_stage(0)
+        for _ in range(2):
+            server.train_round(batches[0], clients, 0.0, config["local_steps"], config["batch_size"], config["lr"])
+        distance[lam] = float((server.personal[batches[0][0]] - server.weights).norm())
+    assert distance[10.0] < distance[0.0]
+
+
+# --- pfedhn-frozen: pFedHN's novel-client protocol ---------------------------------------------------
+
+def test_frozen_pfedhn_hypernetwork_stays_while_new_embeddings_move_at_their_own_rate(tiny_data_dir):
+    config, clients, server, batches = build(tiny_data_dir, "pfedhn-frozen")
+    rounds = 3
+    server.begin_stage(0)
+    for _ in range(rounds):
+        server.train_round(batches[0], clients, 0.0, config["local_steps"], config["batch_size"], config["lr"])
+    server.end_stage(0)
+    after_0 = {n: p.detach().clone() for n, p in server.hypernet.named_parameters()}
+    server.begin_stage(1)
+    assert list(server.params) == ["client_embeddings"] and server.optimizer.lr == config["embed_lr"]
+    for _ in range(rounds):
+        server.train_round(batches[1], clients, 0.0, config["local_steps"], config["batch_size"], config["lr"])
+    for name, p in server.hypernet.named_parameters():
+        if name != "client_embeddings":
+            assert torch.equal(p, after_0[name]), name
+    emb, before = server.hypernet.client_embeddings.detach(), after_0["client_embeddings"]
+    assert torch.equal(emb[batches[0]], before[batches[0]])
+    # Adam at the hypernetwork's 3e-3 moves an entry at most ~3e-3 a step; the embedding's own rate
+    # (0.1 by default) moves it much further in the same rounds.
+    moved = (emb[batches[1]] - before[batches[1]]).abs().max().item()
+    assert moved > 10 * 3e-3 * rounds, moved
+
+
+# --- FedLwF -------------------------------------------------------------------------------------------
+
+def test_fedlwf_distils_only_after_batch_0_and_its_term_is_not_zero(tiny_data_dir, monkeypatch):
+    values = []
+    real = baselines.FedLwF.distillation
+
+    def recorded(self):
+        kd = real(self)
+
+        def extra_loss(*args):
+            value = kd(*args)
+            values.append((self.stage, float(value.detach())))
+            return value
+        return extra_loss
+    monkeypatch.setattr(baselines.FedLwF, "distillation", recorded)
+    config, clients, server, batches = build(tiny_data_dir, "fedlwf")
+    onboard(config, clients, server, batches)
+    assert {stage for stage, _ in values} == {1}                            # never in stage 0
+    assert len(values) == config["rounds"] * 2 * config["local_steps"]     # every local step of stage 1
+    assert all(v > 0 for _, v in values)
+
+
+def test_fedlwf_with_no_weight_is_fedavg_bit_for_bit(tiny_data_dir):
+    config, clients, plain, batches = build(tiny_data_dir, "fedavg")
+    onboard(config, clients, plain, batches)
+    config, clients, lwf, batches = build(tiny_data_dir, "fedlwf")
+    lwf.kd_weight = 0.0
+    onboard(config, clients, lwf, batches)
+    assert torch.equal(plain.weights, lwf.weights)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fedlwf_forgets_less_than_fedavg(tiny_data_dir, seed):
+    """Forgetting: how much batch 0's mean test loss under the global model grows during stage 1. At this
+    size accuracy moves in steps of whole classes (a 4-wide ResNet predicting 2 classes), so the loss is
+    what is compared; the distillation weight is a strong 3 (at 10 and T = 2 the local steps diverge on
+    one of these seeds). 3 out of 3 seeds of this exact setting hold; a change that breaks one says so."""
+    forgetting = {}
+    for method in ("fedavg", "fedlwf"):
+        config, _ = cli.resolve_config(TINY + ["--data-dir", str(tiny_data_dir), "--method", method,
+                                               "--seed", str(seed), "--rounds", "4", "--local-steps", "3",
+                                               "--lwf-weight", "3"])
+        _, clients, server, batches, _ = train.build(config, torch.device("cpu"))
+        losses = []
+
+        class Hooks(train.Hooks):
+            def after_round(self, state, rng, stage_done, loss=None):
+                if stage_done:
+                    losses.append(np.mean([clients[c].evaluate(server.weights, server.bn)[1] for c in batches[0]]))
+        train.onboard(server, clients, batches, config, hooks=Hooks(), pa_reference=False)
+        forgetting[method] = losses[1] - losses[0]
+    assert forgetting["fedlwf"] < forgetting["fedavg"], forgetting
+
+
+# --- resume ---------------------------------------------------------------------------------------
+
+CHECKPOINTED = TINY + ["--rounds", "4", "--checkpoint-every", "3"]
+
+
+@pytest.mark.parametrize("method", ["pfedhn-frozen", "pfedhn-pc", "fedrep", "ditto", "fedlwf"])
+def test_killed_mid_stage_1_then_resumed_equals_uninterrupted(tiny_data_dir, tmp_path, method):
+    """Stopped after round 6 of 8 (mid stage 1, where each method's stage-1 state matters: the embedding
+    optimiser, the heads, the personal models, the teacher), then resumed: the same results.json."""
+    argv = CHECKPOINTED + ["--data-dir", str(tiny_data_dir), "--method", method]
+    reference = cli.main(argv + ["--out", str(tmp_path / "reference")])
+    with pytest.raises(cli.Interrupted):
+        cli.main(argv + ["--out", str(tmp_path / "run"), "--stop-after-rounds", "6"])
+    resumed = cli.main(argv + ["--out", str(tmp_path / "run"), "--resume"])
+    assert comparable(resumed) == comparable(reference)
+
+
+def test_new_methods_refuse_the_flower_engine():
+    for method in cli.LOCAL_ENGINE_ONLY:
+        with pytest.raises(cli.CliError, match=f"cannot run {method}|needs Flower"):
+            cli.check_flower(method)
+
+
+def all_finite(value):
+    if isinstance(value, torch.Tensor):
+        return not value.is_floating_point() or bool(torch.isfinite(value).all())
+    if isinstance(value, dict):
+        return all(all_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(all_finite(v) for v in value)
+    return True
+
+
+@pytest.mark.parametrize("method", ["pfedhn-frozen", "pfedhn-pc", "fedrep", "fedrep-frozen", "ditto", "fedlwf"])
+def test_a_diverged_local_update_is_dropped_and_counted(tiny_data_dir, monkeypatch, method):
+    real, calls = fl.Client.local_train, []
+
+    def first_one_nan(self, *args, **kwargs):
+        update = real(self, *args, **kwargs)
+        calls.append(self.cid)
+        if len(calls) == 1:
+            update.delta = torch.full_like(update.delta, float("nan"))
+        return update
+    monkeypatch.setattr(fl.Client, "local_train", first_one_nan)
+    config, clients, server, batches = build(tiny_data_dir, method)
+    state = onboard(config, clients, server, batches)
+    assert server.faults["dropped_updates"] == 1 and server.faults["skipped_rounds"] == 0
+    assert all_finite(server.state_dict())
+    assert all(0.0 <= a <= 1.0 for a in state.accuracy[-1])
