@@ -163,8 +163,8 @@ class FrozenPFedHN(fl.Server):
 
     def use_stage(self, t):
         """Batch 0 trains the whole hypernetwork; later stages own only the embeddings, so the VJP, the
-        clip and the optimiser see nothing else (an embedding at the hypernetwork's Adam rate of 3e-3 moves
-        ~0.06 in 20 steps from N(0, 1): new clients stayed below chance, docs/design.md §6)."""
+        clip and the optimiser see nothing else: at the hypernetwork's Adam rate of 3e-3 an embedding drawn
+        from N(0, 1) would move about 0.06 in a stage of 20 steps (docs/design.md §6)."""
         if t == 0:
             self.params = self.hypernet_params
             return
