@@ -43,6 +43,11 @@ def accept(gained, lost, z):  # ours
     return gained > lost and (gained - lost) >= z * math.sqrt(gained + lost)
 
 
+def held_uploads(server):
+    """cid -> (bn_stats, label_counts) as the server holds them: the uploads without noise."""
+    return lambda cid: (server.bn_stats[cid], server.label_counts[cid])
+
+
 def dream(server, new_clients, uploads, *, num_images, iterations, bn_weight, seed, progress=None):
     """DeepInversion from each new client's generated model and upload: (images, labels, teacher logits,
     BN losses at the start and end per client). Each image's teacher is the client it was dreamed from."""
@@ -118,9 +123,7 @@ def backward_transfer(server, t, validate, confirm, *, num_images, iterations, b
     Returns the report: BN losses, accepted / rejected / skipped counts, per-client scores, the images.
     No defaults here: train.py's DEFAULTS are the one place the settings live.
     """
-    if uploads is None:
-        def uploads(cid):
-            return server.bn_stats[cid], server.label_counts[cid]
+    uploads = uploads or held_uploads(server)
     # A client whose every update was dropped, or that was never drawn for a round, uploaded nothing.
     new_clients = [j for j in server.batches[t] if j in server.label_counts]
     earlier = [(k, i) for k in range(t) for i in server.batches[k]]
@@ -190,8 +193,6 @@ def run_replay(server, clients, t, seed, settings, progress=None, uploads=None, 
             for name, p in changed.items():
                 p.copy_(saved[name])
     if audit is not None:
-        if uploads is None:
-            def uploads(cid):
-                return server.bn_stats[cid], server.label_counts[cid]
-        report["audit"] = None if report["dropped"] else audit(server, clients, t, report, uploads)
+        report["audit"] = None if report["dropped"] else audit(server, clients, t, report,
+                                                                 uploads or held_uploads(server))
     return report

@@ -161,12 +161,11 @@ class Shell(train.Hooks):
         done = (state.stage * config["rounds"] + state.round) if state is not None else 0
         self.bar = tqdm(total=config["batches"] * config["rounds"], initial=done, desc="rounds", dynamic_ncols=True)
         self.stage = state.stage if state is not None else 0
-        if config["method"] == "pfeddsh" and not config["no_replay"]:
+        if config["bn_noise"] > 0 or config["privacy_audit"]:     # both need replay (cli.validate checks)
+            import privacy
             if config["bn_noise"] > 0:
-                import privacy
                 self.uploads = privacy.uploads(server, config["seed"], config["bn_noise"])
             if config["privacy_audit"]:     # its grid goes next to the synthetic images
-                import privacy
                 self.audit = privacy.auditor(dataset, config["seed"],
                                              lambda t: os.path.join(config["out"], f"privacy_batch{t}.png"))
         return (state, rng) if state is not None else (None, None)
