@@ -158,6 +158,7 @@ class Server:
         fresh = hn.bn_stats_init(model)
         self.bn_stats = {cid: {n: b.clone() for n, b in fresh.items()} for ids in batches for cid in ids}
         self.label_counts = {}
+        self.dreams = {}            # replay's: cid -> (images, labels, logits) dreamed from that client's model
         self.stage = 0
         self.gate_scale = 1.0       # HAT's s: annealed within a stage, 1 between stages (frozen gates ignore it)
         self.free = {}              # masks.compact_masks of what this stage may write
@@ -256,7 +257,7 @@ class Server:
         """Everything the server holds that training changes (the hypernetwork includes the gates' buffers)."""
         return {"hypernet": self.hypernet.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "stage": self.stage, "s": self.gate_scale, "bn_stats": self.bn_stats,
-                "label_counts": self.label_counts, "faults": dict(self.faults)}
+                "label_counts": self.label_counts, "dreams": self.dreams, "faults": dict(self.faults)}
 
     def load_state_dict(self, sd):
         """Continue where state_dict left off, mid-stage included: unlike begin_stage this neither resets
@@ -265,6 +266,7 @@ class Server:
         self.optimizer.load_state_dict(sd["optimizer"])
         self.stage, self.gate_scale = sd["stage"], sd["s"]
         self.bn_stats, self.label_counts = sd["bn_stats"], sd["label_counts"]
+        self.dreams = sd.get("dreams", {})      # a checkpoint from before replay kept its dreams has none
         self.faults = dict(sd["faults"])
         # The free masks depend only on the ownership buffers, which do not change within a stage.
         self.free = masks.compact_masks(self.free_masks(self.stage))

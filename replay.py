@@ -4,19 +4,24 @@ After stage t the server dreams images from the new batch's clients (deepinversi
 weights it generates for them and the BN statistics and label counts they uploaded) and uses them to
 improve every earlier client, without any client's data ever reaching it:
 
-  1. `dream`            one vmapped DeepInversion run over batch t's clients, and their soft labels;
-  2. `improve_client`   for one earlier client i, fine-tune what is i's alone (its embedding row, its borrow
-                        gate row and its client offset) on the dreams of classes i holds, with KD toward the
-                        dreaming teacher and toward i's own model; the client scores the path on half of its
-                        validation split and the best point is proposed;
-  3. `accept`           ours: the proposal is kept only if i's other validation half confirms it (a paired
-                        McNemar test), otherwise i is restored bitwise;
+  1. `dream`            one vmapped DeepInversion run over batch t's clients (and any earlier client about
+                        to be improved whose own dreams the server does not hold yet), with soft labels;
+  2. `improve_client`   for one earlier client i that holds a class of the new batch, fine-tune what is i's
+                        alone (its embedding row, and its borrow-gate row: how much it reads units the new
+                        batch owns) on the new clients' dreams of i's classes next to i's own dreams, every
+                        class weighing the same, with KD toward each image's teacher and toward i's own
+                        model; the client scores the path on half of its validation split, the best point
+                        is its proposal;
+  3. `accept`           ours: the stage's proposals are confirmed together on the clients' other validation
+                        halves (a pooled paired McNemar test), and a client keeps its update only if its own
+                        half agrees; every other client is restored bitwise;
   4. `backward_transfer` and `run_replay` put the steps together (and undo a replay that diverged).
 
 The paper fine-tunes the global hypernetwork on the synthetic data with earlier masks frozen; that
 replay writes only an earlier client's own rows, and the acceptance test, are ours (docs/design.md §5).
 What replay needs of the server: its hypernetwork and target model, the batches, the clients' uploads
-(`uploads(cid) -> (bn_stats, label_counts)`), `generate(cid)`, `image_size` and `faults`.
+(`uploads(cid) -> (bn_stats, label_counts)`), `generate(cid)`, `image_size`, `faults`, and `dreams`
+(the dreams it keeps of each client, cid -> (images, labels, teacher logits); in its checkpoint).
 """
 import math
 import time
@@ -30,17 +35,36 @@ from hypernet import run_model
 from masks import ServerOptimizer
 
 
-def distillation_loss(student_logits, teacher_logits, temperature):
-    """Hinton's KD: KL(teacher || student) at temperature T, times T^2 to keep gradients comparable."""
+def distillation_loss(student_logits, teacher_logits, temperature, weight=None):
+    """Hinton's KD: KL(teacher || student) at temperature T, times T^2 to keep gradients comparable.
+    `weight` (one per image, summing to 1) replaces the batch mean."""
     teacher = F.softmax(teacher_logits / temperature, dim=1)
-    return F.kl_div(F.log_softmax(student_logits / temperature, dim=1), teacher,
-                    reduction="batchmean") * temperature ** 2
+    per_image = F.kl_div(F.log_softmax(student_logits / temperature, dim=1), teacher,
+                         reduction="none").sum(1) * temperature ** 2
+    return per_image.mean() if weight is None else (per_image * weight).sum()
 
 
-def accept(gained, lost, z):  # ours
-    """One-sided paired (McNemar) test on the client's confirmation images: did the update fix more
-    images than it broke, by more than chance would? z = 1.645 lets noise through about 5 % of the time."""
-    return gained > lost and (gained - lost) >= z * math.sqrt(gained + lost)
+def accept(confirmations, z):  # ours
+    """Which proposals to keep, from their confirmation counts {cid: (gained, lost)}: images of each
+    client's confirmation half the proposal gets right and its start wrong, and the reverse.
+
+    Pooled one-sided paired (McNemar) test over the stage's proposals together: did they fix more images
+    than they broke, by more than chance would? z = 1.645 lets noise through about 5 % of the time, and
+    pooling gives the test the power a few hundred images of one client lack. If it passes, each client
+    keeps its update only if it fixed more than it broke on its own images: none ends below its start."""
+    gained, lost = (sum(c[k] for c in confirmations.values()) for k in (0, 1))
+    if not (gained > lost and gained - lost >= z * math.sqrt(gained + lost)):
+        return []
+    return [cid for cid, (g, l) in confirmations.items() if g > l]
+
+
+@torch.no_grad()
+def set_rows(params, cid, rows):
+    """Write client cid's rows of `params` ({name: row}); returns the rows they replace."""
+    old = {name: p[cid].clone() for name, p in params.items()}
+    for name, p in params.items():
+        p[cid] = rows[name]
+    return old
 
 
 def held_uploads(server):
@@ -48,117 +72,141 @@ def held_uploads(server):
     return lambda cid: (server.bn_stats[cid], server.label_counts[cid])
 
 
-def dream(server, new_clients, uploads, *, num_images, iterations, bn_weight, seed, progress=None):
-    """DeepInversion from each new client's generated model and upload: (images, labels, teacher logits,
-    BN losses at the start and end per client). Each image's teacher is the client it was dreamed from."""
+def dream(server, dreamers, uploads, *, num_images, iterations, bn_weight, seed, progress=None):
+    """DeepInversion from each dreamer's generated model and upload, in one vmapped run: {cid: (images,
+    labels, teacher logits)} and the BN losses at the start and end per dreamer. Each image's teacher is
+    the client it was dreamed from."""
     teachers = [deepinversion.Teacher(server.hypernet.unflatten(server.generate(j)), *uploads(j))
-                for j in new_clients]
+                for j in dreamers]
     dreamed = deepinversion.synthesize(
         server.model, teachers, num_images=num_images, iterations=iterations, bn_weight=bn_weight, seed=seed,
         image_size=server.image_size,
         progress=None if progress is None else lambda it, loss: progress("synthesis", it + 1, iterations))
     server.model.eval()
     with torch.no_grad():
-        teacher_logits = torch.cat([run_model(server.model, teacher.weights, teacher.bn_stats, d.images)
-                                    for teacher, d in zip(teachers, dreamed)])
-    return (torch.cat([d.images for d in dreamed]), torch.cat([d.labels for d in dreamed]), teacher_logits,
-            [d.bn_loss_start for d in dreamed], [d.bn_loss_end for d in dreamed])
+        out = {j: (d.images, d.labels, run_model(server.model, teacher.weights, teacher.bn_stats, d.images))
+               for j, teacher, d in zip(dreamers, teachers, dreamed)}
+    return out, [d.bn_loss_start for d in dreamed], [d.bn_loss_end for d in dreamed]
 
 
-def improve_client(server, cid, batch, dreams, params, validate, confirm, uploads, *, steps, lr, kd_weight,
-                   anchor_weight, temperature, validate_every, confirm_z):
-    """Fine-tune earlier client `cid`'s own rows of `params` on the dreams of its classes; keep the best
-    point of the path if its confirmation half agrees, else restore it bitwise.
-    Returns (val before, val of the proposal, confirmation counts, accepted), or None with nothing to learn."""
+def improve_client(server, cid, batch, dreams, params, validate, uploads, *, steps, lr, kd_weight,
+                   anchor_weight, temperature, validate_every):
+    """Fine-tune earlier client `cid`'s own rows of `params` on `dreams` (images of its classes, their
+    labels and their teachers' logits), every class weighing the same, and score the path on the
+    client's selection half. Leaves `params` exactly as it found them.
+    Returns (val before, val of the best point, that point's rows of `params`, or None if no point beat
+    the start)."""
     hypernet, model = server.hypernet, server.model
-    images, labels, teacher_logits = dreams
+    x, labels, teacher_logits = dreams
     bn_stats, counts = uploads(cid)
-    held = counts > 0
-    keep = held.to(labels.device)[labels]
-    if not keep.any():                          # no new client dreamed any class this client holds
-        return None
-    x, soft = images[keep], teacher_logits[keep]
-    classes = held.nonzero().flatten().to(x.device)
-    y = torch.searchsorted(classes, labels[keep])       # labels as positions in the client's own class list
+    classes = (counts > 0).nonzero().flatten().to(x.device)
+    y = torch.searchsorted(classes, labels)          # labels as positions in the client's own class list
+    soft = teacher_logits[:, classes]
+    # Balanced across the client's classes: dreams of one class alone would tilt a two-class decision
+    # toward it (docs/results.md, "Why replay rarely helps").
+    per_class = torch.bincount(y, minlength=len(classes)).float()
+    weight = 1.0 / (per_class[y] * (per_class > 0).sum())
     start_flat = server.generate(cid)
     with torch.no_grad():
         own = run_model(model, hypernet.unflatten(start_flat), bn_stats, x)[:, classes]
-    saved = best = {name: p.detach().clone() for name, p in params.items()}
+    saved = {name: p.detach().clone() for name, p in params.items()}
     free = {name: torch.zeros_like(p) for name, p in params.items()}
     for mask in free.values():
         mask[cid] = 1.0                         # only this client's rows may move
     optimizer = ServerOptimizer(params, kind="adam", lr=lr)
     before = best_score = validate(cid, start_flat)
+    best = None
     for step in range(1, steps + 1):
         logits = run_model(model, hypernet.unflatten(hypernet([cid], [batch])[0]), bn_stats, x)[:, classes]
-        loss = (F.cross_entropy(logits, y) + kd_weight * distillation_loss(logits, soft[:, classes], temperature)
-                + anchor_weight * distillation_loss(logits, own, temperature))
+        loss = ((F.cross_entropy(logits, y, reduction="none") * weight).sum()
+                + kd_weight * distillation_loss(logits, soft, temperature, weight)
+                + anchor_weight * distillation_loss(logits, own, temperature, weight))
         optimizer.step(dict(zip(params, torch.autograd.grad(loss, list(params.values())))), free)
         if step % validate_every == 0 or step == steps:
             score = validate(cid, server.generate(cid))
             if score[0] > best_score[0] or (score[0] == best_score[0] and score[1] < best_score[1]):
-                best_score, best = score, {name: p.detach().clone() for name, p in params.items()}
-    counts = (0, 0)
-    if best is not saved:                       # a proposal: the confirmation half has the last word
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(best[name])
-        counts = confirm(cid, start_flat, server.generate(cid))
-        if not accept(*counts, confirm_z):
-            best = saved
-    with torch.no_grad():                       # the confirmed point of the path, or exactly the start
+                best_score, best = score, {name: p[cid].detach().clone() for name, p in params.items()}
+    with torch.no_grad():                       # exactly the start again: accept() decides what is kept
         for name, p in params.items():
-            p.copy_(best[name])
-    return list(before), list(best_score), list(counts), best is not saved
+            p.copy_(saved[name])
+    return list(before), list(best_score), best
 
 
 def backward_transfer(server, t, validate, confirm, *, num_images, iterations, bn_weight, steps, lr, kd_weight,
                       anchor_weight, temperature, validate_every, confirm_z, seed, progress=None, uploads=None):
-    """After stage t: dream images from batch t's clients and use them to improve every earlier client.
+    """After stage t: dream images from batch t's clients and use them to improve every earlier client
+    that holds one of their classes.
 
+    An earlier client i learns from the new clients' dreams of its classes, next to its own dreams (made
+    from its own model the first time it needed them, then kept by the server as `server.dreams`), so
+    that every class it holds is in its fine-tuning set: the new batch brings knowledge of the classes
+    it shares, i's own dreams keep the rest where they were.
     The clients take part on their own data, sending back numbers only: `validate(cid, flat) -> (accuracy,
     loss)` on half of the validation split, `confirm(cid, flat_before, flat_after) -> (gained, lost)` on
     the other half. `uploads(cid) -> (bn_stats, label_counts)`: what the server holds of a client (None:
     its own copies). `progress(phase, done, total)` hears ("synthesis", ...) then ("fine-tune", ...).
-    Returns the report: BN losses, accepted / rejected / skipped counts, per-client scores, the images.
-    No defaults here: train.py's DEFAULTS are the one place the settings live.
+    Returns the report: BN losses, accepted / rejected / skipped counts, per-client scores, the new
+    clients' images. No defaults here: train.py's DEFAULTS are the one place the settings live.
     """
     uploads = uploads or held_uploads(server)
     # A client whose every update was dropped, or that was never drawn for a round, uploaded nothing.
     new_clients = [j for j in server.batches[t] if j in server.label_counts]
     earlier = [(k, i) for k in range(t) for i in server.batches[k]]
     report = {"synthesis_s": 0.0, "bn_loss_start": [], "bn_loss_end": [], "accepted": 0, "rejected": 0,
-              "skipped": 0, "val_before": [], "val_after": [], "confirm": [], "dreamers": list(new_clients)}
-    if not new_clients:
+              "skipped": 0, "val_before": [], "val_after": [], "confirm": [], "tried": [], "kept": [],
+              "dreamers": list(new_clients)}
+    new_classes = sum((uploads(j)[1] > 0).long() for j in new_clients) if new_clients else None
+    tried = [(k, i) for k, i in earlier if new_classes is not None and i in server.label_counts
+             and bool(((uploads(i)[1] > 0) & (new_classes > 0)).any())]
+    if not tried:
         size = server.image_size
         return dict(report, skipped=len(earlier), images=torch.zeros(0, 3, size, size),
-                    labels=torch.zeros(0, dtype=torch.long))
+                    labels=torch.zeros(0, dtype=torch.long), teacher_reads=None)
     start = time.time()
-    images, labels, teacher_logits, report["bn_loss_start"], report["bn_loss_end"] = dream(
-        server, new_clients, uploads, num_images=num_images, iterations=iterations, bn_weight=bn_weight,
+    dreamers = new_clients + [i for _, i in tried if i not in server.dreams]
+    dreamed, report["bn_loss_start"], report["bn_loss_end"] = dream(
+        server, dreamers, uploads, num_images=num_images, iterations=iterations, bn_weight=bn_weight,
         seed=seed, progress=progress)
+    server.dreams.update(dreamed)               # each client's own dreams, for when later batches replay onto it
+    images, labels, teacher_logits = (torch.cat([dreamed[j][n] for j in new_clients]) for n in range(3))
     report.update(synthesis_s=time.time() - start, images=images, labels=labels,
                   # how many dreams their own teacher reads as the class they were dreamed for
                   teacher_reads=float((teacher_logits.argmax(1) == labels).float().mean()))
+    # What replay may change for client i: its embedding and its borrow gate, through which it reads units
+    # the new batch owns (that is where the new batch's knowledge is). Not its offset of the BatchNorm and
+    # classifier weights: fitting those to dreams tilted the decision and lost on real images (docs/results.md).
     hypernet = server.hypernet
-    params = {"client_embeddings": hypernet.client_embeddings, "client_offsets": hypernet.client_offsets}
+    params = {"client_embeddings": hypernet.client_embeddings}
     if hypernet.gates is not None:
         params["gates.borrow"] = hypernet.gates.borrow
     if progress is not None:
-        progress("fine-tune", 0, len(earlier))
-    for n, (k, i) in enumerate(earlier):
-        outcome = None if i not in server.label_counts else improve_client(
-            server, i, k, (images, labels, teacher_logits), params, validate, confirm, uploads, steps=steps,
-            lr=lr, kd_weight=kd_weight, anchor_weight=anchor_weight, temperature=temperature,
-            validate_every=validate_every, confirm_z=confirm_z)
-        if outcome is None:
-            report["skipped"] += 1
-        else:
-            for key, value in zip(("val_before", "val_after", "confirm"), outcome):
-                report[key].append(value)
-            report["accepted" if outcome[3] else "rejected"] += 1
+        progress("fine-tune", 0, len(tried))
+    proposals, confirmations = {}, {}
+    for n, (k, i) in enumerate(tried):
+        held = (uploads(i)[1] > 0).to(labels.device)
+        keep, keep_own = held[labels], held[server.dreams[i][1]]
+        pool = tuple(torch.cat([new[keep], own[keep_own]]) for new, own in
+                     zip((images, labels, teacher_logits), server.dreams[i]))
+        before, after, best = improve_client(
+            server, i, k, pool, params, validate, uploads, steps=steps, lr=lr, kd_weight=kd_weight,
+            anchor_weight=anchor_weight, temperature=temperature, validate_every=validate_every)
+        counts = (0, 0)
+        if best is not None:                    # a proposal: the client's confirmation half counts its effect
+            start_flat = server.generate(i)
+            start_rows = set_rows(params, i, best)
+            counts = confirm(i, start_flat, server.generate(i))
+            set_rows(params, i, start_rows)
+            proposals[i], confirmations[i] = best, counts
+        report["tried"].append(i)
+        for key, value in zip(("val_before", "val_after", "confirm"), (before, after, list(counts))):
+            report[key].append(value)
         if progress is not None:
-            progress("fine-tune", n + 1, len(earlier))
+            progress("fine-tune", n + 1, len(tried))
+    kept = accept(confirmations, confirm_z)
+    for i in kept:                              # every other client stays exactly at its start
+        set_rows(params, i, proposals[i])
+    report.update(kept=kept, accepted=len(kept), rejected=len(tried) - len(kept),
+                  skipped=len(earlier) - len(tried))
     return report
 
 
@@ -171,7 +219,7 @@ def run_replay(server, clients, t, seed, settings, progress=None, uploads=None, 
     """
     # Replay writes only these: a copy undoes a divergence.
     changed = {name: p for name, p in server.hypernet.named_parameters()
-               if name in ("client_embeddings", "client_offsets", "gates.borrow")}
+               if name in ("client_embeddings", "gates.borrow")}
     saved = {name: p.detach().clone() for name, p in changed.items()}
 
     def validate(cid, flat):            # runs on client cid: its own validation data, two numbers back

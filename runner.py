@@ -417,7 +417,8 @@ def report_replay(report, t, mean, std, out, write=print):
     images = report.pop("images")
     report.pop("labels"), report.pop("dreamers")
     if len(images) == 0:
-        write(f"replay after stage {t}: no new client uploaded statistics (all their updates were dropped)")
+        write(f"replay after stage {t}: nothing to replay (no earlier client holds a class of a new client "
+              f"that uploaded statistics)")
         return
     deepinversion.save_grid(images[:128], mean, std, os.path.join(out, f"synthetic_batch{t}.png"))
     write(f"replay after stage {t}: {report['replay_s']:.1f} s (synthesis {report['synthesis_s']:.1f} s), "

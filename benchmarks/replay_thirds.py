@@ -1,0 +1,125 @@
+"""What replay's accepted updates are worth, on validation data replay never saw (issue 21's yardstick).
+
+Takes finished `--no-replay` runs of development seeds. For each stage t >= 1 it runs replay
+(replay.backward_transfer, the code a run uses) onto the earlier clients from the no-replay state (their
+generated models are bitwise the same at every stage when nothing is replayed, so the final checkpoint
+serves every t), then puts the state back. Each client's validation split is cut in thirds: replay picks
+its point on the first (playing val_select), the confirmation test reads the second (val_confirm), and the
+third measures what an update is worth. Test data is never read. The acceptance rule is applied afterwards
+to the recorded counts at several z, so one replay serves every z.
+
+    python benchmarks/replay_thirds.py runs/nr-100 runs/nr-101 --bn-weight 0.1,10
+
+Per setting: earlier clients tried (summed over stages and runs), proposals, teachers' reading of their
+own dreams, then per z: updates kept, mean gain on the third third per tried client (points; a client not
+kept gains 0), kept updates that lost on it.
+"""
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import replay as replay_module  # noqa: E402
+import runner  # noqa: E402
+import train  # noqa: E402
+from replay_diagnosis import check_runs  # noqa: E402  (benchmarks/, this script's folder)
+import federated as fl  # noqa: E402
+
+Z = [0.0, 1.0, 1.645]
+VERBOSE = False
+
+
+class ThirdsClient(fl.Client):
+    """A client whose validation split is read in thirds: select, confirm, and one replay never sees."""
+
+    def held_out(self, split):
+        if split == "test":
+            raise RuntimeError("choosing replay's settings never reads test data")
+        part = {"val": slice(None), "val_select": slice(0, None, 3), "val_confirm": slice(1, None, 3),
+                "assess": slice(2, None, 3)}[split]
+        return self.x_val[part], self.y_val[part]
+
+
+def replay_stages(run_dir, settings, lr=None, steps=None):
+    """{setting: [(tried, {cid: (gained, lost, worth on the third third)}) per stage]}, {setting: reads}."""
+    config, _, clients, server, batches, _ = runner.restore_finished(run_dir)
+    for client in clients:
+        client.__class__ = ThirdsClient
+    results, reads = {s: [] for s in settings}, {s: [] for s in settings}
+    for t in range(1, len(batches)):
+        for setting in settings:
+            saved = {n: p.detach().clone() for n, p in server.hypernet.named_parameters()}
+            dreams = dict(server.dreams)
+            proposals = {}
+
+            def validate(cid, flat):
+                return clients[cid].evaluate(flat, server.bn_stats[cid], split="val_select")
+
+            def confirm(cid, before, after):
+                gained, lost = clients[cid].confirm(before, after, server.bn_stats[cid])
+                worth = (clients[cid].evaluate(after, server.bn_stats[cid], "assess")[0]
+                         - clients[cid].evaluate(before, server.bn_stats[cid], "assess")[0])
+                proposals[cid] = (gained, lost, worth)
+                return gained, lost
+
+            replay = dict(train.replay_settings(config), bn_weight=setting, confirm_z=math.inf,
+                          lr=lr or train.DEFAULTS["replay_lr"], steps=steps or config["replay_steps"])
+            report = replay_module.backward_transfer(server, t, validate, confirm, seed=config["seed"] + t, **replay)
+            results[setting].append((len(report["tried"]), proposals))
+            if VERBOSE:
+                for cid, before, after in zip(report["tried"], report["val_before"], report["val_after"]):
+                    print(f"  stage {t} bn {setting:g} client {cid}: select {before[0]:.3f} -> {after[0]:.3f}, "
+                          f"confirm/worth {proposals.get(cid)}", flush=True)
+            if report["teacher_reads"] is not None:
+                reads[setting].append(report["teacher_reads"])
+            with torch.no_grad():           # the next setting and stage start from the no-replay state
+                for n, p in server.hypernet.named_parameters():
+                    p.copy_(saved[n])
+            server.dreams = dreams
+    return results, reads
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("runs", nargs="+", help="folders of finished --no-replay runs (results.json + checkpoint.pt)")
+    p.add_argument("--bn-weight", default=str(train.DEFAULTS["replay_bn_weight"]),
+                   help="DeepInversion BN-loss weights, comma-separated")
+    p.add_argument("--lr", type=float, default=None, help="replay's rate (default: train.py's, not the run's)")
+    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: the run's)")
+    p.add_argument("--verbose", action="store_true", help="one line per tried client")
+    args = p.parse_args()
+    global VERBOSE
+    VERBOSE = args.verbose
+    try:
+        settings = [float(v) for v in args.bn_weight.split(",")]
+    except ValueError:
+        p.error(f"--bn-weight must be comma-separated numbers, got {args.bn_weight!r}")
+    check_runs(p, args.runs)
+    totals, reads = {s: [] for s in settings}, {s: [] for s in settings}
+    for run in args.runs:
+        results, r = replay_stages(run, settings, args.lr, args.steps)
+        for s in settings:
+            totals[s] += results[s]
+            reads[s] += r[s]
+    print(f"{len(args.runs)} runs: " + ", ".join(args.runs))
+    print("| BN weight | teachers on own dreams | tried | proposals | "
+          + " | ".join(f"z = {z}: kept, gain per tried, lost" for z in Z) + " |")
+    print("|---|---|---|---|" + "---|" * len(Z))
+    for s in settings:
+        tried = sum(n for n, _ in totals[s])
+        cells = []
+        for z in Z:
+            kept = [stage[c][2] for _, stage in totals[s]
+                    for c in replay_module.accept({c: v[:2] for c, v in stage.items()}, z)]
+            cells.append(f"{len(kept)}, {100 * sum(kept) / max(tried, 1):+.2f}, {sum(w < 0 for w in kept)}")
+        proposals = sum(len(stage) for _, stage in totals[s])
+        print(f"| {s:g} | {100 * np.mean(reads[s]) if reads[s] else float('nan'):.1f} % | {tried} | {proposals} | "
+              + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
