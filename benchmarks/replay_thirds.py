@@ -15,6 +15,7 @@ own dreams, then per z: updates kept, mean gain on the third third per tried cli
 kept gains 0), kept updates that lost on it.
 """
 import argparse
+import itertools
 import math
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import deepinversion  # noqa: E402
 import replay as replay_module  # noqa: E402
 import runner  # noqa: E402
 import train  # noqa: E402
@@ -44,42 +46,63 @@ class ThirdsClient(fl.Client):
         return self.x_val[part], self.y_val[part]
 
 
-def replay_stages(run_dir, settings, lr=None, steps=None):
-    """{setting: [(tried, {cid: (gained, lost, worth on the third third)}) per stage]}, {setting: reads}."""
+def replay_stages(run_dir, settings):
+    """settings: (BN weight, lr, steps) triples (None: train.py's lr, the run's steps).
+    {setting: [(tried, {cid: (gained, lost, worth on the third third)}) per stage]}, {setting: reads}."""
     config, _, clients, server, batches, _ = runner.restore_finished(run_dir)
     for client in clients:
         client.__class__ = ThirdsClient
     results, reads = {s: [] for s in settings}, {s: [] for s in settings}
-    for t in range(1, len(batches)):
-        for setting in settings:
-            saved = {n: p.detach().clone() for n, p in server.hypernet.named_parameters()}
-            dreams = dict(server.dreams)
-            proposals = {}
+    synthesize, dreamed, stage = deepinversion.synthesize, {}, [0]
 
-            def validate(cid, flat):
-                return clients[cid].evaluate(flat, server.bn_stats[cid], split="val_select")
+    def cached(model, teachers, **kw):      # one synthesis per (stage, BN weight): every setting reads it
+        key = (stage[0], kw["bn_weight"], len(teachers))
+        if key not in dreamed:
+            dreamed[key] = synthesize(model, teachers, **kw)
+        return dreamed[key]
 
-            def confirm(cid, before, after):
-                gained, lost = clients[cid].confirm(before, after, server.bn_stats[cid])
-                worth = (clients[cid].evaluate(after, server.bn_stats[cid], "assess")[0]
-                         - clients[cid].evaluate(before, server.bn_stats[cid], "assess")[0])
-                proposals[cid] = (gained, lost, worth)
-                return gained, lost
+    deepinversion.synthesize = cached
+    try:
+        for t in range(1, len(batches)):
+            stage[0] = t
+            for setting in settings:
+                replay_one(config, clients, server, t, setting, results, reads)
+    finally:
+        deepinversion.synthesize = synthesize
+    return results, reads
 
-            replay = dict(train.replay_settings(config), bn_weight=setting, confirm_z=math.inf,
-                          lr=lr or train.DEFAULTS["replay_lr"], steps=steps or config["replay_steps"])
-            report = replay_module.backward_transfer(server, t, validate, confirm, seed=config["seed"] + t, **replay)
-            results[setting].append((len(report["tried"]), proposals))
-            if VERBOSE:
-                for cid, before, after in zip(report["tried"], report["val_before"], report["val_after"]):
-                    print(f"  stage {t} bn {setting:g} client {cid}: select {before[0]:.3f} -> {after[0]:.3f}, "
-                          f"confirm/worth {proposals.get(cid)}", flush=True)
-            if report["teacher_reads"] is not None:
-                reads[setting].append(report["teacher_reads"])
-            with torch.no_grad():           # the next setting and stage start from the no-replay state
-                for n, p in server.hypernet.named_parameters():
-                    p.copy_(saved[n])
-            server.dreams = dreams
+
+def replay_one(config, clients, server, t, setting, results, reads):
+    """Replay after stage t with one setting, from the no-replay state, and put that state back."""
+    bn_weight, lr, steps = setting
+    saved = {n: p.detach().clone() for n, p in server.hypernet.named_parameters()}
+    dreams = dict(server.dreams)
+    proposals = {}
+
+    def validate(cid, flat):
+        return clients[cid].evaluate(flat, server.bn_stats[cid], split="val_select")
+
+    def confirm(cid, before, after):
+        gained, lost = clients[cid].confirm(before, after, server.bn_stats[cid])
+        worth = (clients[cid].evaluate(after, server.bn_stats[cid], "assess")[0]
+                 - clients[cid].evaluate(before, server.bn_stats[cid], "assess")[0])
+        proposals[cid] = (gained, lost, worth)
+        return gained, lost
+
+    replay = dict(train.replay_settings(config), bn_weight=bn_weight, confirm_z=math.inf,
+                  lr=lr or train.DEFAULTS["replay_lr"], steps=steps or config["replay_steps"])
+    report = replay_module.backward_transfer(server, t, validate, confirm, seed=config["seed"] + t, **replay)
+    results[setting].append((len(report["tried"]), proposals))
+    if VERBOSE:
+        for cid, before, after in zip(report["tried"], report["val_before"], report["val_after"]):
+            print(f"  stage {t} {setting} client {cid}: select {before[0]:.3f} -> {after[0]:.3f}, "
+                  f"confirm/worth {proposals.get(cid)}", flush=True)
+    if report["teacher_reads"] is not None:
+        reads[setting].append(report["teacher_reads"])
+    with torch.no_grad():           # the next setting and stage start from the no-replay state
+        for n, p in server.hypernet.named_parameters():
+            p.copy_(saved[n])
+    server.dreams = dreams
     return results, reads
 
 
@@ -88,25 +111,27 @@ def main():
     p.add_argument("runs", nargs="+", help="folders of finished --no-replay runs (results.json + checkpoint.pt)")
     p.add_argument("--bn-weight", default=str(train.DEFAULTS["replay_bn_weight"]),
                    help="DeepInversion BN-loss weights, comma-separated")
-    p.add_argument("--lr", type=float, default=None, help="replay's rate (default: train.py's, not the run's)")
-    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: the run's)")
+    p.add_argument("--lr", default=None, help="replay's rates, comma-separated (default: train.py's, not the run's)")
+    p.add_argument("--steps", default=None, help="fine-tuning steps, comma-separated (default: the run's)")
     p.add_argument("--verbose", action="store_true", help="one line per tried client")
     args = p.parse_args()
     global VERBOSE
     VERBOSE = args.verbose
     try:
-        settings = [float(v) for v in args.bn_weight.split(",")]
+        settings = list(itertools.product([float(v) for v in args.bn_weight.split(",")],
+                                          [float(v) for v in args.lr.split(",")] if args.lr else [None],
+                                          [int(v) for v in args.steps.split(",")] if args.steps else [None]))
     except ValueError:
-        p.error(f"--bn-weight must be comma-separated numbers, got {args.bn_weight!r}")
+        p.error("--bn-weight, --lr and --steps take comma-separated numbers")
     check_runs(p, args.runs)
     totals, reads = {s: [] for s in settings}, {s: [] for s in settings}
     for run in args.runs:
-        results, r = replay_stages(run, settings, args.lr, args.steps)
+        results, r = replay_stages(run, settings)
         for s in settings:
             totals[s] += results[s]
             reads[s] += r[s]
     print(f"{len(args.runs)} runs: " + ", ".join(args.runs))
-    print("| BN weight | teachers on own dreams | tried | proposals | "
+    print("| BN weight, lr, steps | teachers on own dreams | tried | proposals | "
           + " | ".join(f"z = {z}: kept, gain per tried, lost" for z in Z) + " |")
     print("|---|---|---|---|" + "---|" * len(Z))
     for s in settings:
@@ -117,7 +142,7 @@ def main():
                     for c in replay_module.accept({c: v[:2] for c, v in stage.items()}, z)]
             cells.append(f"{len(kept)}, {100 * sum(kept) / max(tried, 1):+.2f}, {sum(w < 0 for w in kept)}")
         proposals = sum(len(stage) for _, stage in totals[s])
-        print(f"| {s:g} | {100 * np.mean(reads[s]) if reads[s] else float('nan'):.1f} % | {tried} | {proposals} | "
+        print(f"| {s[0]:g}, {s[1] or train.DEFAULTS['replay_lr']:g}, {s[2] or 'run'} | {100 * np.mean(reads[s]) if reads[s] else float('nan'):.1f} % | {tried} | {proposals} | "
               + " | ".join(cells) + " |", flush=True)
 
 

@@ -82,6 +82,22 @@ def test_killed_mid_stage_then_resumed_equals_uninterrupted(stop_after, tiny_dat
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)     # bitwise, gates' buffers included
 
 
+def test_resumed_after_a_replay_equals_uninterrupted_with_the_dreams_the_server_kept(tiny_data_dir, tmp_path):
+    """Three batches: replay after stage 1 dreams and keeps the earlier clients' own dreams (server.dreams),
+    which replay after stage 2 reads again. A run stopped mid stage 2 must resume with them, bitwise."""
+    three = ["--batches", "3", "--clients-per-batch", "3", "--classes-per-client", "4"]
+    reference = cli.main(args(tiny_data_dir, tmp_path / "ref", *three))
+    kept = torch.load(tmp_path / "ref" / "checkpoint.pt", weights_only=True)["server"]["dreams"]
+    assert kept and all(images.shape[1:] == (3, 32, 32) for images, _, _ in kept.values())
+    assert any(r["tried"] for r in reference["replay"])
+    with pytest.raises(cli.Interrupted):
+        cli.main(args(tiny_data_dir, tmp_path / "cut", *three, "--stop-after-rounds", "10"))
+    resumed = cli.main(args(tiny_data_dir, tmp_path / "cut", *three, "--resume"))
+    assert comparable(resumed) == comparable(reference)
+    ours, theirs = final_hypernet(tmp_path / "cut"), final_hypernet(tmp_path / "ref")
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_143_with_one_line(tiny_data_dir, tmp_path):
     # One thread: this process shares the CPU with pytest; timing is irrelevant to what is checked.
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")

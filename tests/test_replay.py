@@ -168,7 +168,7 @@ def test_replay_benchmarks_run_on_a_finished_run_and_read_no_test_data(tiny_data
     import train
     from test_privacy import TINY
     cli.main(TINY + ["--no-replay", "--data-dir", str(tiny_data_dir), "--out", str(tmp_path)])
-    settings = [10.0, 0.1]
+    settings = [(10.0, None, None), (0.1, 3e-2, 6)]
     # ThirdsClient raises on any read of test data, so finishing is the check that none happened.
     results, reads = replay_thirds.replay_stages(str(tmp_path), settings)
     assert set(results) == set(settings) and all(0 <= r <= 1 for rs in reads.values() for r in rs)
