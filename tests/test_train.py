@@ -87,12 +87,14 @@ def test_masks_keep_batch0_accuracy_identical_and_new_batch_learns(tiny_data_dir
 
 def test_replay_run_writes_synthetic_grid_and_latency(tiny_data_dir, tmp_path):
     results = run_tiny(tiny_data_dir, tmp_path, "--method", "pfeddsh", "--replay-images", "8",
-                       "--replay-iterations", "5", "--replay-steps", "3")
+                       "--replay-iterations", "5", "--replay-steps", "3", "--classes-per-client", "6")
     assert (tmp_path / "synthetic_batch1.png").stat().st_size > 0
     assert len(results["replay_s"]) == 1 and results["replay_s"][0] > 0
     report = results["replay"][0]
     assert report["accepted"] + report["rejected"] + report["skipped"] == len(results["batches"][0])
-    assert len(report["bn_loss_start"]) == len(results["batches"][1])
+    assert report["tried"], "6 of 10 classes each: the two batches share a class"
+    # the new clients dreamed, and each tried earlier client its own dreams (the first time it is tried)
+    assert len(report["bn_loss_start"]) == len(results["batches"][1]) + len(report["tried"])
     # the share of dreams their own teacher reads as dreamed: 8 dreams from each of 2 clients
     assert report["teacher_reads"] in {k / 16 for k in range(17)}
 
@@ -184,7 +186,7 @@ def test_replay_reports_its_progress():
     replay.backward_transfer(two_stage_server(), 1, lambda cid, flat: (0.0, 1.0), confirm_no,
                                     **dict(REPLAY, steps=1), progress=lambda *a: calls.append(a))
     assert calls[:3] == [("synthesis", 1, 3), ("synthesis", 2, 3), ("synthesis", 3, 3)]
-    assert calls[3:] == [("fine-tune", 0, 2), ("fine-tune", 1, 2), ("fine-tune", 2, 2)]
+    assert calls[3:] == [("fine-tune", 0, 1), ("fine-tune", 1, 1)]     # client 1 is tried: it shares class 2
 
 
 def test_auto_preset_follows_the_device(monkeypatch):
