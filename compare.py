@@ -149,12 +149,30 @@ def markdown(runs, command):
         if share:
             lines += ["", f"Replay's share of RI (pfeddsh minus pfeddsh-no-replay, paired by seed, {len(pairs)} "
                           f"seeds): {share[0]:+.2f} points, 95 % t interval [{share[1]:+.2f}, {share[2]:+.2f}]."]
+    lines += versus(runs)
     lines += ["", "PA: new clients' accuracy after their stage minus `local` on the same clients and seed. "
               "RI: final minus after-own-stage accuracy of earlier batches (negative = forgetting). "
               "Hypernet units owned at the end: fraction of hidden units owned by some batch (pFedHN "
               "variants write all of them; FedAvg and local have no hypernetwork). Wall time: training, "
               "replay and evaluation of one run.", ""]
     return "\n".join(lines)
+
+
+def versus(runs, reference="pfeddsh"):
+    """Final mean accuracy of `reference` minus each other method's, paired by seed, with its 95 % t interval."""
+    if reference not in runs:
+        return []
+    ours = {r["config"]["seed"]: 100 * r["metrics"]["mean_acc"] for r in runs[reference]}
+    lines = ["", f"Final mean accuracy, {reference} minus each method (points, paired by seed, 95 % t interval; "
+                 "an interval above 0: the method loses):", "",
+             "| method | seeds | difference | 95 % interval |", "|---|---|---|---|"]
+    for name, seeds_results in runs.items():
+        pairs = [(ours[r["config"]["seed"]], 100 * r["metrics"]["mean_acc"]) for r in seeds_results
+                 if name != reference and r["config"]["seed"] in ours]
+        interval = paired_interval([a for a, _ in pairs], [b for _, b in pairs])
+        if interval:
+            lines.append(f"| {name} | {len(pairs)} | {interval[0]:+.2f} | [{interval[1]:+.2f}, {interval[2]:+.2f}] |")
+    return lines
 
 
 def per_batch_transfer(runs, num_batches):

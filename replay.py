@@ -155,19 +155,20 @@ def backward_transfer(server, t, validate, confirm, *, num_images, iterations, b
     report = {"synthesis_s": 0.0, "bn_loss_start": [], "bn_loss_end": [], "accepted": 0, "rejected": 0,
               "skipped": 0, "val_before": [], "val_after": [], "confirm": [], "tried": [], "kept": [],
               "dreamers": list(new_clients)}
-    new_classes = sum((uploads(j)[1] > 0).long() for j in new_clients) if new_clients else None
-    tried = [(k, i) for k, i in earlier if new_classes is not None and i in server.label_counts
-             and bool(((uploads(i)[1] > 0) & (new_classes > 0)).any())]
-    if not tried:
+    if not new_clients:
         size = server.image_size
         return dict(report, skipped=len(earlier), images=torch.zeros(0, 3, size, size),
                     labels=torch.zeros(0, dtype=torch.long), teacher_reads=None)
+    new_classes = sum((uploads(j)[1] > 0).long() for j in new_clients)
+    tried = [(k, i) for k, i in earlier
+             if i in server.label_counts and bool(((uploads(i)[1] > 0) & (new_classes > 0)).any())]
     start = time.time()
     dreamers = new_clients + [i for _, i in tried if i not in server.dreams]
     dreamed, report["bn_loss_start"], report["bn_loss_end"] = dream(
         server, dreamers, uploads, num_images=num_images, iterations=iterations, bn_weight=bn_weight,
         seed=seed, progress=progress)
-    server.dreams.update(dreamed)               # each client's own dreams, for when later batches replay onto it
+    if tried:       # each client's own dreams, for when later batches replay onto it (none tried: a picture only)
+        server.dreams.update(dreamed)
     images, labels, teacher_logits = (torch.cat([dreamed[j][n] for j in new_clients]) for n in range(3))
     report.update(synthesis_s=time.time() - start, images=images, labels=labels,
                   # how many dreams their own teacher reads as the class they were dreamed for

@@ -168,6 +168,20 @@ def test_interrupted_comparison_says_how_to_continue_and_the_same_command_finish
     assert "== local, seed 0: resuming" in done.stdout and (tmp_path / "comparison.md").exists()
 
 
+def test_comparison_gives_pfeddsh_minus_each_method_paired_by_seed():
+    def run(seed, acc):
+        return {"config": {"seed": seed}, "metrics": {"mean_acc": acc}}
+    runs = {"pfeddsh": [run(1, 0.80), run(2, 0.70), run(3, 0.75)],
+            "fedavg": [run(1, 0.70), run(2, 0.62), run(3, 0.64)],     # differences 10, 8, 11 points
+            "ditto": [run(2, 0.71)]}                                   # one seed: no interval
+    lines = compare.versus(runs)
+    row, = [line for line in lines if line.startswith("| fedavg |")]
+    mean, low, high = compare.paired_interval([80, 70, 75], [70, 62, 64])
+    assert row == f"| fedavg | 3 | {mean:+.2f} | [{low:+.2f}, {high:+.2f}] |" and abs(mean - 29 / 3) < 1e-9
+    assert not any(line.startswith("| ditto |") or line.startswith("| pfeddsh |") for line in lines)
+    assert compare.versus({"fedavg": runs["fedavg"]}) == []
+
+
 def test_paired_interval_is_students_t_over_seeds():
     mean, low, high = compare.paired_interval([3.0, 4.0, 5.0], [2.0, 2.0, 2.0])    # differences 1, 2, 3
     half = 4.303 * 1.0 / 3 ** 0.5                                                   # t(2) x sd / sqrt(n)
