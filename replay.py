@@ -60,11 +60,9 @@ def accept(confirmations, z):  # ours
 
 @torch.no_grad()
 def set_rows(params, cid, rows):
-    """Write client cid's rows of `params` ({name: row}); returns the rows they replace."""
-    old = {name: p[cid].clone() for name, p in params.items()}
+    """Write client cid's rows of `params` ({name: row})."""
     for name, p in params.items():
         p[cid] = rows[name]
-    return old
 
 
 def held_uploads(server):
@@ -89,17 +87,18 @@ def dream(server, dreamers, uploads, *, num_images, iterations, bn_weight, seed,
     return out, [d.bn_loss_start for d in dreamed], [d.bn_loss_end for d in dreamed]
 
 
-def improve_client(server, cid, batch, dreams, params, validate, uploads, *, steps, lr, kd_weight,
+def improve_client(server, cid, batch, dreams, params, validate, confirm, uploads, *, steps, lr, kd_weight,
                    anchor_weight, temperature, validate_every):
     """Fine-tune earlier client `cid`'s own rows of `params` on `dreams` (images of its classes, their
     labels and their teachers' logits), every class weighing the same, and score the path on the
-    client's selection half. Leaves `params` exactly as it found them.
-    Returns (val before, val of the best point, that point's rows of `params`, or None if no point beat
-    the start)."""
+    client's selection half; the best point is its proposal, which the client's confirmation half then
+    counts. Leaves `params` exactly as it found them: accept() decides what is kept.
+    Returns (val before, val of the proposal, the proposal's rows of `params` or None if no point beat the
+    start, the confirmation counts (gained, lost))."""
     hypernet, model = server.hypernet, server.model
     x, labels, teacher_logits = dreams
-    bn_stats, counts = uploads(cid)
-    classes = (counts > 0).nonzero().flatten().to(x.device)
+    bn_stats, label_counts = uploads(cid)
+    classes = (label_counts > 0).nonzero().flatten().to(x.device)
     y = torch.searchsorted(classes, labels)          # labels as positions in the client's own class list
     soft = teacher_logits[:, classes]
     # Balanced across the client's classes: dreams of one class alone would tilt a two-class decision
@@ -126,10 +125,15 @@ def improve_client(server, cid, batch, dreams, params, validate, uploads, *, ste
             score = validate(cid, server.generate(cid))
             if score[0] > best_score[0] or (score[0] == best_score[0] and score[1] < best_score[1]):
                 best_score, best = score, {name: p[cid].detach().clone() for name, p in params.items()}
-    with torch.no_grad():                       # exactly the start again: accept() decides what is kept
+    with torch.no_grad():                       # exactly the start again
         for name, p in params.items():
             p.copy_(saved[name])
-    return list(before), list(best_score), best
+    counts = (0, 0)
+    if best is not None:                        # a proposal: the client's confirmation half counts its effect
+        set_rows(params, cid, best)
+        counts = confirm(cid, start_flat, server.generate(cid))
+        set_rows(params, cid, {name: saved[name][cid] for name in params})
+    return list(before), list(best_score), best, counts
 
 
 def backward_transfer(server, t, validate, confirm, *, num_images, iterations, bn_weight, steps, lr, kd_weight,
@@ -188,15 +192,10 @@ def backward_transfer(server, t, validate, confirm, *, num_images, iterations, b
         keep, keep_own = held[labels], held[server.dreams[i][1]]
         pool = tuple(torch.cat([new[keep], own[keep_own]]) for new, own in
                      zip((images, labels, teacher_logits), server.dreams[i]))
-        before, after, best = improve_client(
-            server, i, k, pool, params, validate, uploads, steps=steps, lr=lr, kd_weight=kd_weight,
+        before, after, best, counts = improve_client(
+            server, i, k, pool, params, validate, confirm, uploads, steps=steps, lr=lr, kd_weight=kd_weight,
             anchor_weight=anchor_weight, temperature=temperature, validate_every=validate_every)
-        counts = (0, 0)
-        if best is not None:                    # a proposal: the client's confirmation half counts its effect
-            start_flat = server.generate(i)
-            start_rows = set_rows(params, i, best)
-            counts = confirm(i, start_flat, server.generate(i))
-            set_rows(params, i, start_rows)
+        if best is not None:
             proposals[i], confirmations[i] = best, counts
         report["tried"].append(i)
         for key, value in zip(("val_before", "val_after", "confirm"), (before, after, list(counts))):
