@@ -142,11 +142,12 @@ class Server:
         self.hypernet, self.model, self.batches, self.image_size = hypernet, model, batches, image_size
         self.amp = amp              # --amp: the clients' training and reported evaluation (never replay's synthesis)
         self.batch_of = {cid: t for t, ids in enumerate(batches) for cid in ids}
-        # The server's optimizer owns everything but the gates (BatchGates.step learns them, HAT's way)
-        # and what only replay writes (the borrow gates, and the client offsets when there are no adapters).
-        replay_only = {"gates.borrow"} | ({"client_offsets"} if hypernet.adapters is None else set())
+        # The server's optimizer owns everything but the gates (BatchGates.step learns them, HAT's way; only
+        # replay writes the borrow gates) and, without adapters (the paper's shape), the client offsets,
+        # which then stay exactly zero.
+        not_ours = {"gates.borrow"} | ({"client_offsets"} if hypernet.adapters is None else set())
         self.params = {name: p for name, p in hypernet.named_parameters()
-                       if not name.startswith("gates.") and name not in replay_only}
+                       if not name.startswith("gates.") and name not in not_ours}
         # ours: a new batch has a stage of tens of server steps to move its adapter as far as the classifier's
         # own scale: at the hypernetwork's rate it would not get there (docs/design.md), so it has its own rate.
         adapter_rates = {name: adapter_lr for name in self.params

@@ -194,8 +194,8 @@ class HyperNetwork(nn.Module):
     Two additions of ours (docs/design.md), both zero until trained, so they change nothing before:
       * client_offsets: per client, an offset of its non-convolution weights (BatchNorm gains and biases,
         the classifier): a classifier of its own, which a hypernetwork shared by clients with other
-        classes gives it only slowly. With adapters the server trains it in the client's own stage;
-        replay (replay.backward_transfer) may move it later; nobody else ever writes it.
+        classes gives it only slowly. With adapters the server trains it in the client's own stage and
+        nobody writes it afterwards; without adapters it stays zero.
       * adapter_budget > 0 (needs gates) gives every batch a low-rank offset of its own (BatchAdapters).
     """
 
