@@ -65,6 +65,17 @@ def set_rows(params, cid, rows):
         p[cid] = rows[name]
 
 
+def replayed_rows(hypernet):
+    """{name: parameter} of what replay may change, one row per client: the embedding and the borrow gate,
+    through which a client reads units the new batch owns (that is where the new batch's knowledge is).
+    Not its offset of the BatchNorm and classifier weights: fitting those to dreams tilted the decision and
+    lost on real images (docs/results.md)."""
+    rows = {"client_embeddings": hypernet.client_embeddings}
+    if hypernet.gates is not None:
+        rows["gates.borrow"] = hypernet.gates.borrow
+    return rows
+
+
 def held_uploads(server):
     """cid -> (bn_stats, label_counts) as the server holds them: the uploads without noise."""
     return lambda cid: (server.bn_stats[cid], server.label_counts[cid])
@@ -177,13 +188,7 @@ def backward_transfer(server, t, validate, confirm, *, num_images, iterations, b
     report.update(synthesis_s=time.time() - start, images=images, labels=labels,
                   # how many dreams their own teacher reads as the class they were dreamed for
                   teacher_reads=float((teacher_logits.argmax(1) == labels).float().mean()))
-    # What replay may change for client i: its embedding and its borrow gate, through which it reads units
-    # the new batch owns (that is where the new batch's knowledge is). Not its offset of the BatchNorm and
-    # classifier weights: fitting those to dreams tilted the decision and lost on real images (docs/results.md).
-    hypernet = server.hypernet
-    params = {"client_embeddings": hypernet.client_embeddings}
-    if hypernet.gates is not None:
-        params["gates.borrow"] = hypernet.gates.borrow
+    params = replayed_rows(server.hypernet)
     if progress is not None:
         progress("fine-tune", 0, len(tried))
     proposals, confirmations = {}, {}
@@ -218,8 +223,7 @@ def run_replay(server, clients, t, seed, settings, progress=None, uploads=None, 
     (privacy.py, ours) and its figures go into the report as `audit`; it changes nothing.
     """
     # Replay writes only these: a copy undoes a divergence.
-    changed = {name: p for name, p in server.hypernet.named_parameters()
-               if name in ("client_embeddings", "gates.borrow")}
+    changed = replayed_rows(server.hypernet)
     saved = {name: p.detach().clone() for name, p in changed.items()}
 
     def validate(cid, flat):            # runs on client cid: its own validation data, two numbers back
