@@ -113,6 +113,23 @@ def test_frozen_pfedhn_moves_only_the_new_clients_embeddings_after_batch_0(tiny_
     assert all(torch.equal(server.generate(c), generated_0[c]) for c in batches[0])
 
 
+def test_frozen_ceiling_is_the_share_of_later_images_whose_class_batch_0_trained_on(tiny_data_dir):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import frozen_ceiling
+    import data
+    dataset = data.load_dataset("cifar10", str(tiny_data_dir), download=False)
+    config = dict(train.DEFAULTS, dataset="cifar10", batches=4, clients_per_batch=2, seed=3)
+    num_seen, shares = frozen_ceiling.seen_shares(config, dataset)
+    # The same figure the long way: batch 0's classes from the labels it trains on, then image by image.
+    splits = train.client_splits(config, dataset)
+    batches = data.assign_batches(8, 4, 3)
+    trained = {int(k) for cid in batches[0] for k in dataset.y_train[splits[cid].train]}
+    assert num_seen == len(trained) < 10
+    for ids, share in zip(batches[1:], shares):
+        labels = [int(k) for cid in ids for k in dataset.y_train[splits[cid].val]]
+        assert share == pytest.approx(sum(k in trained for k in labels) / len(labels))
+    assert min(shares) < 1.0       # some later image is of a class batch 0 never saw: the ceiling bites
+
 def test_pa_is_new_clients_accuracy_minus_local_on_the_same_clients():
     run = {"batches": [[0, 1], [2, 3]], "accuracy": [[0.5, 0.5, None, None], [0.4, 0.6, 0.9, 0.7]]}
     local = {"batches": [[0, 1], [2, 3]], "accuracy": [[0.6, 0.6, None, None], [0.6, 0.6, 0.8, 0.9]]}
