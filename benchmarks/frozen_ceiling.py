@@ -9,8 +9,8 @@ prints that share per batch, for the seeds and protocol given; it trains nothing
 
     python benchmarks/frozen_ceiling.py --dataset cifar10 --data-dir ../shared/data --seeds 20,21,22,23,24
 
-The share is over the validation images (the test split has the same class mix per client, by
-construction of data.partition; the validation split is what the numbers here may be compared with).
+The share is over the validation images; data.partition gives each client the same share of every class
+in its training, validation and test splits, so the test split's share differs only by rounding.
 """
 import argparse
 import sys
