@@ -44,7 +44,7 @@ def seen_shares(config, dataset):
 
 def seen_and_unseen_accuracy(run_dir):
     """[(accuracy on images of classes batch 0 trained on, on the others), for each batch t >= 1] (val)."""
-    config, _, clients, server, batches, _ = runner.restore_finished(run_dir)
+    _, _, clients, server, batches, _ = runner.restore_finished(run_dir)
     seen = torch.tensor(sorted({k for cid in batches[0] for k in clients[cid].classes}))
     out = []
     for ids in batches[1:]:

@@ -113,7 +113,7 @@ def test_frozen_pfedhn_moves_only_the_new_clients_embeddings_after_batch_0(tiny_
     assert all(torch.equal(server.generate(c), generated_0[c]) for c in batches[0])
 
 
-def test_frozen_ceiling_is_the_share_of_later_images_whose_class_batch_0_trained_on(tiny_data_dir):
+def test_frozen_ceiling_is_the_share_of_later_images_whose_class_batch_0_trained_on(tiny_data_dir, tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import frozen_ceiling
     import data
@@ -130,10 +130,9 @@ def test_frozen_ceiling_is_the_share_of_later_images_whose_class_batch_0_trained
         assert share == pytest.approx(sum(k in trained for k in labels) / len(labels))
     assert min(shares) < 1.0       # some later image is of a class batch 0 never saw: the ceiling bites
     # A finished pfedhn-frozen run: the two accuracies, weighted by their images, are the batch's own.
-    out = tiny_data_dir.parent / "frozen-run"
-    cli.main(TINY + ["--method", "pfedhn-frozen", "--data-dir", str(tiny_data_dir), "--out", str(out)])
-    (seen_acc, unseen_acc), = frozen_ceiling.seen_and_unseen_accuracy(str(out))
-    _, _, clients, server, batches, _ = frozen_ceiling.runner.restore_finished(str(out))
+    cli.main(TINY + ["--method", "pfedhn-frozen", "--data-dir", str(tiny_data_dir), "--out", str(tmp_path)])
+    (seen_acc, unseen_acc), = frozen_ceiling.seen_and_unseen_accuracy(str(tmp_path))
+    _, _, clients, server, batches, _ = frozen_ceiling.runner.restore_finished(str(tmp_path))
     seen = {k for cid in batches[0] for k in clients[cid].classes}
     labels = [int(k) for cid in batches[1] for k in clients[cid].y_val]
     known = sum(k in seen for k in labels)
@@ -141,6 +140,7 @@ def test_frozen_ceiling_is_the_share_of_later_images_whose_class_batch_0_trained
     unseen = len(labels) - known
     weighted = (seen_acc * known if known else 0.0) + (unseen_acc * unseen if unseen else 0.0)
     assert weighted == pytest.approx(right / len(labels), abs=1e-6)
+
 
 def test_pa_is_new_clients_accuracy_minus_local_on_the_same_clients():
     run = {"batches": [[0, 1], [2, 3]], "accuracy": [[0.5, 0.5, None, None], [0.4, 0.6, 0.9, 0.7]]}
