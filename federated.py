@@ -95,23 +95,27 @@ class Client:
         half = {"val": slice(None), "val_select": slice(0, None, 2), "val_confirm": slice(1, None, 2)}[split]
         return self.x_val[half], self.y_val[half]
 
-    @torch.no_grad()
-    def correct(self, flat_weights, bn_stats, split="test", minibatch_size=128):
-        """(per-image correctness, summed loss) of the model it is sent, on its own held-out data."""
+    def logits_on(self, flat_weights, bn_stats, split, minibatch_size=128):
+        """(logits, labels) of the model it is sent on its own held-out `split`, a minibatch at a time."""
         x_all, y_all = self.held_out(split)
         weights = self.unflatten(flat_weights)
         self.model.eval()
-        # The summed loss stays on the device, in float64: the same additions as Python floats would do
-        # (each float32 batch sum is exact in float64), without a host round trip per batch.
-        correct, loss = [], torch.zeros((), dtype=torch.float64, device=y_all.device)
         for start in range(0, len(y_all), minibatch_size):
             x = data.normalize(x_all[start:start + minibatch_size], self.mean, self.std)
-            y = y_all[start:start + minibatch_size]
             # --amp speeds up what is reported; replay's decisions (val_select, val_confirm) stay fp32.
             with hn.autocast(x.device, self.amp and split in ("test", "val")):
                 logits = hn.run_model(self.model, weights, bn_stats, x)
+            yield logits.float(), y_all[start:start + minibatch_size]
+
+    @torch.no_grad()
+    def correct(self, flat_weights, bn_stats, split="test"):
+        """(per-image correctness, summed loss) of the model it is sent, on its own held-out data."""
+        # The summed loss stays on the device, in float64: the same additions as Python floats would do
+        # (each float32 batch sum is exact in float64), without a host round trip per batch.
+        correct, loss = [], torch.zeros((), dtype=torch.float64, device=self.y_val.device)
+        for logits, y in self.logits_on(flat_weights, bn_stats, split):
             correct.append(logits.argmax(1) == y)
-            loss += F.cross_entropy(logits.float(), y, reduction="sum").double()
+            loss += F.cross_entropy(logits, y, reduction="sum").double()
         return (torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)), loss.item()
 
     def evaluate(self, flat_weights, bn_stats, split="test"):
@@ -125,13 +129,23 @@ class Client:
         """(test, validation) accuracy: the first is reported, the second is what settings are chosen on."""
         return self.evaluate(flat_weights, bn_stats, "test")[0], self.evaluate(flat_weights, bn_stats, "val")[0]
 
+    @torch.no_grad()
     def confirm(self, flat_before, flat_after, bn_stats):
-        """Images of val_confirm that the new model gets right and the old one wrong, and the reverse.
+        """What the new model changes on val_confirm, for replay's acceptance test (replay.accept): images
+        it gets right and the old one wrong and the reverse, and how much it lowers the loss per image
+        (mean and standard error). Four numbers go back, nothing else."""
+        def per_image(flat):
+            right, loss = [], []
+            for logits, y in self.logits_on(flat, bn_stats, "val_confirm"):
+                right.append(logits.argmax(1) == y)
+                loss.append(F.cross_entropy(logits, y, reduction="none"))
+            return torch.cat(right), torch.cat(loss)
 
-        Two counts go back, nothing else: what the server needs for a paired (McNemar) test."""
-        before, _ = self.correct(flat_before, bn_stats, "val_confirm")
-        after, _ = self.correct(flat_after, bn_stats, "val_confirm")
-        return int((after & ~before).sum()), int((before & ~after).sum())
+        (right_before, loss_before), (right_after, loss_after) = per_image(flat_before), per_image(flat_after)
+        drop = (loss_before - loss_after).double()
+        error = drop.std().item() / len(drop) ** 0.5 if len(drop) > 1 else float("inf")
+        return (int((right_after & ~right_before).sum()), int((right_before & ~right_after).sum()),
+                drop.mean().item(), error)
 
 
 class Server:

@@ -9,7 +9,7 @@ of its own, and the server talks to it with Flower's Message API:
   train               its generated weights + BN statistics     exactly a federated.ClientUpdate: delta, BN
                       and K, batch size, lr                     statistics, label counts, mean loss
   evaluate            weights + BN statistics, split names      accuracy and mean loss on each split
-  evaluate.confirm    weights before and after replay           the two counts of the paired test
+  evaluate.confirm    weights before and after replay           the four numbers of the paired test
 
 Owns:
   * the ClientApp (`client_app`): rebuilds its federated.Client from the data it holds, answers one
@@ -133,8 +133,8 @@ def evaluate(message, context):
 def confirm(message, context):
     client = local_client(message, context)
     weights = from_record(message.content["weights"])
-    gained, lost = client.confirm(weights["before"], weights["after"], from_record(message.content["bn"]))
-    return reply(message, metrics=MetricRecord({"gained": gained, "lost": lost}))
+    gained, lost, drop, error = client.confirm(weights["before"], weights["after"], from_record(message.content["bn"]))
+    return reply(message, metrics=MetricRecord({"gained": gained, "lost": lost, "drop": drop, "error": error}))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -305,13 +305,14 @@ class RemoteClient:
         return scores["test"][0], scores["val"][0]
 
     def confirm(self, flat_before, flat_after, bn_stats):
-        """No answer: (0, 0), which accepts nothing, so the client is restored as it was."""
+        """No answer: a loss drop of 0, which accepts nothing, so the client is restored as it was."""
         self._ready()
         content, = self.nodes.exchange([(self.cid, "evaluate.confirm", {
             "weights": to_record({"before": flat_before, "after": flat_after}), "bn": to_record(bn_stats)})])
         if content is None:
-            return 0, 0
-        return int(content["metrics"]["gained"]), int(content["metrics"]["lost"])
+            return 0, 0, 0.0, 0.0
+        metrics = content["metrics"]
+        return int(metrics["gained"]), int(metrics["lost"]), float(metrics["drop"]), float(metrics["error"])
 
 
 def channel_stats(nodes):

@@ -48,7 +48,8 @@ class ThirdsClient(fl.Client):
 
 def replay_stages(run_dir, settings):
     """settings: (BN weight, lr, steps) triples (None: train.py's lr, the run's steps).
-    {setting: [(tried, {cid: (gained, lost, worth on the third third)}) per stage]}, {setting: reads}."""
+    {setting: [(tried, {cid: (gained, lost, loss drop, its error, worth on the third third)}) per stage]},
+    {setting: reads}."""
     config, _, clients, server, batches, _ = runner.restore_finished(run_dir)
     for client in clients:
         client.__class__ = ThirdsClient
@@ -83,11 +84,11 @@ def replay_one(config, clients, server, t, setting, results, reads):
         return clients[cid].evaluate(flat, server.bn_stats[cid], split="val_select")
 
     def confirm(cid, before, after):
-        gained, lost = clients[cid].confirm(before, after, server.bn_stats[cid])
+        said = clients[cid].confirm(before, after, server.bn_stats[cid])
         worth = (clients[cid].evaluate(after, server.bn_stats[cid], "assess")[0]
                  - clients[cid].evaluate(before, server.bn_stats[cid], "assess")[0])
-        proposals[cid] = (gained, lost, worth)
-        return gained, lost
+        proposals[cid] = (*said, worth)
+        return said
 
     replay = dict(train.replay_settings(config), bn_weight=bn_weight, confirm_z=math.inf,
                   lr=lr or train.DEFAULTS["replay_lr"], steps=steps or config["replay_steps"])
@@ -138,8 +139,8 @@ def main():
         tried = sum(n for n, _ in totals[s])
         cells = []
         for z in Z:
-            kept = [stage[c][2] for _, stage in totals[s]
-                    for c in replay_module.accept({c: v[:2] for c, v in stage.items()}, z)]
+            kept = [stage[c][4] for _, stage in totals[s]
+                    for c in replay_module.accept({c: v[:4] for c, v in stage.items()}, z)]
             cells.append(f"{len(kept)}, {100 * sum(kept) / max(tried, 1):+.2f}, {sum(w < 0 for w in kept)}")
         proposals = sum(len(stage) for _, stage in totals[s])
         print(f"| {s[0]:g}, {s[1] or train.DEFAULTS['replay_lr']:g}, {s[2] or 'run'} | {100 * np.mean(reads[s]) if reads[s] else float('nan'):.1f} % | {tried} | {proposals} | "
