@@ -257,3 +257,20 @@ def test_an_earlier_client_that_never_trained_is_skipped_not_a_crash():
     del server.label_counts[1]              # never drawn for a round of its stage: it uploaded nothing
     report = replay.backward_transfer(server, 1, lambda cid, flat: (0.5, 1.0), confirm_no, **REPLAY)
     assert report["skipped"] >= 1 and report["accepted"] + report["rejected"] + report["skipped"] == 2
+
+
+def test_a_clients_confirmation_is_the_loss_its_own_evaluation_measures(tiny_data_dir):
+    """Client.confirm's four numbers: nothing changes when the model does not; otherwise the mean loss drop
+    is what evaluate() measures on val_confirm before minus after, and the counts are its flipped images."""
+    config, _ = cli.resolve_config(["--dataset", "cifar10", "--data-dir", str(tiny_data_dir), "--batches", "2",
+                                    "--clients-per-batch", "2", "--width", "4", "--device", "cpu"])
+    _, clients, server, _, _ = train.build(config, torch.device("cpu"))
+    client, bn = clients[0], server.bn_stats[0]
+    before = server.generate(0)
+    after = before + 0.05 * torch.randn(before.shape, generator=torch.Generator().manual_seed(0))
+    assert client.confirm(before, before, bn) == (0, 0, 0.0, 0.0)
+    gained, lost, drop, error = client.confirm(before, after, bn)
+    (acc_before, loss_before), (acc_after, loss_after) = (client.evaluate(f, bn, "val_confirm") for f in (before, after))
+    assert drop == pytest.approx(loss_before - loss_after, rel=1e-4, abs=1e-6) and drop != 0 and error > 0
+    n = len(client.held_out("val_confirm")[1])
+    assert (gained - lost) / n == pytest.approx(acc_after - acc_before, abs=1e-6)
