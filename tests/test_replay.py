@@ -270,7 +270,8 @@ def test_a_clients_confirmation_is_the_loss_its_own_evaluation_measures(tiny_dat
     after = before + 0.05 * torch.randn(before.shape, generator=torch.Generator().manual_seed(0))
     assert client.confirm(before, before, bn) == (0, 0, 0.0, 0.0)
     gained, lost, drop, error = client.confirm(before, after, bn)
-    (acc_before, loss_before), (acc_after, loss_after) = (client.evaluate(f, bn, "val_confirm") for f in (before, after))
+    (acc_before, loss_before), (acc_after, loss_after) = (client.evaluate(flat, bn, "val_confirm")
+                                                          for flat in (before, after))
     assert drop == pytest.approx(loss_before - loss_after, rel=1e-4, abs=1e-6) and drop != 0 and error > 0
     n = len(client.held_out("val_confirm")[1])
     assert (gained - lost) / n == pytest.approx(acc_after - acc_before, abs=1e-6)
