@@ -23,7 +23,6 @@ What replay needs of the server: its hypernetwork and target model, the batches,
 (`uploads(cid) -> (bn_stats, label_counts)`), `generate(cid)`, `image_size`, `faults`, and `dreams`
 (the dreams it keeps of each client, cid -> (images, labels, teacher logits); in its checkpoint).
 """
-import math
 import time
 
 import numpy as np
@@ -139,12 +138,12 @@ def improve_client(server, cid, batch, dreams, params, validate, confirm, upload
     with torch.no_grad():                       # exactly the start again
         for name, p in params.items():
             p.copy_(saved[name])
-    counts = (0, 0, 0.0, 0.0)
+    confirmation = (0, 0, 0.0, 0.0)
     if best is not None:                        # a proposal: the client's confirmation half measures its effect
         set_rows(params, cid, best)
-        counts = confirm(cid, start_flat, server.generate(cid))
+        confirmation = confirm(cid, start_flat, server.generate(cid))
         set_rows(params, cid, {name: saved[name][cid] for name in params})
-    return list(before), list(best_score), best, counts
+    return list(before), list(best_score), best, confirmation
 
 
 def backward_transfer(server, t, validate, confirm, *, num_images, iterations, bn_weight, steps, lr, kd_weight,
@@ -198,13 +197,13 @@ def backward_transfer(server, t, validate, confirm, *, num_images, iterations, b
         keep, keep_own = held[labels], held[server.dreams[i][1]]
         pool = tuple(torch.cat([new[keep], own[keep_own]]) for new, own in
                      zip((images, labels, teacher_logits), server.dreams[i]))
-        before, after, best, counts = improve_client(
+        before, after, best, confirmation = improve_client(
             server, i, k, pool, params, validate, confirm, uploads, steps=steps, lr=lr, kd_weight=kd_weight,
             anchor_weight=anchor_weight, temperature=temperature, validate_every=validate_every)
         if best is not None:
-            proposals[i], confirmations[i] = best, counts
+            proposals[i], confirmations[i] = best, confirmation
         report["tried"].append(i)
-        for key, value in zip(("val_before", "val_after", "confirm"), (before, after, list(counts))):
+        for key, value in zip(("val_before", "val_after", "confirm"), (before, after, list(confirmation))):
             report[key].append(value)
         if progress is not None:
             progress("fine-tune", n + 1, len(tried))

@@ -130,8 +130,8 @@ def test_acceptance_rule_lets_noise_through_rarely_and_real_gains_often():
     """Each proposal is tested on its own client's confirmation half. Proposals no better than their starts
     (the two models' per-image margins equally noisy around the same values) are kept in under 10 % of
     trials (about 5 % at z = 1.645); proposals that raise every margin a little, on 250 images, are kept
-    most of the time, where a test counting the images they flip (the rule before, design.md §5) keeps
-    few. A client whose own images lost is never kept."""
+    most of the time, where a test counting the images they flip keeps few. A client whose own images
+    lost is never kept."""
     g = torch.Generator().manual_seed(0)
 
     def confirmations(gain, trials=2000, n=250, noise=0.3):
