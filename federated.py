@@ -139,13 +139,16 @@ class Client:
             for logits, y in self.logits_on(flat, bn_stats, "val_confirm"):
                 right.append(logits.argmax(1) == y)
                 loss.append(F.cross_entropy(logits, y, reduction="none"))
+            if not right:                           # no confirmation images (a tiny validation split)
+                return torch.zeros(0, dtype=torch.bool), torch.zeros(0)
             return torch.cat(right), torch.cat(loss)
 
         (right_before, loss_before), (right_after, loss_after) = per_image(flat_before), per_image(flat_after)
         drop = (loss_before - loss_after).double()
+        # Under two images there is no spread to test against: an infinite error, which accepts nothing.
         error = drop.std().item() / len(drop) ** 0.5 if len(drop) > 1 else float("inf")
         return (int((right_after & ~right_before).sum()), int((right_before & ~right_after).sum()),
-                drop.mean().item(), error)
+                drop.mean().item() if len(drop) else 0.0, error)
 
 
 class Server:

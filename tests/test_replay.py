@@ -275,3 +275,9 @@ def test_a_clients_confirmation_is_the_loss_its_own_evaluation_measures(tiny_dat
     assert drop == pytest.approx(loss_before - loss_after, rel=1e-4, abs=1e-6) and drop != 0 and error > 0
     n = len(client.held_out("val_confirm")[1])
     assert (gained - lost) / n == pytest.approx(acc_after - acc_before, abs=1e-6)
+    # A client with one validation image has none to confirm on (val_confirm is every second one), or one
+    # after a second: either way an answer, never a crash, and nothing it says can be accepted.
+    for kept in (1, 2):
+        client.x_val, client.y_val = client.x_val[:kept], client.y_val[:kept]
+        said = client.confirm(before, after, bn)
+        assert said[3] == float("inf") and replay.accept({0: said}, 1.645) == []
