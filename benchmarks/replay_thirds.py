@@ -33,6 +33,7 @@ import federated as fl  # noqa: E402
 
 Z = [0.0, 1.0, 1.645]
 VERBOSE = False
+IMAGES = None       # dreams per new client (None: the run's)
 
 
 class ThirdsClient(fl.Client):
@@ -47,7 +48,8 @@ class ThirdsClient(fl.Client):
 
 
 def replay_stages(run_dir, settings):
-    """settings: (BN weight, lr, steps) triples (None: train.py's lr, the run's steps).
+    """settings: (BN weight, lr, steps, anchor weight, validate every) tuples (None: train.py's lr, anchor and
+    validate-every, the run's steps).
     {setting: [(tried, {cid: (gained, lost, loss drop, its error, worth on the third third)}) per stage]},
     {setting: reads}."""
     config, _, clients, server, batches, _ = runner.restore_finished(run_dir)
@@ -75,7 +77,7 @@ def replay_stages(run_dir, settings):
 
 def replay_one(config, clients, server, t, setting, results, reads):
     """Replay after stage t with one setting, from the no-replay state, and put that state back."""
-    bn_weight, lr, steps = setting
+    bn_weight, lr, steps, anchor, every = setting
     saved = {n: p.detach().clone() for n, p in server.hypernet.named_parameters()}
     dreams = dict(server.dreams)
     proposals = {}
@@ -91,7 +93,10 @@ def replay_one(config, clients, server, t, setting, results, reads):
         return said
 
     replay = dict(train.replay_settings(config), bn_weight=bn_weight, confirm_z=math.inf,
-                  lr=lr or train.DEFAULTS["replay_lr"], steps=steps or config["replay_steps"])
+                  num_images=IMAGES or config["replay_images"],
+                  lr=lr or train.DEFAULTS["replay_lr"], steps=steps or config["replay_steps"],
+                  anchor_weight=train.DEFAULTS["replay_anchor"] if anchor is None else anchor,
+                  validate_every=every or train.DEFAULTS["replay_validate_every"])
     report = replay_module.backward_transfer(server, t, validate, confirm, seed=config["seed"] + t, **replay)
     results[setting].append((len(report["tried"]), proposals))
     if VERBOSE:
@@ -114,16 +119,22 @@ def main():
                    help="DeepInversion BN-loss weights, comma-separated")
     p.add_argument("--lr", default=None, help="replay's rates, comma-separated (default: train.py's, not the run's)")
     p.add_argument("--steps", default=None, help="fine-tuning steps, comma-separated (default: the run's)")
+    p.add_argument("--anchor", default=None, help="anchor (KD toward the client's own model) weights, comma-separated")
+    p.add_argument("--validate-every", default=None, help="steps between scores of the path, comma-separated")
+    p.add_argument("--images", type=int, default=None, help="dreams per new client (default: the run's)")
     p.add_argument("--verbose", action="store_true", help="one line per tried client")
     args = p.parse_args()
-    global VERBOSE
-    VERBOSE = args.verbose
+    global VERBOSE, IMAGES
+    VERBOSE, IMAGES = args.verbose, args.images
     try:
         settings = list(itertools.product([float(v) for v in args.bn_weight.split(",")],
                                           [float(v) for v in args.lr.split(",")] if args.lr else [None],
-                                          [int(v) for v in args.steps.split(",")] if args.steps else [None]))
+                                          [int(v) for v in args.steps.split(",")] if args.steps else [None],
+                                          [float(v) for v in args.anchor.split(",")] if args.anchor else [None],
+                                          [int(v) for v in args.validate_every.split(",")]
+                                          if args.validate_every else [None]))
     except ValueError:
-        p.error("--bn-weight, --lr and --steps take comma-separated numbers")
+        p.error("--bn-weight, --lr, --steps, --anchor and --validate-every take comma-separated numbers")
     check_runs(p, args.runs)
     totals, reads = {s: [] for s in settings}, {s: [] for s in settings}
     for run in args.runs:
@@ -132,9 +143,10 @@ def main():
             totals[s] += results[s]
             reads[s] += r[s]
     print(f"{len(args.runs)} runs: " + ", ".join(args.runs))
-    print("| BN weight, lr, steps | teachers on own dreams | tried | proposals | "
-          + " | ".join(f"z = {z}: kept, gain per tried, lost" for z in Z) + " |")
-    print("|---|---|---|---|" + "---|" * len(Z))
+    print("| BN weight, lr, steps, anchor, validate every | teachers on own dreams | tried | proposals | "
+          + " | ".join(f"z = {z}: kept, gain per tried, lost" for z in Z)
+          + " | stages whose kept updates gain in sum, none losing (default z) |")
+    print("|---|---|---|---|" + "---|" * len(Z) + "---|")
     for s in settings:
         tried = sum(n for n, _ in totals[s])
         cells = []
@@ -143,7 +155,13 @@ def main():
                     for c in replay_module.accept({c: v[:4] for c, v in stage.items()}, z)]
             cells.append(f"{len(kept)}, {100 * sum(kept) / max(tried, 1):+.2f}, {sum(w < 0 for w in kept)}")
         proposals = sum(len(stage) for _, stage in totals[s])
-        print(f"| {s[0]:g}, {s[1] or train.DEFAULTS['replay_lr']:g}, {s[2] or 'run'} | {100 * np.mean(reads[s]) if reads[s] else float('nan'):.1f} % | {tried} | {proposals} | "
+        z = train.DEFAULTS["replay_confirm_z"]
+        worths = [[stage[c][4] for c in replay_module.accept({c: v[:4] for c, v in stage.items()}, z)]
+                  for _, stage in totals[s]]
+        cells.append(f"{sum(sum(w) > 0 and min(w) >= 0 for w in worths if w)} of {len(worths)}")
+        anchor = train.DEFAULTS["replay_anchor"] if s[3] is None else s[3]
+        print(f"| {s[0]:g}, {s[1] or train.DEFAULTS['replay_lr']:g}, {s[2] or 'run'}, {anchor:g}, "
+              f"{s[4] or train.DEFAULTS['replay_validate_every']} | {100 * np.mean(reads[s]) if reads[s] else float('nan'):.1f} % | {tried} | {proposals} | "
               + " | ".join(cells) + " |", flush=True)
 
 

@@ -174,7 +174,7 @@ def test_replay_benchmarks_run_on_a_finished_run_and_read_no_test_data(tiny_data
     import train
     from test_privacy import TINY
     cli.main(TINY + ["--no-replay", "--data-dir", str(tiny_data_dir), "--out", str(tmp_path)])
-    settings = [(10.0, None, None), (0.1, 3e-2, 6)]
+    settings = [(10.0, None, None, None, None), (0.1, 3e-2, 6, 0.0, 1)]
     # ThirdsClient raises on any read of test data, so finishing is the check that none happened.
     results, reads = replay_thirds.replay_stages(str(tmp_path), settings)
     assert set(results) == set(settings) and all(0 <= r <= 1 for rs in reads.values() for r in rs)
@@ -281,3 +281,27 @@ def test_a_clients_confirmation_is_the_loss_its_own_evaluation_measures(tiny_dat
         client.x_val, client.y_val = client.x_val[:kept], client.y_val[:kept]
         said = client.confirm(before, after, bn)
         assert said[3] == float("inf") and replay.accept({0: said}, 1.645) == []
+
+
+def test_shared_replay_benchmark_starts_each_client_where_it_was_and_puts_everything_back(tiny_data_dir, tmp_path):
+    """benchmarks/replay_shared.py (the paper's variant: shared hypernetwork entries fine-tuned for every
+    tried client at once): the free units it opens to the tried clients change nobody's model at the start
+    (an assert inside), a point it chooses moves the tried clients, and afterwards every parameter is bitwise
+    what the finished run left. ThirdsClient raises on test data, so finishing also says none was read."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import replay_shared
+    import replay_thirds
+    import runner
+    from test_privacy import TINY
+    cli.main(TINY + ["--no-replay", "--data-dir", str(tiny_data_dir), "--out", str(tmp_path)])
+    config, _, clients, server, _, _ = runner.restore_finished(str(tmp_path))
+    for client in clients:
+        client.__class__ = replay_thirds.ThirdsClient
+    before = {n: p.detach().clone() for n, p in server.hypernet.named_parameters()}
+    stage_dreams = replay_shared.dream_stage(config, server, 1)
+    tried, out, reads = replay_shared.shared_replay(config, clients, server, 1, 1e-2, True, stage_dreams)
+    assert 0 < tried <= 2 and 0 <= reads <= 1 and len(out) in (0, tried)
+    assert all(g >= 0 and lost >= 0 and error >= 0 and -1 <= worth <= 1 for g, lost, _, error, worth in out.values())
+    assert not out or any(drop != 0 for _, _, drop, _, _ in out.values())
+    assert all(torch.equal(p, before[n]) for n, p in server.hypernet.named_parameters())
+    assert server.hypernet.gates.client_gate.__func__ is type(server.hypernet.gates).client_gate
