@@ -31,7 +31,7 @@ import train  # noqa: E402
 from replay_diagnosis import check_runs  # noqa: E402  (benchmarks/, this script's folder)
 import federated as fl  # noqa: E402
 
-Z = [0.0, 1.0, 1.645]
+Z = [0.0, 1.0, 1.645, 2.326]
 VERBOSE = False
 IMAGES = None       # dreams per new client (None: the run's)
 
