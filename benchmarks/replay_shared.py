@@ -17,6 +17,7 @@ is bitwise where it was. One point of the joint 30-step path is chosen for every
 of the tried clients on their first thirds), then each client's update is confirmed on its own.
 
     python benchmarks/replay_shared.py runs/nr-dc-100 runs/nr-dc-102 --shared-lr 1e-3,1e-2
+    python benchmarks/replay_shared.py runs/nr-dc-100 runs/nr-dc-102 --shared-lr 1e-3 --then-own
 """
 import argparse
 import math
@@ -75,8 +76,41 @@ def dream_stage(config, server, t):
     return new_clients, tried, dreamed
 
 
-def shared_replay(config, clients, server, t, shared_lr, with_shared, stage_dreams):
+def better(score, than):
+    """(accuracy, loss) on the first third: more right, or as many right with a lower loss."""
+    return score[0] > than[0] or (score[0] == than[0] and score[1] < than[1])
+
+
+def own_paths(server, clients, ids, batch_of, pools, settings):
+    """replay.improve_client for every tried client from where the hypernetwork is now, its own rows only:
+    {cid: (its best first-third score, its rows there, or None when no point beat where it started)}."""
+    rows = replayed_rows_of(server.hypernet)
+    validate = lambda cid, flat: clients[cid].evaluate(flat, server.bn_stats[cid], "val_select")  # noqa: E731
+    keys = ("steps", "lr", "kd_weight", "anchor_weight", "temperature", "validate_every")
+    out = {}
+    for i in ids:
+        _, score, best, _ = replay_module.improve_client(
+            server, i, batch_of[i], pools[i], rows, validate, lambda *a: (0, 0, 0.0, 0.0),
+            replay_module.held_uploads(server), **{k: settings[k] for k in keys})
+        out[i] = (score, best)
+    return out
+
+
+def measure(client, start, after, bn_stats):
+    """What the client's second third says of the update (replay's four numbers), and its worth on the third."""
+    worth = client.evaluate(after, bn_stats, "assess")[0] - client.evaluate(start, bn_stats, "assess")[0]
+    return (*client.confirm(start, after, bn_stats), worth)
+
+
+def replayed_rows_of(hypernet):
+    return {"client_embeddings": hypernet.client_embeddings, "gates.borrow": hypernet.gates.borrow}
+
+
+def shared_replay(config, clients, server, t, shared_lr, with_shared, stage_dreams, then_own=False):
     """One replay of batch t onto the earlier clients, from the no-replay state, put back afterwards.
+    `then_own`: after the joint path, each client also walks its own rows from the joint point, and keeps
+    the better (on its first third) of that and of today's replay (its own rows from its start, reading
+    no free unit): the two can sit side by side, since a client that reads no free unit is untouched by them.
     Returns (tried, {cid: (gained, lost, loss drop, its error, worth on the third)}, teachers' reading)."""
     hypernet, gates = server.hypernet, server.hypernet.gates
     saved = {n: p.detach().clone() for n, p in hypernet.named_parameters()}
@@ -96,6 +130,7 @@ def shared_replay(config, clients, server, t, shared_lr, with_shared, stage_drea
     with torch.no_grad():
         own = {i: run_model(server.model, hypernet.unflatten(start[i]), server.bn_stats[i], pools[i][0])
                for i in ids}
+    today = own_paths(server, clients, ids, batch_of, pools, settings) if then_own else {}
     free_units = ~gates.owned                                   # nobody owns them after every stage so far
     original_client_gate = gates.client_gate
 
@@ -105,7 +140,7 @@ def shared_replay(config, clients, server, t, shared_lr, with_shared, stage_drea
 
     gates.client_gate = client_gate
     try:
-        params = {"client_embeddings": hypernet.client_embeddings, "gates.borrow": gates.borrow}
+        params = replayed_rows_of(hypernet)
         free = {name: torch.zeros_like(p) for name, p in params.items()}
         with torch.no_grad():
             # Free units add nothing at the start: whatever reads them from an owned unit or the head is
@@ -145,12 +180,25 @@ def shared_replay(config, clients, server, t, shared_lr, with_shared, stage_drea
             with torch.no_grad():
                 for n, p in params.items():
                     p.copy_(points[best][n])
+        if then_own:
+            rows = replayed_rows_of(hypernet)
+            joint = {i: {n: p[i].detach().clone() for n, p in rows.items()} for i in ids}
+            onward = own_paths(server, clients, ids, batch_of, pools, settings)
             for i in ids:
-                after = server.generate(i)
-                said = clients[i].confirm(start[i], after, server.bn_stats[i])
-                worth = (clients[i].evaluate(after, server.bn_stats[i], "assess")[0]
-                         - clients[i].evaluate(start[i], server.bn_stats[i], "assess")[0])
-                out[i] = (*said, worth)
+                candidates = [today[i], (onward[i][0], onward[i][1] or joint[i]) if onward[i][1] or best
+                              else (None, None)]
+                chosen = None
+                for score, rows_i in candidates:
+                    if rows_i is not None and better(score, scores[i][0]) and (
+                            chosen is None or better(score, chosen[0])):
+                        chosen = (score, rows_i)
+                replay_module.set_rows(rows, i, chosen[1] if chosen else
+                                       {n: saved[n][i] for n in rows})
+                if chosen is not None:
+                    out[i] = measure(clients[i], start[i], server.generate(i), server.bn_stats[i])
+        elif best > 0:
+            for i in ids:
+                out[i] = measure(clients[i], start[i], server.generate(i), server.bn_stats[i])
     finally:
         gates.client_gate = original_client_gate
         with torch.no_grad():
@@ -164,6 +212,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", help="folders of finished --no-replay runs (results.json + checkpoint.pt)")
     p.add_argument("--shared-lr", default="1e-3", help="Adam's rate for the shared entries, comma-separated")
+    p.add_argument("--then-own", action="store_true",
+                   help="instead: after the joint path each client walks its own rows and keeps the better of "
+                        "that and today's replay")
     p.add_argument("--verbose", action="store_true", help="one line per tried client")
     args = p.parse_args()
     try:
@@ -172,7 +223,8 @@ def main():
         p.error("--shared-lr takes comma-separated numbers")
     check_runs(p, args.runs)
     # (shared fine-tuned?, its rate): the rows alone through the free units too, then with the shared entries
-    settings = [(False, 0.0)] + [(True, r) for r in rates]
+    settings = ([(True, r, True) for r in rates] if args.then_own
+                else [(False, 0.0, False)] + [(True, r, False) for r in rates])
     totals = {s: [] for s in settings}
     for run in args.runs:
         config, _, clients, server, batches, _ = runner.restore_finished(run)
@@ -181,7 +233,7 @@ def main():
         for t in range(1, len(batches)):
             stage_dreams = dream_stage(config, server, t)
             for s in settings:
-                tried, out, reads = shared_replay(config, clients, server, t, s[1], s[0], stage_dreams)
+                tried, out, reads = shared_replay(config, clients, server, t, s[1], s[0], stage_dreams, s[2])
                 totals[s].append((tried, out))
                 if args.verbose:
                     for cid, v in out.items():
@@ -197,7 +249,9 @@ def main():
                   for _, stage in totals[s]]
         kept = [w for ws in worths for w in ws]
         ok = sum(bool(w) and sum(w) > 0 and min(w) >= 0 for w in worths)
-        print(f"| {'yes, ' + format(s[1], 'g') if s[0] else 'no (rows only)'} | {tried} | "
+        label = (f"yes, {s[1]:g}" + (", then each its own rows or today's" if s[2] else "")) if s[0] else \
+            "no (rows only)"
+        print(f"| {label} | {tried} | "
               f"{sum(len(stage) for _, stage in totals[s])} | {len(kept)} | {100 * sum(kept) / max(tried, 1):+.2f} | "
               f"{sum(w < 0 for w in kept)} | {ok} of {len(worths)} |", flush=True)
 

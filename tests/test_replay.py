@@ -299,9 +299,12 @@ def test_shared_replay_benchmark_starts_each_client_where_it_was_and_puts_everyt
         client.__class__ = replay_thirds.ThirdsClient
     before = {n: p.detach().clone() for n, p in server.hypernet.named_parameters()}
     stage_dreams = replay_shared.dream_stage(config, server, 1)
-    tried, out, reads = replay_shared.shared_replay(config, clients, server, 1, 1e-2, True, stage_dreams)
-    assert 0 < tried <= 2 and 0 <= reads <= 1 and len(out) in (0, tried)
-    assert all(g >= 0 and lost >= 0 and error >= 0 and -1 <= worth <= 1 for g, lost, _, error, worth in out.values())
-    assert not out or any(drop != 0 for _, _, drop, _, _ in out.values())
-    assert all(torch.equal(p, before[n]) for n, p in server.hypernet.named_parameters())
+    for then_own in (False, True):      # one point for everyone; then each client's own rows from it too
+        tried, out, reads = replay_shared.shared_replay(config, clients, server, 1, 1e-2, True, stage_dreams,
+                                                        then_own)
+        assert 0 < tried <= 2 and 0 <= reads <= 1 and (len(out) <= tried if then_own else len(out) in (0, tried))
+        assert all(g >= 0 and lost >= 0 and error >= 0 and -1 <= worth <= 1
+                   for g, lost, _, error, worth in out.values())
+        assert not out or any(drop != 0 for _, _, drop, _, _ in out.values())
+        assert all(torch.equal(p, before[n]) for n, p in server.hypernet.named_parameters())
     assert server.hypernet.gates.client_gate.__func__ is type(server.hypernet.gates).client_gate
