@@ -97,6 +97,34 @@ def dream(server, dreamers, uploads, *, num_images, iterations, bn_weight, seed,
     return out, [d.bn_loss_start for d in dreamed], [d.bn_loss_end for d in dreamed]
 
 
+def own_class_targets(labels, teacher_logits, label_counts):
+    """An earlier client's view of its fine-tuning set: its classes, each image's label as a position among
+    them, the teachers' logits of those classes, and a weight per image that makes every class weigh the
+    same (dreams of one class alone would tilt a two-class decision toward it: docs/results.md, "Why
+    replay rarely helps")."""
+    classes = (label_counts > 0).nonzero().flatten().to(labels.device)
+    y = torch.searchsorted(classes, labels)
+    per_class = torch.bincount(y, minlength=len(classes)).float()
+    return classes, y, teacher_logits[:, classes], 1.0 / (per_class[y] * (per_class > 0).sum())
+
+
+def replay_loss(logits, y, soft, own, weight, *, kd_weight, anchor_weight, temperature):
+    """Cross-entropy on the dreamed labels, KD toward each image's teacher, and KD toward the client's own
+    model before replay (the anchor), each image weighted by `weight`."""
+    return ((F.cross_entropy(logits, y, reduction="none") * weight).sum()
+            + kd_weight * distillation_loss(logits, soft, temperature, weight)
+            + anchor_weight * distillation_loss(logits, own, temperature, weight))
+
+
+def fine_tuning_set(server, cid, images, labels, teacher_logits, uploads):
+    """The new clients' dreams of client cid's classes next to cid's own dreams (images, labels, teacher
+    logits), so that every class it holds is in the set."""
+    held = (uploads(cid)[1] > 0).to(labels.device)
+    keep, keep_own = held[labels], held[server.dreams[cid][1]]
+    return tuple(torch.cat([new[keep], own[keep_own]]) for new, own in
+                 zip((images, labels, teacher_logits), server.dreams[cid]))
+
+
 def improve_client(server, cid, batch, dreams, params, validate, confirm, uploads, *, steps, lr, kd_weight,
                    anchor_weight, temperature, validate_every):
     """Fine-tune earlier client `cid`'s own rows of `params` on `dreams` (images of its classes, their
@@ -108,13 +136,7 @@ def improve_client(server, cid, batch, dreams, params, validate, confirm, upload
     hypernet, model = server.hypernet, server.model
     x, labels, teacher_logits = dreams
     bn_stats, label_counts = uploads(cid)
-    classes = (label_counts > 0).nonzero().flatten().to(x.device)
-    y = torch.searchsorted(classes, labels)          # labels as positions in the client's own class list
-    soft = teacher_logits[:, classes]
-    # Balanced across the client's classes: dreams of one class alone would tilt a two-class decision
-    # toward it (docs/results.md, "Why replay rarely helps").
-    per_class = torch.bincount(y, minlength=len(classes)).float()
-    weight = 1.0 / (per_class[y] * (per_class > 0).sum())
+    classes, y, soft, weight = own_class_targets(labels, teacher_logits, label_counts)
     start_flat = server.generate(cid)
     with torch.no_grad():
         own = run_model(model, hypernet.unflatten(start_flat), bn_stats, x)[:, classes]
@@ -127,9 +149,8 @@ def improve_client(server, cid, batch, dreams, params, validate, confirm, upload
     best = None
     for step in range(1, steps + 1):
         logits = run_model(model, hypernet.unflatten(hypernet([cid], [batch])[0]), bn_stats, x)[:, classes]
-        loss = ((F.cross_entropy(logits, y, reduction="none") * weight).sum()
-                + kd_weight * distillation_loss(logits, soft, temperature, weight)
-                + anchor_weight * distillation_loss(logits, own, temperature, weight))
+        loss = replay_loss(logits, y, soft, own, weight, kd_weight=kd_weight, anchor_weight=anchor_weight,
+                           temperature=temperature)
         optimizer.step(dict(zip(params, torch.autograd.grad(loss, list(params.values())))), free)
         if step % validate_every == 0 or step == steps:
             score = validate(cid, server.generate(cid))
@@ -193,12 +214,8 @@ def backward_transfer(server, t, validate, confirm, *, num_images, iterations, b
         progress("fine-tune", 0, len(tried))
     proposals, confirmations = {}, {}
     for n, (k, i) in enumerate(tried):
-        held = (uploads(i)[1] > 0).to(labels.device)
-        keep, keep_own = held[labels], held[server.dreams[i][1]]
-        pool = tuple(torch.cat([new[keep], own[keep_own]]) for new, own in
-                     zip((images, labels, teacher_logits), server.dreams[i]))
         before, after, best, confirmation = improve_client(
-            server, i, k, pool, params, validate, confirm, uploads, steps=steps, lr=lr, kd_weight=kd_weight,
+            server, i, k, fine_tuning_set(server, i, images, labels, teacher_logits, uploads), params, validate, confirm, uploads, steps=steps, lr=lr, kd_weight=kd_weight,
             anchor_weight=anchor_weight, temperature=temperature, validate_every=validate_every)
         if best is not None:
             proposals[i], confirmations[i] = best, confirmation

@@ -20,13 +20,11 @@ of the tried clients on their first thirds), then each client's update is confir
     python benchmarks/replay_shared.py runs/nr-dc-100 runs/nr-dc-102 --shared-lr 1e-3 --then-own
 """
 import argparse
-import math
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import replay as replay_module  # noqa: E402
@@ -38,28 +36,14 @@ from replay_diagnosis import check_runs  # noqa: E402
 from replay_thirds import ThirdsClient  # noqa: E402
 
 
-def pool_of(server, i, images, labels, teacher_logits, uploads):
-    """The new clients' dreams of i's classes next to i's own dreams (as replay.backward_transfer)."""
-    held = (uploads(i)[1] > 0).to(labels.device)
-    keep, keep_own = held[labels], held[server.dreams[i][1]]
-    return tuple(torch.cat([new[keep], own[keep_own]]) for new, own in
-                 zip((images, labels, teacher_logits), server.dreams[i]))
-
-
 def client_loss(server, cid, batch, pool, own, settings):
-    """replay.improve_client's loss for one client: CE + KD to the teachers + KD to its own start."""
+    """replay.improve_client's loss for one client, from where the hypernetwork is now."""
     x, labels, teacher_logits = pool
-    bn_stats, label_counts = server.bn_stats[cid], server.label_counts[cid]
-    classes = (label_counts > 0).nonzero().flatten().to(x.device)
-    y = torch.searchsorted(classes, labels)
-    per_class = torch.bincount(y, minlength=len(classes)).float()
-    weight = 1.0 / (per_class[y] * (per_class > 0).sum())
+    classes, y, soft, weight = replay_module.own_class_targets(labels, teacher_logits, server.label_counts[cid])
     logits = run_model(server.model, server.hypernet.unflatten(server.hypernet([cid], [batch])[0]),
-                       bn_stats, x)[:, classes]
-    T = settings["temperature"]
-    return ((F.cross_entropy(logits, y, reduction="none") * weight).sum()
-            + settings["kd_weight"] * replay_module.distillation_loss(logits, teacher_logits[:, classes], T, weight)
-            + settings["anchor_weight"] * replay_module.distillation_loss(logits, own[:, classes], T, weight))
+                       server.bn_stats[cid], x)[:, classes]
+    return replay_module.replay_loss(logits, y, soft, own[:, classes], weight, kd_weight=settings["kd_weight"],
+                                     anchor_weight=settings["anchor_weight"], temperature=settings["temperature"])
 
 
 def dream_stage(config, server, t):
@@ -126,7 +110,8 @@ def shared_replay(config, clients, server, t, shared_lr, with_shared, stage_drea
     ids = [i for _, i in tried]
     batch_of = dict((i, k) for k, i in tried)
     start = {i: server.generate(i) for i in ids}
-    pools = {i: pool_of(server, i, images, labels, teacher_logits, uploads) for i in ids}
+    pools = {i: replay_module.fine_tuning_set(server, i, images, labels, teacher_logits, uploads)
+             for i in ids}
     with torch.no_grad():
         own = {i: run_model(server.model, hypernet.unflatten(start[i]), server.bn_stats[i], pools[i][0])
                for i in ids}
