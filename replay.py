@@ -214,8 +214,9 @@ def backward_transfer(server, t, validate, confirm, *, num_images, iterations, b
         progress("fine-tune", 0, len(tried))
     proposals, confirmations = {}, {}
     for n, (k, i) in enumerate(tried):
+        pool = fine_tuning_set(server, i, images, labels, teacher_logits, uploads)
         before, after, best, confirmation = improve_client(
-            server, i, k, fine_tuning_set(server, i, images, labels, teacher_logits, uploads), params, validate, confirm, uploads, steps=steps, lr=lr, kd_weight=kd_weight,
+            server, i, k, pool, params, validate, confirm, uploads, steps=steps, lr=lr, kd_weight=kd_weight,
             anchor_weight=anchor_weight, temperature=temperature, validate_every=validate_every)
         if best is not None:
             proposals[i], confirmations[i] = best, confirmation

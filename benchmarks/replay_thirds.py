@@ -160,8 +160,9 @@ def main():
                   for _, stage in totals[s]]
         cells.append(f"{sum(sum(w) > 0 and min(w) >= 0 for w in worths if w)} of {len(worths)}")
         anchor = train.DEFAULTS["replay_anchor"] if s[3] is None else s[3]
+        read = 100 * np.mean(reads[s]) if reads[s] else float("nan")
         print(f"| {s[0]:g}, {s[1] or train.DEFAULTS['replay_lr']:g}, {s[2] or 'run'}, {anchor:g}, "
-              f"{s[4] or train.DEFAULTS['replay_validate_every']} | {100 * np.mean(reads[s]) if reads[s] else float('nan'):.1f} % | {tried} | {proposals} | "
+              f"{s[4] or train.DEFAULTS['replay_validate_every']} | {read:.1f} % | {tried} | {proposals} | "
               + " | ".join(cells) + " |", flush=True)
 
 
