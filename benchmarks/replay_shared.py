@@ -68,7 +68,7 @@ def better(score, than):
 def own_paths(server, clients, ids, batch_of, pools, settings):
     """replay.improve_client for every tried client from where the hypernetwork is now, its own rows only:
     {cid: (its best first-third score, its rows there, or None when no point beat where it started)}."""
-    rows = replayed_rows_of(server.hypernet)
+    rows = replay_module.replayed_rows(server.hypernet)
     validate = lambda cid, flat: clients[cid].evaluate(flat, server.bn_stats[cid], "val_select")  # noqa: E731
     keys = ("steps", "lr", "kd_weight", "anchor_weight", "temperature", "validate_every")
     out = {}
@@ -84,10 +84,6 @@ def measure(client, start, after, bn_stats):
     """What the client's second third says of the update (replay's four numbers), and its worth on the third."""
     worth = client.evaluate(after, bn_stats, "assess")[0] - client.evaluate(start, bn_stats, "assess")[0]
     return (*client.confirm(start, after, bn_stats), worth)
-
-
-def replayed_rows_of(hypernet):
-    return {"client_embeddings": hypernet.client_embeddings, "gates.borrow": hypernet.gates.borrow}
 
 
 def shared_replay(config, clients, server, t, shared_lr, with_shared, stage_dreams, then_own=False):
@@ -106,6 +102,7 @@ def shared_replay(config, clients, server, t, shared_lr, with_shared, stage_drea
     images, labels, teacher_logits = (torch.cat([dreamed[j][n] for j in new_clients]) for n in range(3))
     reads = float((teacher_logits.argmax(1) == labels).float().mean())
     if not tried:
+        server.dreams = saved_dreams
         return 0, {}, reads
     ids = [i for _, i in tried]
     batch_of = dict((i, k) for k, i in tried)
@@ -125,7 +122,7 @@ def shared_replay(config, clients, server, t, shared_lr, with_shared, stage_drea
 
     gates.client_gate = client_gate
     try:
-        params = replayed_rows_of(hypernet)
+        params = replay_module.replayed_rows(hypernet)
         free = {name: torch.zeros_like(p) for name, p in params.items()}
         with torch.no_grad():
             # Free units add nothing at the start: whatever reads them from an owned unit or the head is
@@ -166,7 +163,7 @@ def shared_replay(config, clients, server, t, shared_lr, with_shared, stage_drea
                 for n, p in params.items():
                     p.copy_(points[best][n])
         if then_own:
-            rows = replayed_rows_of(hypernet)
+            rows = replay_module.replayed_rows(hypernet)
             joint = {i: {n: p[i].detach().clone() for n, p in rows.items()} for i in ids}
             onward = own_paths(server, clients, ids, batch_of, pools, settings)
             for i in ids:
