@@ -24,7 +24,6 @@ import torch
 import checkpoint
 import compare
 import data
-import hypernet as hn
 import runner
 from runner import CliError, Interrupted
 from train import DEFAULTS, PRESETS
@@ -154,8 +153,9 @@ def build_parser():
     flag(r, "--replay-anchor", type=float, help="[ours] weight of KD toward the earlier client's own model")
     flag(r, "--replay-temperature", type=float, help="KD temperature")
     flag(r, "--replay-validate-every", type=int, help="[ours] fine-tuning steps between the client's scores")
-    flag(r, "--replay-confirm-z", type=float,
-         help="[ours] z of the paired test on the client's confirmation images that accepts an update")
+    flag(r, "--replay-confirm-alpha", type=float,
+         help="[ours] level of the paired tests on the clients' confirmation images that accept updates, for "
+              "a whole replay (Holm's step-down over its proposals)")
     v = p.add_argument_group("privacy of replay ([ours]: privacy.py, docs/privacy.md)")
     flag(v, "--bn-noise", type=float, metavar="SIGMA",
          help="Gaussian noise sigma on the BN statistics (and sigma x n on the label counts) each client "
@@ -259,7 +259,9 @@ def validate(c):
                 "node_timeout", "embed_lr", "lwf_temperature"]:
         if not 0 < c[key] < math.inf:
             raise CliError(f"--{key.replace('_', '-')} must be positive and finite, got {c[key]}")
-    for key in ["sparsity", "replay_kd", "replay_anchor", "replay_confirm_z", "replay_bn_weight", "bn_noise",
+    if not 0 < c["replay_confirm_alpha"] < 1:
+        raise CliError(f"--replay-confirm-alpha must be between 0 and 1, got {c['replay_confirm_alpha']}")
+    for key in ["sparsity", "replay_kd", "replay_anchor", "replay_bn_weight", "bn_noise",
                 "ditto_lambda", "lwf_weight"]:
         if not 0 <= c[key] < math.inf:
             raise CliError(f"--{key.replace('_', '-')} must be >= 0 and finite, got {c[key]}")

@@ -17,7 +17,6 @@ DeepInversion: Yin et al., "Dreaming to Distill: Data-free Knowledge Transfer vi
 removed, and its "best" batch is an alias of the pixels being optimised, so it returns the last iterate.
 """
 import math
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 

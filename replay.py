@@ -13,8 +13,8 @@ improve every earlier client, without any client's data ever reaching it:
                         model; the client scores the path on half of its validation split, the best point
                         is its proposal;
   3. `accept`           ours: each proposal is confirmed on the client's other validation half (a paired
-                        test on the per-image loss, and no fewer images right); every client whose
-                        proposal fails is restored bitwise;
+                        test on the per-image loss, Holm's step-down over the replay's proposals, and no
+                        fewer images right); every client whose proposal fails is restored bitwise;
   4. `backward_transfer` and `run_replay` put the steps together (and undo a replay that diverged).
 
 The paper fine-tunes the global hypernetwork on the synthetic data with earlier masks frozen; that
@@ -23,7 +23,9 @@ What replay needs of the server: its hypernetwork and target model, the batches,
 (`uploads(cid) -> (bn_stats, label_counts)`), `generate(cid)`, `image_size`, `faults`, and `dreams`
 (the dreams it keeps of each client, cid -> (images, labels, teacher logits); in its checkpoint).
 """
+import math
 import time
+from statistics import NormalDist
 
 import numpy as np
 import torch
@@ -43,18 +45,34 @@ def distillation_loss(student_logits, teacher_logits, temperature, weight=None):
     return per_image.mean() if weight is None else (per_image * weight).sum()
 
 
-def accept(confirmations, z):  # ours
+def accept(confirmations, alpha):  # ours
     """Which proposals to keep, from what each client's confirmation half says of its proposal:
     {cid: (gained, lost, loss drop, its standard error)}: images the proposal gets right and its start
     wrong and the reverse, and the mean per-image drop in loss with its standard error.
 
-    A one-sided paired test per client on the loss: keep the proposal if it lowers the loss by at least z
-    standard errors (z = 1.645 keeps an update that changes nothing about 5 % of the time) and gets at
+    A one-sided paired test per client on the loss, its z = drop / error, and Holm's step-down over the
+    replay's proposals: the largest z must pass at level alpha / m (m proposals), the next at alpha / (m - 1),
+    and so on; the first that fails stops the rest. So the chance that any update of a replay that changes
+    nothing is kept stays below alpha however many clients it tries (one test at 5 % per client would keep
+    such an update in about one replay of five when four clients propose). A proposal must also get at
     least as many images right as its start, so no client ends below where it started on those images.
     Every image counts in the loss, not only the few a small update flips, so a few hundred images per
     client give the test its power (docs/design.md §5)."""
-    return [cid for cid, (gained, lost, drop, error) in confirmations.items()
-            if drop > 0 and drop >= z * error and gained >= lost]
+    def z_of(said):
+        drop, error = said[2], said[3]
+        return drop / error if error > 0 else (math.inf if drop > 0 else -math.inf)
+
+    if alpha == 0:                              # keep nothing (the benchmarks decide afterwards)
+        return []
+    ordered = sorted(confirmations, key=lambda cid: z_of(confirmations[cid]), reverse=True)
+    kept = []
+    for rank, cid in enumerate(ordered):
+        gained, lost, drop, _ = confirmations[cid]
+        if not (drop > 0 and z_of(confirmations[cid]) >= NormalDist().inv_cdf(1 - alpha / (len(ordered) - rank))):
+            break
+        if gained >= lost:
+            kept.append(cid)
+    return kept
 
 
 @torch.no_grad()
@@ -168,7 +186,7 @@ def improve_client(server, cid, batch, dreams, params, validate, confirm, upload
 
 
 def backward_transfer(server, t, validate, confirm, *, num_images, iterations, bn_weight, steps, lr, kd_weight,
-                      anchor_weight, temperature, validate_every, confirm_z, seed, progress=None, uploads=None):
+                      anchor_weight, temperature, validate_every, confirm_alpha, seed, progress=None, uploads=None):
     """After stage t: dream images from batch t's clients and use them to improve every earlier client
     that holds one of their classes.
 
@@ -225,7 +243,7 @@ def backward_transfer(server, t, validate, confirm, *, num_images, iterations, b
             report[key].append(value)
         if progress is not None:
             progress("fine-tune", n + 1, len(tried))
-    kept = accept(confirmations, confirm_z)
+    kept = accept(confirmations, confirm_alpha)
     for i in kept:                              # every other client stays exactly at its start
         set_rows(params, i, proposals[i])
     report.update(kept=kept, accepted=len(kept), rejected=len(tried) - len(kept),

@@ -48,7 +48,7 @@ DEFAULTS = dict(
     # data-free replay (DeepInversion, then fine-tuning); the validation and confirmation test are ours
     no_replay=False, replay_images=64, replay_iterations=200, replay_bn_weight=0.1, replay_steps=30,
     replay_lr=1e-2, replay_kd=1.0, replay_anchor=1.0, replay_temperature=2.0, replay_validate_every=3,
-    replay_confirm_z=1.645,
+    replay_confirm_alpha=0.05,
     # ours, the shell's: privacy of replay, where the run goes, how it runs
     bn_noise=0.0, privacy_audit=False, device="auto", out=None, checkpoint_every=10, engine="local",
     node_timeout=600.0, amp=False, threads=None, deterministic=False)
@@ -144,7 +144,7 @@ def replay_settings(config):
                 bn_weight=config["replay_bn_weight"], steps=config["replay_steps"], lr=config["replay_lr"],
                 kd_weight=config["replay_kd"], anchor_weight=config["replay_anchor"],
                 temperature=config["replay_temperature"], validate_every=config["replay_validate_every"],
-                confirm_z=config["replay_confirm_z"])
+                confirm_alpha=config["replay_confirm_alpha"])
 
 
 # ------------------------------------------------------------------------------------------------------

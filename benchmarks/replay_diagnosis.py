@@ -73,7 +73,7 @@ def diagnose(run_dir, bn_weight=None):
     """(one row per teacher: its BN loss and accuracy on its own dreams, one row per earlier client tried)."""
     config, _, clients, server, batches, _ = runner.restore_finished(run_dir)
     model = server.model
-    replay = dict(train.replay_settings(config), confirm_z=float("inf"))   # decide nothing: restore every client
+    replay = dict(train.replay_settings(config), confirm_alpha=0.0)   # decide nothing: restore every client
     if bn_weight is not None:
         replay["bn_weight"] = bn_weight
     teachers, tried = [], []

@@ -220,14 +220,14 @@ def main():
                 if args.verbose:
                     for cid, v in out.items():
                         print(f"  {run} stage {t} {s} client {cid}: {v}", flush=True)
-    z = train.DEFAULTS["replay_confirm_z"]
+    alpha = train.DEFAULTS["replay_confirm_alpha"]
     print(f"{len(args.runs)} runs: " + ", ".join(args.runs))
-    print("| shared entries fine-tuned, rate | tried | proposals | kept (z = 1.645) | gain per tried on the third "
+    print("| shared entries fine-tuned, rate | tried | proposals | kept (Holm, alpha = 0.05) | gain per tried on the third "
           "| kept that lost there | stages whose kept updates gain in sum, none losing |")
     print("|---|---|---|---|---|---|---|")
     for s in settings:
         tried = sum(n for n, _ in totals[s])
-        worths = [[stage[c][4] for c in replay_module.accept({c: v[:4] for c, v in stage.items()}, z)]
+        worths = [[stage[c][4] for c in replay_module.accept({c: v[:4] for c, v in stage.items()}, alpha)]
                   for _, stage in totals[s]]
         kept = [w for ws in worths for w in ws]
         ok = sum(bool(w) and sum(w) > 0 and min(w) >= 0 for w in worths)

@@ -6,17 +6,17 @@ generated models are bitwise the same at every stage when nothing is replayed, s
 serves every t), then puts the state back. Each client's validation split is cut in thirds: replay picks
 its point on the first (playing val_select), the confirmation test reads the second (val_confirm), and the
 third measures what an update is worth. Test data is never read. The acceptance rule is applied afterwards
-to the recorded counts at several z, so one replay serves every z.
+to the recorded counts of each stage at several levels (Holm's step-down over the stage's proposals, as
+replay.accept does), so one replay serves every level.
 
     python benchmarks/replay_thirds.py runs/nr-100 runs/nr-101 --bn-weight 0.1,10
 
 Per setting: earlier clients tried (summed over stages and runs), proposals, teachers' reading of their
-own dreams, then per z: updates kept, mean gain on the third third per tried client (points; a client not
+own dreams, then per level: updates kept, mean gain on the third third per tried client (points; a client not
 kept gains 0), kept updates that lost on it.
 """
 import argparse
 import itertools
-import math
 import sys
 from pathlib import Path
 
@@ -31,7 +31,7 @@ import train  # noqa: E402
 from replay_diagnosis import check_runs  # noqa: E402  (benchmarks/, this script's folder)
 import federated as fl  # noqa: E402
 
-Z = [0.0, 1.0, 1.645, 2.326]
+ALPHAS = [0.5, 0.16, 0.05, 0.01]     # the levels of replay.accept (one proposal: z = 0, 1, 1.645, 2.326)
 VERBOSE = False
 IMAGES = None       # dreams per new client (None: the run's)
 
@@ -92,7 +92,7 @@ def replay_one(config, clients, server, t, setting, results, reads):
         proposals[cid] = (*said, worth)
         return said
 
-    replay = dict(train.replay_settings(config), bn_weight=bn_weight, confirm_z=math.inf,
+    replay = dict(train.replay_settings(config), bn_weight=bn_weight, confirm_alpha=0.0,
                   num_images=IMAGES or config["replay_images"],
                   lr=lr or train.DEFAULTS["replay_lr"], steps=steps or config["replay_steps"],
                   anchor_weight=train.DEFAULTS["replay_anchor"] if anchor is None else anchor,
@@ -144,19 +144,19 @@ def main():
             reads[s] += r[s]
     print(f"{len(args.runs)} runs: " + ", ".join(args.runs))
     print("| BN weight, lr, steps, anchor, validate every | teachers on own dreams | tried | proposals | "
-          + " | ".join(f"z = {z}: kept, gain per tried, lost" for z in Z)
-          + " | stages whose kept updates gain in sum, none losing (default z) |")
-    print("|---|---|---|---|" + "---|" * len(Z) + "---|")
+          + " | ".join(f"alpha = {a}: kept, gain per tried, lost" for a in ALPHAS)
+          + " | stages whose kept updates gain in sum, none losing (default level) |")
+    print("|---|---|---|---|" + "---|" * len(ALPHAS) + "---|")
     for s in settings:
         tried = sum(n for n, _ in totals[s])
         cells = []
-        for z in Z:
+        for a in ALPHAS:
             kept = [stage[c][4] for _, stage in totals[s]
-                    for c in replay_module.accept({c: v[:4] for c, v in stage.items()}, z)]
+                    for c in replay_module.accept({c: v[:4] for c, v in stage.items()}, a)]
             cells.append(f"{len(kept)}, {100 * sum(kept) / max(tried, 1):+.2f}, {sum(w < 0 for w in kept)}")
         proposals = sum(len(stage) for _, stage in totals[s])
-        z = train.DEFAULTS["replay_confirm_z"]
-        worths = [[stage[c][4] for c in replay_module.accept({c: v[:4] for c, v in stage.items()}, z)]
+        a = train.DEFAULTS["replay_confirm_alpha"]
+        worths = [[stage[c][4] for c in replay_module.accept({c: v[:4] for c, v in stage.items()}, a)]
                   for _, stage in totals[s]]
         cells.append(f"{sum(sum(w) > 0 and min(w) >= 0 for w in worths if w)} of {len(worths)}")
         anchor = train.DEFAULTS["replay_anchor"] if s[3] is None else s[3]

@@ -31,7 +31,7 @@ def two_stage_server():
 
 
 REPLAY = dict(num_images=4, iterations=3, bn_weight=10.0, steps=3, lr=3e-2, kd_weight=1.0, anchor_weight=1.0,
-              temperature=2.0, validate_every=1, confirm_z=1.645, seed=0)
+              temperature=2.0, validate_every=1, confirm_alpha=0.05, seed=0)
 
 
 def confirm_yes(cid, before, after):      # a client whose confirmation half agrees with any change
@@ -129,9 +129,10 @@ def test_replay_moves_the_earlier_clients_model():
 def test_acceptance_rule_lets_noise_through_rarely_and_real_gains_often():
     """Each proposal is tested on its own client's confirmation half. Proposals no better than their starts
     (the two models' per-image margins equally noisy around the same values) are kept in under 10 % of
-    trials (about 5 % at z = 1.645); proposals that raise every margin a little, on 250 images, are kept
+    trials (about 5 % at alpha = 0.05); proposals that raise every margin a little, on 250 images, are kept
     most of the time, where a test counting the images they flip keeps few. A client whose own images
-    lost is never kept."""
+    lost is never kept. A replay's proposals are tested together (Holm), so a replay of four keeps an update
+    that changes nothing about as rarely as a replay of one."""
     g = torch.Generator().manual_seed(0)
 
     def confirmations(gain, trials=2000, n=250, noise=0.3):
@@ -144,7 +145,7 @@ def test_acceptance_rule_lets_noise_through_rarely_and_real_gains_often():
         return [(int(a), int(b), d.mean().item(), d.std().item() / n ** 0.5) for a, b, d in zip(gained, lost, drop)]
 
     def kept(said):
-        return sum(replay.accept({0: one}, 1.645) == [0] for one in said) / len(said)
+        return sum(replay.accept({0: one}, 0.05) == [0] for one in said) / len(said)
 
     def kept_by_counting(said):
         return sum(a > b and a - b >= 1.645 * (a + b) ** 0.5 for a, b, _, _ in said) / len(said)
@@ -153,7 +154,22 @@ def test_acceptance_rule_lets_noise_through_rarely_and_real_gains_often():
     assert 0.01 < kept(noise) < 0.10, kept(noise)        # rare, and the test is not inert
     gains = confirmations(gain=0.1)
     assert kept(gains) > 0.6 and kept(gains) > kept_by_counting(gains) + 0.3, (kept(gains), kept_by_counting(gains))
-    assert replay.accept({0: (3, 4, 0.05, 0.01), 1: (5, 5, 0.05, 0.01), 2: (9, 2, 0.01, 0.01)}, 1.645) == [1]
+    assert replay.accept({0: (3, 4, 0.05, 0.01), 1: (5, 5, 0.05, 0.01), 2: (9, 2, 0.01, 0.01)}, 0.05) == [1]
+
+    # A replay that tries four clients: tested one by one at 5 %, an update that changes nothing would be
+    # kept in about one replay of five; Holm's step-down keeps the whole replay under 5 %, and a real gain
+    # still passes most of the time.
+    def any_kept(said, m=4):
+        replays = [dict(enumerate(said[i:i + m])) for i in range(0, len(said) - m + 1, m)]
+        return sum(bool(replay.accept(one, 0.05)) for one in replays) / len(replays)
+
+    alone = sum(any(replay.accept({0: one}, 0.05) for one in noise[i:i + 4]) for i in range(0, 2000, 4)) / 500
+    assert any_kept(noise) < 0.10 and alone > any_kept(noise) + 0.05, (any_kept(noise), alone)
+    assert any_kept(gains) > 0.6, any_kept(gains)
+    # the step-down: the larger z must pass at 0.05 / 2 (z 1.96), then the smaller at 0.05 (z 1.645)
+    assert replay.accept({0: (9, 2, 0.021, 0.01), 1: (9, 2, 0.017, 0.01)}, 0.05) == [0, 1]
+    assert replay.accept({0: (9, 2, 0.019, 0.01), 1: (9, 2, 0.019, 0.01)}, 0.05) == []
+    assert replay.accept({0: (9, 2, 0.019, 0.01)}, 0.05) == [0]
 
 
 def test_replay_without_any_statistics_from_the_new_batch_skips_everyone():
@@ -280,7 +296,7 @@ def test_a_clients_confirmation_is_the_loss_its_own_evaluation_measures(tiny_dat
     for kept in (1, 2):
         client.x_val, client.y_val = client.x_val[:kept], client.y_val[:kept]
         said = client.confirm(before, after, bn)
-        assert said[3] == float("inf") and replay.accept({0: said}, 1.645) == []
+        assert said[3] == float("inf") and replay.accept({0: said}, 0.05) == []
 
 
 def test_shared_replay_benchmark_starts_each_client_where_it_was_and_puts_everything_back(tiny_data_dir, tmp_path):

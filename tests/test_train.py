@@ -138,6 +138,8 @@ BAD_INPUT = {
     "negative --bn-noise": (["--bn-noise", "-0.1"], "--bn-noise must be >= 0 and finite"),
     "--bn-noise not a number": (["--bn-noise", "nan"], "--bn-noise must be >= 0 and finite"),
     "negative --replay-bn-weight": (["--replay-bn-weight", "-1"], "--replay-bn-weight must be >= 0 and finite"),
+    "--replay-confirm-alpha of 1": (["--replay-confirm-alpha", "1"], "--replay-confirm-alpha must be between 0 and 1"),
+    "--replay-confirm-alpha nan": (["--replay-confirm-alpha", "nan"], "--replay-confirm-alpha must be between 0 and 1"),
     "--bn-noise without replay": (["--bn-noise", "0.1", "--no-replay"], "--bn-noise is about replay"),
     "--privacy-audit of a baseline": (["--privacy-audit", "--method", "fedavg"], "--privacy-audit is about replay"),
 }
