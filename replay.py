@@ -58,17 +58,14 @@ def accept(confirmations, alpha):  # ours
     least as many images right as its start, so no client ends below where it started on those images.
     Every image counts in the loss, not only the few a small update flips, so a few hundred images per
     client give the test its power (docs/design.md §5)."""
-    def z_of(said):
-        drop, error = said[2], said[3]
-        return drop / error if error > 0 else (math.inf if drop > 0 else -math.inf)
-
     if alpha == 0:                              # keep nothing (the benchmarks decide afterwards)
         return []
-    ordered = sorted(confirmations, key=lambda cid: z_of(confirmations[cid]), reverse=True)
+    z = {cid: drop / error if error > 0 else (math.inf if drop > 0 else -math.inf)
+         for cid, (_, _, drop, error) in confirmations.items()}
     kept = []
-    for rank, cid in enumerate(ordered):
+    for rank, cid in enumerate(sorted(z, key=z.get, reverse=True)):
         gained, lost, drop, _ = confirmations[cid]
-        if not (drop > 0 and z_of(confirmations[cid]) >= NormalDist().inv_cdf(1 - alpha / (len(ordered) - rank))):
+        if not (drop > 0 and z[cid] >= NormalDist().inv_cdf(1 - alpha / (len(z) - rank))):
             break
         if gained >= lost:
             kept.append(cid)
