@@ -203,7 +203,19 @@ class Server:
         self.optimizer.reset()
         if self.hypernet.gates is not None:
             self.hypernet.gates.prepare(self.hypernet, t)
+            if t > 0:
+                self.blank_classifier(t)
         self.free = masks.compact_masks(self.free_masks(t))
+
+    @torch.no_grad()
+    def blank_classifier(self, t):  # ours
+        """Batch t's classifier offset cancels, on average over its clients, the classifier that the frozen
+        base and owned units generate for them: a new batch starts with its own blank decision (logits that
+        differ only by client), not the earlier batches' classes, while it reads their features."""
+        hypernet, ids = self.hypernet, self.batches[t]
+        hypernet.batch_classifiers[t] = 0.0
+        generated = hypernet(ids, [t] * len(ids), s=self.hypernet.gates.scale(0.0))
+        hypernet.batch_classifiers[t] = -generated[:, hypernet.classifier_index].mean(0)
 
     def free_masks(self, t):
         """{parameter name: 0/1 mask} of the entries stage t may write; a name not listed is all free."""

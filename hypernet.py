@@ -83,6 +83,9 @@ class WeightLayout:
         starts = torch.tensor([0] + self.numels).cumsum(0)[:-1].tolist()
         self.non_conv_index = torch.cat([torch.arange(s, s + n) for s, n, shape in
                                          zip(starts, self.numels, self.shapes) if len(shape) < 4])
+        # Flat positions of the classifier (the last layer, fc): the part a new batch starts afresh.
+        self.classifier_index = torch.cat([torch.arange(s, s + n) for s, n, name in
+                                           zip(starts, self.numels, self.names) if name.startswith("fc.")])
 
     def unflatten(self, flat):
         """Flat vector -> {parameter name: tensor (a view)} for run_model."""
@@ -222,6 +225,13 @@ class HyperNetwork(nn.Module):
         self.base = nn.Parameter(offset + scale * torch.randn_like(scale))
         self.register_buffer("non_conv_index", self.layout.non_conv_index.clone())
         self.client_offsets = nn.Parameter(torch.zeros(num_clients, len(self.layout.non_conv_index)))  # ours
+        # ours, HAT's per-task heads: with gates, each batch adds an offset of its own to the classifier's
+        # entries (fc), written only in its own stage. Server.begin_stage starts it so that a new batch's
+        # classifier starts blank instead of as the earlier batches' decision (docs/design.md §4).
+        self.register_buffer("classifier_index", self.layout.classifier_index.clone())
+        self.batch_classifiers = None
+        if gates is not None:
+            self.batch_classifiers = nn.Parameter(torch.zeros(gates.embeddings.shape[0], len(self.classifier_index)))
         self.adapters = None
         if adapter_budget > 0:  # ours
             if gates is None:
@@ -252,6 +262,9 @@ class HyperNetwork(nn.Module):
         weights = self.base + self.scale * raw
         if self.adapters is not None:
             weights = weights + self.adapters(torch.as_tensor(batch_of_client, device=weights.device))
+        if self.batch_classifiers is not None:
+            batch_ids = torch.as_tensor(batch_of_client, device=weights.device)
+            weights = weights.index_add(1, self.classifier_index, self.batch_classifiers[batch_ids])
         return weights.index_add(1, self.non_conv_index, self.client_offsets[ids])
 
     def unflatten(self, flat):

@@ -26,13 +26,13 @@ import torch.nn as nn
 
 class BatchGates(nn.Module):
     def __init__(self, num_batches, num_layers, hidden, num_clients, s_max=400.0, clamp=6.0, lr=0.05,
-                 max_grad_norm=10_000.0, free_start=0.0):
+                 free_start=0.0):
         super().__init__()
         self.s_max, self.clamp = s_max, clamp
-        # HAT trains the gate embeddings with plain SGD at the model's rate (0.05), not with the server's
-        # Adam: Adam would normalise away the compensation below and move a gate by ~lr a step, far too
-        # little for a mask to be learned in a stage of tens of server steps.
-        self.lr, self.max_grad_norm = lr, max_grad_norm
+        # HAT trains the gate embeddings with plain SGD, not with the server's Adam: Adam would normalise
+        # each unit on its own and erase the compensation below. `lr` is how far a typical unit's e moves in
+        # one server step (see step).
+        self.lr = lr
         # Where a batch's gate starts on units nobody owns yet (prepare): 0 = undecided, so the stage's
         # gradients alone (task against sparsity) decide which units it takes; None keeps HAT's N(0, 1).
         self.free_start = free_start
@@ -70,18 +70,25 @@ class BatchGates(nn.Module):
     def step(self, task_grad, batch, s, sparsity):
         """One HAT update of `batch`'s gate embedding from the task's gradient (the server's VJP).
 
-        Adds the sparsity penalty's gradient, compensates, clips (HAT clips at 10^4), takes a plain SGD
-        step on this batch's row only and clamps. Earlier batches' rows are never touched.
+        The task's gradient and the sparsity penalty's are compensated (HAT) and each is divided by its
+        root mean square over the units it moves (ours); then a plain SGD step on this batch's row only,
+        and HAT's clamp. Earlier batches' rows are never touched.
+
+        Why the division: HAT takes thousands of gate steps per task, a stage here takes tens, and the raw
+        gradient is ~1e-3 per unit, so e would end within +-0.01 of 0 and the binarised mask would be sign
+        noise. Normalised, a typical unit moves by `lr` a step and the gates saturate within a stage, so the
+        mask that is frozen is the mask that trained. Normalising the two terms apart makes `sparsity` a
+        ratio that means the same in every shape of the hypernetwork: at 1 the penalty pushes a unit off as
+        hard as a typical task gradient pushes it on (raw, their ratio changes tenfold with the client
+        offsets). A saturated unit's gradient is exactly 0, so the normalisation counts only units that move.
         """
         with torch.enable_grad():
-            penalty = sparsity * self.sparsity_penalty(batch, s)
-            grad = task_grad + torch.autograd.grad(penalty, self.embeddings)[0]
-        grad = self.compensate(grad, batch, s)[batch]
-        norm = torch.linalg.vector_norm(grad)
-        grad = grad * torch.clamp(self.max_grad_norm / (norm + 1e-12), max=1.0)
-        self.embeddings[batch] -= self.lr * grad
+            penalty_grad = torch.autograd.grad(self.sparsity_penalty(batch, s), self.embeddings)[0]
+        task = self.compensate(task_grad, batch, s)[batch]
+        penalty = self.compensate(penalty_grad, batch, s)[batch]
+        self.embeddings[batch] -= self.lr * (normalised(task) + sparsity * normalised(penalty))
         self.clamp_(batch)
-        return norm.item()
+        return torch.linalg.vector_norm(task).item()
 
     # --- what the optimizer sees ---------------------------------------------------------------------
 
@@ -130,6 +137,9 @@ class BatchGates(nn.Module):
         masks["head.bias"] = torch.full_like(hypernet.head.bias, 0.0 if anyone_finished else 1.0)
         masks["chunk_embeddings"] = torch.full_like(hypernet.chunk_embeddings, 0.0 if anyone_finished else 1.0)
         masks["base"] = torch.full_like(hypernet.base, 0.0 if anyone_finished else 1.0)
+        own_row = torch.zeros_like(hypernet.batch_classifiers)
+        own_row[batch] = 1.0
+        masks["batch_classifiers"] = own_row            # a batch writes its own classifier offset only
         if hypernet.adapters is not None:
             # A batch writes its own adapter, never another's. Batch 0 writes the shared base instead (its
             # adapter stays zero), so stage 0 trains exactly as without them.
@@ -161,7 +171,12 @@ class BatchGates(nn.Module):
 
     @torch.no_grad()
     def finish(self, batch):
-        """Binarise and freeze batch's gate, record what it owns; return the neuron accounting."""
+        """Binarise and freeze batch's gate, record what it owns; return the neuron accounting.
+
+        `soft`: the share of the batch's gates still between 0.1 and 0.9 at s_max, i.e. what binarising
+        changes. Near 0 when the mask that is frozen is the mask that trained."""
+        at_s_max = torch.sigmoid(self.s_max * self.embeddings[batch])
+        soft = ((at_s_max > 0.1) & (at_s_max < 0.9)).float().mean().item()
         active = self.embeddings[batch] > 0
         if not active.any(dim=1).all():
             # A layer with no active unit would generate weights from the head bias alone. Keep the
@@ -176,7 +191,14 @@ class BatchGates(nn.Module):
         used = active.float().mean().item()
         reuse = (active & previously_owned).sum().item() / max(active.sum().item(), 1)
         return {"used": used, "owned": self.owned.float().mean().item(), "reuse": reuse,
-                "free_before": 1.0 - previously_owned.float().mean().item()}
+                "free_before": 1.0 - previously_owned.float().mean().item(), "soft": soft}
+
+
+def normalised(grad):  # ours
+    """grad divided by its root mean square over its nonzero entries (all zeros stays all zeros)."""
+    moving = (grad != 0).sum().clamp(min=1)
+    rms = torch.sqrt((grad ** 2).sum() / moving)
+    return grad / rms if rms > 0 else grad
 
 
 # --------------------------------------------------------------------------------------------------

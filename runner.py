@@ -27,6 +27,20 @@ import train
 DATASET_IMAGES = {"cifar10": (50_000, 10_000), "cifar100": (50_000, 10_000), "tinyimagenet": (100_000, 10_000)}
 
 
+def late_rise(losses, stage):
+    """A warning when a stage's last two rounds trained from clearly worse models than its best round
+    before them (local loss 1.5 times and 0.2 above it): the batch's mask or weights changed late and no
+    round followed to repair it. None otherwise (and for stages too short to tell, or resumed mid-way)."""
+    finite = [x for x in losses if x == x]
+    if len(finite) < 4:
+        return None
+    best, last = min(finite[:-2]), sum(finite[-2:]) / 2
+    if last > 1.5 * best and last - best > 0.2:
+        return (f"warning: stage {stage}'s last rounds got worse (local loss {best:.3f} at best, {last:.3f} in the "
+                "last two): its batch may end below what it reached; compare its accuracy with its local reference")
+    return None
+
+
 class CliError(Exception):
     """A user mistake: printed as one line, exit code 2."""
 
@@ -135,6 +149,7 @@ class Shell(train.Hooks):
         self.nodes = None                   # --engine flower: flower_app.Nodes, once the nodes are reached
         self.bar = self.replay_bar = self.replay_phase = None
         self.clock = {"start": time.time(), "last": time.time(), "rounds": []}
+        self.stage_losses = []      # this stage's local losses, to warn when its last rounds get worse
         self.checkpoint_path = os.path.join(config["out"], checkpoint.FILENAME)
 
     def begin(self, server, clients, batches, model, dataset=None):
@@ -178,6 +193,12 @@ class Shell(train.Hooks):
             self.bar.set_postfix(stage=f"{state.stage + 1}/{config['batches']}", loss=f"{loss:.3f}")
             self.bar.update(1)
             self.estimate(state)
+            self.stage_losses.append(loss)
+        else:
+            warning = late_rise(self.stage_losses, state.stage - 1)
+            if warning:
+                self.bar.write(warning)
+            self.stage_losses = []
         self.clock["last"] = time.time()
         if stage_done and state.replays and "images" in state.replays[-1]:
             if self.flower:             # the dataset's normalisation lives on the nodes

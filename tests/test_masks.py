@@ -230,3 +230,50 @@ def test_a_batch_that_finds_no_free_unit_still_learns_and_earlier_batches_stay_f
         assert torch.equal(server.generate(c), frozen_before[c])
     for c in (2, 3):
         assert not torch.equal(server.generate(c), new_before[c])
+
+
+def test_a_new_batch_starts_with_its_own_blank_classifier():
+    """From batch 1 on, the classifier a new batch's clients are generated with averages to zero over the
+    batch (it cancels what the frozen, owned part says), instead of repeating the earlier batches' decision;
+    batch 0's classifier offset is never written after its stage."""
+    server, clients = make_server(with_masks=True)
+    net = server.hypernet
+    run_stage(server, clients, 0)
+    before_offsets = net.batch_classifiers[0].detach().clone()
+    first_s = net.gates.scale(0.0)                  # the gate scale of a stage's first round
+    old_decision = net([2, 3], [0, 0], s=first_s)[:, net.classifier_index].mean(0)   # as if batch 1 were batch 0
+    server.begin_stage(1)
+    start = net([2, 3], [1, 1], s=first_s)[:, net.classifier_index]
+    assert old_decision.abs().max() > 1e-3
+    assert start.mean(0).abs().max() < 1e-5 * max(1.0, old_decision.abs().max().item())
+    run_stage(server, clients, 1)
+    assert torch.equal(net.batch_classifiers[0], before_offsets)
+    assert not torch.equal(net.batch_classifiers[1], -old_decision)        # batch 1 trained its own
+
+
+def tiny_run(tiny_data_dir, **overrides):
+    """train.run on the tiny generated data with a small, quick configuration (no replay, no reference)."""
+    import train
+    config = dict(train.DEFAULTS, dataset="cifar10", data_dir=str(tiny_data_dir), batches=2, clients_per_batch=3,
+                  rounds=12, clients_per_round=3, local_steps=3, batch_size=16, width=4, hidden=32, chunk_size=256,
+                  embed_dim=4, no_replay=True, seed=0)
+    config.update(overrides)
+    return train.run(config, torch.device("cpu"), pa_reference=False)
+
+
+def test_a_stage_ends_with_hard_gates(tiny_data_dir):
+    """At the end of every stage the gates are decided at s_max (almost none between 0.1 and 0.9), so binarising
+    freezes the mask that trained; and the batch keeps some units and leaves others (the mask decided)."""
+    results = tiny_run(tiny_data_dir)
+    for stage in results["neurons"]:
+        assert stage["soft"] < 0.05, results["neurons"]         # before: 0.9 of the gates still soft
+    assert 0.0 < results["neurons"][0]["used"] < 1.0
+
+
+def test_the_papers_shape_onboards_a_second_batch(tiny_data_dir):
+    """--adapter-budget 0 (no adapters, no client offsets): the second batch learns its own classes well
+    above chance (each client holds 2 classes: chance is 0.5) while batch 0 stays exactly where it was."""
+    results = tiny_run(tiny_data_dir, adapter_budget=0.0, rounds=16, sparsity=1.0)
+    batch0, batch1 = results["batches"]
+    assert [results["accuracy"][0][c] for c in batch0] == [results["accuracy"][1][c] for c in batch0]
+    assert results["metrics"]["batch_acc"][1][1] > 0.75, results["metrics"]["batch_acc"]

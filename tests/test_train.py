@@ -279,3 +279,10 @@ def test_deterministic_switches_cuda_kernels_both_ways():
         assert not torch.are_deterministic_algorithms_enabled()
     finally:
         cli.use_kernels(False)
+
+
+def test_a_stage_whose_last_rounds_get_worse_is_not_ended_silently():
+    import runner
+    assert runner.late_rise([1.2, 0.7, 0.55, 0.5, 0.52, 0.9, 1.1], stage=1).startswith("warning: stage 1")
+    assert runner.late_rise([1.2, 0.7, 0.55, 0.5, 0.52, 0.58, 0.49], stage=1) is None     # noise, not a fall
+    assert runner.late_rise([0.5, 2.0], stage=0) is None                                   # too short to tell
