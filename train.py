@@ -44,7 +44,7 @@ DEFAULTS = dict(
     # and the LwF weight chosen on validation, development seeds 100-101 (docs/results.md)
     embed_lr=0.1, ditto_lambda=0.01, lwf_weight=1.0, lwf_temperature=2.0,
     # the batch masks (HAT); gate_start, and the adapters and client offsets, are ours
-    sparsity=0.01, s_max=400.0, gate_lr=0.05, gate_start=0.0, no_masks=False, adapter_budget=0.05, adapter_lr=1e-2,
+    sparsity=0.5, s_max=400.0, gate_lr=0.05, gate_start=0.0, no_masks=False, adapter_budget=0.05, adapter_lr=1e-2,
     # data-free replay (DeepInversion, then fine-tuning); the validation and confirmation test are ours
     no_replay=False, replay_images=64, replay_iterations=200, replay_bn_weight=0.1, replay_steps=30,
     replay_lr=1e-2, replay_kd=1.0, replay_anchor=1.0, replay_temperature=2.0, replay_validate_every=3,
