@@ -9,7 +9,7 @@ Owns two things, in reading order:
                     emits one chunk of the flat weight vector (pFedHN's per-tensor heads would need ~1.1 B
                     parameters for ResNet-18; the shared head needs a few million). The trunk's hidden units
                     are gated per batch of clients: that is the "sub-hypernetwork" (gates live in masks.py).
-                    BatchAdapters and the client offsets are ours, not the paper's.
+                    BatchAdapters, the client offsets and the batches' own classifiers are ours.
 How the hypernetwork learns (pFedHN's update) is the server's business: federated.Server.update.
 
 pFedHN: Shamsian et al., "Personalized Federated Learning using Hypernetworks", ICML 2021.
@@ -194,12 +194,14 @@ class HyperNetwork(nn.Module):
     is multiplied by the gate of the client's batch (masks.BatchGates); without masks (pFedHN) the
     gate is all ones.
 
-    Two additions of ours (docs/design.md), both zero until trained, so they change nothing before:
+    Additions of ours (docs/design.md), each zero until trained or started, so they change nothing before:
       * client_offsets: per client, an offset of its non-convolution weights (BatchNorm gains and biases,
         the classifier): a classifier of its own, which a hypernetwork shared by clients with other
         classes gives it only slowly. With adapters the server trains it in the client's own stage and
         nobody writes it afterwards; without adapters it stays zero.
       * adapter_budget > 0 (needs gates) gives every batch a low-rank offset of its own (BatchAdapters).
+    With gates, every batch also has its own offset of the classifier (batch_classifiers, below): HAT's
+    per-task heads, in both shapes.
     """
 
     def __init__(self, target, num_clients, embed_dim=32, chunk_embed_dim=32, hidden=128, num_layers=3,

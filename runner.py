@@ -408,7 +408,8 @@ def print_table(accuracy_by_batch, ri_per_batch, neurons):
         cells = " | ".join("   -   " if a is None else f"{a:7.4f}" for a in row)
         extra = ""
         if neurons[t] is not None:
-            extra = f"   neurons used {neurons[t]['used']:.2f} owned {neurons[t]['owned']:.2f} reuse {neurons[t]['reuse']:.2f}"
+            extra = (f"   neurons used {neurons[t]['used']:.2f} owned {neurons[t]['owned']:.2f} "
+                     f"reuse {neurons[t]['reuse']:.2f} soft {neurons[t].get('soft', float('nan')):.2f}")
         print(f"{t:5d} | {cells}{extra}")
     print("RI per batch: " + ", ".join(f"{r:+.4f}" for r in ri_per_batch))
 

@@ -7,6 +7,7 @@ reused, and the batch's accuracy against its clients trained alone (PA). Validat
 test accuracy is printed because PA is defined on it.
 
     python benchmarks/gate_dynamics.py --seeds 70,200 --set sparsity=0.01 --out /tmp/gates.json
+    python benchmarks/gate_dynamics.py --summarize /tmp/gates.json     # the table, from saved runs
 """
 import argparse
 import json
@@ -18,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
+import hypernet as hn  # noqa: E402
 import train  # noqa: E402
 
 
@@ -26,7 +28,33 @@ class GateWatch(train.Hooks):
         self.rows, self.quiet, self.previous = [], quiet, None
 
     def begin(self, server, clients, batches, model, dataset=None):
-        self.server = server
+        self.server, self.clients, self.starts = server, clients, []
+        begin_stage = server.begin_stage
+
+        def begin_and_look(t):         # how a new batch's first models read its validation images
+            begin_stage(t)
+            if t == 0:
+                return
+            own, right, total = 0, 0, 0
+            for cid in server.batches[t]:
+                client = clients[cid]
+                flat = server.hypernet([cid], [t], s=server.hypernet.gates.scale(0.0))[0].detach()
+                # in train mode, as local training first sees them (a new client's BN statistics are blank)
+                x, y = client.held_out("val")
+                client.model.train()
+                with torch.no_grad():
+                    logits = hn.run_model(client.model, client.unflatten(flat),
+                                          {n: b.clone() for n, b in server.bn_stats[cid].items()},
+                                          data.normalize(x, client.mean, client.std))
+                guess = logits.argmax(1)
+                own += sum(int(g) in client.classes for g in guess.tolist())
+                right += int((guess == y).sum())
+                total += len(y)
+            self.starts.append(dict(stage=t, own_class_share=own / total, accuracy=right / total))
+            if not self.quiet:
+                print(f"  stage {t} starts: {100 * own / total:.1f} % of first predictions in own classes, "
+                      f"accuracy {100 * right / total:.1f} %", flush=True)
+        server.begin_stage = begin_and_look
         return None, None
 
     def after_round(self, state, rng, stage_done, loss=None):
@@ -50,8 +78,35 @@ class GateWatch(train.Hooks):
                   "soft(s_max) {soft_at_smax:.3f} on {on:.3f} flipped {flipped:.3f}".format(**row), flush=True)
 
 
+def summarize(paths):
+    """One line per seed and the distribution of PA, from the --out files of earlier runs."""
+    runs = [r for path in paths for r in json.loads(Path(path).read_text())["runs"]]
+    print("seed | own-stage acc per batch | local per batch | PA per batch | final mean | soft at s_max (max) | "
+          "flipped in the last 5 rounds (max) | used / owned per batch | new batch's first predictions in own classes")
+    for r in sorted(runs, key=lambda r: r["seed"]):
+        m, rows = r["metrics"], r["rows"]
+        units = " / ".join("{used:.2f}-{owned:.2f}".format(**n) for n in r["neurons"])
+        starts = " / ".join("{:.0f} %".format(100 * d["own_class_share"]) for d in r.get("starts", []))
+        last = max(x["round"] for x in rows)
+        late = max((x["flipped"] for x in rows if x["round"] > last - 5), default=0.0)
+        print(f"{r['seed']} | {' / '.join(f'{100 * a:.1f}' for a in r['own'])} | "
+              f"{' / '.join('-' if a is None else f'{100 * a:.1f}' for a in r['local'])} | "
+              f"{' / '.join(f'{100 * a:+.2f}' for a in m['pa_per_batch'] or [])} | {100 * m['mean_acc']:.2f} | "
+              f"{max(n['soft'] for n in r['neurons']):.3f} | {late:.3f} | "
+              f"{units} | "
+              f"{starts}")
+    worst = [min(r["metrics"]["pa_per_batch"]) for r in runs if r["metrics"]["pa_per_batch"]]
+    pa = [r["metrics"]["pa"] for r in runs if r["metrics"]["pa"] is not None]
+    if pa:
+        print(f"{len(pa)} runs: PA mean {100 * np.mean(pa):+.2f}, median {100 * np.median(pa):+.2f}, min "
+              f"{100 * min(pa):+.2f}, max {100 * max(pa):+.2f}; quartiles {100 * np.percentile(pa, 25):+.2f} / "
+              f"{100 * np.percentile(pa, 75):+.2f}; runs with a batch more than 5 points below local: "
+              f"{sum(w < -0.05 for w in worst)}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--summarize", nargs="+", metavar="JSON", help="print the table of earlier --out files and stop")
     p.add_argument("--seeds", default="70")
     p.add_argument("--dataset", default="cifar10")
     p.add_argument("--batches", type=int, default=2)
@@ -60,6 +115,8 @@ def main():
     p.add_argument("--out")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
+    if args.summarize:
+        return summarize(args.summarize)
     torch.set_num_threads(1)
     config = dict(train.DEFAULTS, **train.PRESETS["cpu-demo"], dataset=args.dataset, batches=args.batches,
                   data_dir=args.data_dir, no_replay=True)
@@ -84,7 +141,9 @@ def main():
               f"{[None if a is None else round(100 * a, 1) for a in local]}, PA per batch "
               f"{[round(100 * a, 2) for a in (m['pa_per_batch'] or [])]}, final mean {100 * m['mean_acc']:.2f}, "
               f"neurons {[{k: round(v, 3) for k, v in n.items()} for n in state.neurons]}", flush=True)
-        everything.append(dict(seed=seed, rows=watch.rows, metrics=m, local=local, own=own, neurons=state.neurons,
+        print(f"  first models of each new batch: {[(d['stage'], round(100 * d['own_class_share'], 1)) for d in watch.starts]}"
+              " (% of validation predictions in the batch's own classes)", flush=True)
+        everything.append(dict(seed=seed, rows=watch.rows, starts=watch.starts, metrics=m, local=local, own=own, neurons=state.neurons,
                                val=result["val_metrics"]["batch_acc"]))
     if args.out:
         Path(args.out).write_text(json.dumps(dict(config={k: v for k, v in config.items() if k != "seed"},
