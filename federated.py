@@ -168,7 +168,8 @@ class Server:
         # ours: a new batch has a stage of tens of server steps to move its adapter as far as the classifier's
         # own scale: at the hypernetwork's rate it would not get there (docs/design.md), so it has its own rate.
         adapter_rates = {name: adapter_lr for name in self.params
-                         if (name.startswith("adapters.") or name == "client_offsets") and adapter_lr}
+                         if (name.startswith("adapters.") or name in ("client_offsets", "client_classifiers"))
+                         and adapter_lr}
         self.optimizer = masks.ServerOptimizer(
             self.params, kind=optimizer, lr=server_lr, momentum=server_momentum, weight_decay=server_weight_decay,
             lr_of=adapter_rates)
@@ -209,13 +210,13 @@ class Server:
 
     @torch.no_grad()
     def blank_classifier(self, t):  # ours
-        """Batch t's classifier offset cancels, on average over its clients, the classifier that the frozen
-        base and owned units generate for them: a new batch starts with its own blank decision (logits that
-        differ only by client), not the earlier batches' classes, while it reads their features."""
+        """Each of batch t's clients gets the classifier offset that cancels the classifier the frozen base,
+        head bias and owned units generate for it: a new client starts with a blank decision (equal logits),
+        not the earlier batches' classes, while it reads their features."""
         hypernet, ids = self.hypernet, self.batches[t]
-        hypernet.batch_classifiers[t] = 0.0
+        hypernet.client_classifiers[ids] = 0.0
         generated = hypernet(ids, [t] * len(ids), s=self.hypernet.gates.scale(0.0))
-        hypernet.batch_classifiers[t] = -generated[:, hypernet.classifier_index].mean(0)
+        hypernet.client_classifiers[ids] = -generated[:, hypernet.classifier_index]
 
     def free_masks(self, t):
         """{parameter name: 0/1 mask} of the entries stage t may write; a name not listed is all free."""
@@ -266,8 +267,9 @@ class Server:
         rows = torch.zeros_like(self.hypernet.client_embeddings)
         rows[kept_ids] = 1.0
         free["client_embeddings"] = rows
-        if "client_offsets" in self.params:
-            free["client_offsets"] = rows[:, :1].expand_as(self.hypernet.client_offsets)
+        for name in ("client_offsets", "client_classifiers"):
+            if name in self.params:
+                free[name] = rows[:, :1].expand_as(self.params[name])
         self.optimizer.step(grads, free)
         for k in kept:
             self.bn_stats[client_ids[k]] = updates[k].bn_stats

@@ -9,7 +9,7 @@ Owns two things, in reading order:
                     emits one chunk of the flat weight vector (pFedHN's per-tensor heads would need ~1.1 B
                     parameters for ResNet-18; the shared head needs a few million). The trunk's hidden units
                     are gated per batch of clients: that is the "sub-hypernetwork" (gates live in masks.py).
-                    BatchAdapters, the client offsets and the batches' own classifiers are ours.
+                    BatchAdapters, the client offsets and the clients' own classifiers are ours.
 How the hypernetwork learns (pFedHN's update) is the server's business: federated.Server.update.
 
 pFedHN: Shamsian et al., "Personalized Federated Learning using Hypernetworks", ICML 2021.
@@ -200,8 +200,8 @@ class HyperNetwork(nn.Module):
         classes gives it only slowly. With adapters the server trains it in the client's own stage and
         nobody writes it afterwards; without adapters it stays zero.
       * adapter_budget > 0 (needs gates) gives every batch a low-rank offset of its own (BatchAdapters).
-    With gates, every batch also has its own offset of the classifier (batch_classifiers, below): HAT's
-    per-task heads, in both shapes.
+    With gates, every client also has its own offset of the classifier (client_classifiers, below), in
+    both shapes: a new client's starts blank.
     """
 
     def __init__(self, target, num_clients, embed_dim=32, chunk_embed_dim=32, hidden=128, num_layers=3,
@@ -227,13 +227,13 @@ class HyperNetwork(nn.Module):
         self.base = nn.Parameter(offset + scale * torch.randn_like(scale))
         self.register_buffer("non_conv_index", self.layout.non_conv_index.clone())
         self.client_offsets = nn.Parameter(torch.zeros(num_clients, len(self.layout.non_conv_index)))  # ours
-        # ours, HAT's per-task heads: with gates, each batch adds an offset of its own to the classifier's
-        # entries (fc), written only in its own stage. Server.begin_stage starts it so that a new batch's
-        # classifier starts blank instead of as the earlier batches' decision (docs/design.md §4).
+        # ours: with gates, each client adds a classifier offset of its own to the classifier's entries (fc),
+        # written only in its batch's stage. Server.begin_stage starts a new batch's at minus what the frozen
+        # part generates, so a new client starts with a blank decision, not the earlier batches' one.
         self.register_buffer("classifier_index", self.layout.classifier_index.clone())
-        self.batch_classifiers = None
+        self.client_classifiers = None
         if gates is not None:
-            self.batch_classifiers = nn.Parameter(torch.zeros(gates.embeddings.shape[0], len(self.classifier_index)))
+            self.client_classifiers = nn.Parameter(torch.zeros(num_clients, len(self.classifier_index)))
         self.adapters = None
         if adapter_budget > 0:  # ours
             if gates is None:
@@ -264,9 +264,8 @@ class HyperNetwork(nn.Module):
         weights = self.base + self.scale * raw
         if self.adapters is not None:
             weights = weights + self.adapters(torch.as_tensor(batch_of_client, device=weights.device))
-        if self.batch_classifiers is not None:
-            batch_ids = torch.as_tensor(batch_of_client, device=weights.device)
-            weights = weights.index_add(1, self.classifier_index, self.batch_classifiers[batch_ids])
+        if self.client_classifiers is not None:
+            weights = weights.index_add(1, self.classifier_index, self.client_classifiers[ids])
         return weights.index_add(1, self.non_conv_index, self.client_offsets[ids])
 
     def unflatten(self, flat):

@@ -122,7 +122,8 @@ class BatchGates(nn.Module):
         Unit u of layer l feeds earlier batches only if one of them owns it (their binary gates are 0
         elsewhere), so a weight is frozen when both of its ends are owned, and everything downstream of
         all units (head bias, chunk embeddings, the shared base) is frozen as soon as any batch has finished.
-        Client embeddings are the server's business: it frees exactly the rows of the round's clients.
+        Client embeddings, offsets and classifiers are the server's business: it frees exactly the rows of the
+        round's clients.
         """
         owned = self.owned
         masks = {}
@@ -137,9 +138,6 @@ class BatchGates(nn.Module):
         masks["head.bias"] = torch.full_like(hypernet.head.bias, 0.0 if anyone_finished else 1.0)
         masks["chunk_embeddings"] = torch.full_like(hypernet.chunk_embeddings, 0.0 if anyone_finished else 1.0)
         masks["base"] = torch.full_like(hypernet.base, 0.0 if anyone_finished else 1.0)
-        own_row = torch.zeros_like(hypernet.batch_classifiers)
-        own_row[batch] = 1.0
-        masks["batch_classifiers"] = own_row            # a batch writes its own classifier offset only
         if hypernet.adapters is not None:
             # A batch writes its own adapter, never another's. Batch 0 writes the shared base instead (its
             # adapter stays zero), so stage 0 trains exactly as without them.
