@@ -92,7 +92,7 @@ def summarize(paths):
         print(f"{r['seed']} | {' / '.join(f'{100 * a:.1f}' for a in r['own'])} | "
               f"{' / '.join('-' if a is None else f'{100 * a:.1f}' for a in r['local'])} | "
               f"{' / '.join(f'{100 * a:+.2f}' for a in m['pa_per_batch'] or [])} | {100 * m['mean_acc']:.2f} | "
-              f"{max(n['soft'] for n in r['neurons']):.3f} | {late:.3f} | "
+              f"{max(n.get('soft', float('nan')) for n in r['neurons']):.3f} | {late:.3f} | "
               f"{units} | "
               f"{starts}")
     worst = [min(r["metrics"]["pa_per_batch"]) for r in runs if r["metrics"]["pa_per_batch"]]
