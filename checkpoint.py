@@ -18,7 +18,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-FORMAT = 2          # 2: the onboarding state is stored under "onboarding" (1 called it "progress")
+FORMAT = 3          # 3: the hypernetwork holds the clients' classifiers (2: without; 1 called the onboarding state "progress")
 FILENAME = "checkpoint.pt"
 # Settings that say how to run, not what to compute: they may differ between a run and its resume.
 RUN_ONLY_KEYS = {"out", "overwrite", "resume", "checkpoint_every", "device", "stop_after_rounds",
