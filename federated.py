@@ -215,7 +215,7 @@ class Server:
         not the earlier batches' classes, while it reads their features."""
         hypernet, ids = self.hypernet, self.batches[t]
         hypernet.client_classifiers[ids] = 0.0
-        generated = hypernet(ids, [t] * len(ids), s=self.hypernet.gates.scale(0.0))
+        generated = hypernet(ids, [t] * len(ids), s=hypernet.gates.scale(0.0))
         hypernet.client_classifiers[ids] = -generated[:, hypernet.classifier_index]
 
     def free_masks(self, t):

@@ -83,7 +83,7 @@ class WeightLayout:
         starts = torch.tensor([0] + self.numels).cumsum(0)[:-1].tolist()
         self.non_conv_index = torch.cat([torch.arange(s, s + n) for s, n, shape in
                                          zip(starts, self.numels, self.shapes) if len(shape) < 4])
-        # Flat positions of the classifier (the last layer, fc): the part a new batch starts afresh.
+        # Flat positions of the classifier (the last layer, fc): the part each new client starts blank.
         self.classifier_index = torch.cat([torch.arange(s, s + n) for s, n, name in
                                            zip(starts, self.numels, self.names) if name.startswith("fc.")])
 
