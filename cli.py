@@ -143,6 +143,13 @@ def build_parser():
     r = p.add_argument_group("data-free replay (pfeddsh)")
     flag(r, "--no-replay", action="store_true", default=None, help="ablation: masks only (RI is then exactly 0)")
     flag(r, "--no-masks", action="store_true", default=None, help="ablation: no masks (pfedhn + replay)")
+    flag(r, "--replay", choices=["ours", "paper"],
+         help="paper: the server fine-tunes the earlier clients' rows on the dreams and asks no client anything; "
+              "ours: the same, each update then chosen and confirmed by the client on its validation data "
+              "(earlier clients must be online; one that does not answer is left as it is)")
+    flag(r, "--replay-control", choices=["none", "noise", "own"],
+         help="[ours] a control through the same pipeline: noise = images, labels and teacher outputs that carry "
+              "no knowledge in place of the new clients' dreams; own = the earlier client's own dreams alone")
     flag(r, "--replay-images", type=int, help="synthetic images per new client")
     flag(r, "--replay-iterations", type=int, help="DeepInversion iterations")
     flag(r, "--replay-bn-weight", type=float,
@@ -266,9 +273,13 @@ def validate(c):
         if not 0 <= c[key] < math.inf:
             raise CliError(f"--{key.replace('_', '-')} must be >= 0 and finite, got {c[key]}")
     replays = c["method"] == "pfeddsh" and not c["no_replay"]
-    for flag, given in [("--privacy-audit", c["privacy_audit"]), ("--bn-noise", c["bn_noise"] > 0)]:
+    for flag, given in [("--privacy-audit", c["privacy_audit"]), ("--bn-noise", c["bn_noise"] > 0),
+                        ("--replay paper", c["replay"] == "paper"),
+                        (f"--replay-control {c['replay_control']}", c["replay_control"] != "none")]:
         if given and not replays:
             raise CliError(f"{flag} is about replay: it needs --method pfeddsh without --no-replay")
+    if c["privacy_audit"] and c["replay_control"] != "none":
+        raise CliError("--privacy-audit audits the new clients' dreams; a --replay-control run has none to audit")
     if c["s_max"] < 1:
         raise CliError(f"--s-max must be >= 1 (the gates anneal from s = 1/s_max up to s_max), got {c['s_max']}")
     check_seed(c["seed"], "--seed")

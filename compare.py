@@ -36,12 +36,15 @@ VARIANTS = {
     "pfeddsh-no-replay": dict(method="pfeddsh", no_replay=True),
     "pfeddsh-no-masks": dict(method="pfeddsh", no_masks=True),       # = pfedhn + replay
     "pfeddsh-paper": dict(method="pfeddsh", adapter_budget=0.0),      # the paper's shape: no adapters
+    "pfeddsh-paper-replay": dict(method="pfeddsh", replay="paper"),   # the paper's replay: no client asked
+    "pfeddsh-noise": dict(method="pfeddsh", replay_control="noise"),  # controls of replay (ours)
+    "pfeddsh-own": dict(method="pfeddsh", replay_control="own"),
 }
 
 
 def variant_config(name):
     """The config keys that make a run this variant (the switches of the others set back to off)."""
-    return dict(dict(no_replay=False, no_masks=False), **VARIANTS[name])
+    return dict(dict(no_replay=False, no_masks=False, replay="ours", replay_control="none"), **VARIANTS[name])
 
 
 def plasticity(results, local):
@@ -141,14 +144,7 @@ def markdown(runs, command):
                      + f" | {cell(replay_s, digits=1)} | {accepted or '–'} |")
     lines += per_batch_transfer(runs, num_batches)
     lines += neuron_table(runs)
-    if "pfeddsh" in runs and "pfeddsh-no-replay" in runs:
-        by_seed = {r["config"]["seed"]: r for r in runs["pfeddsh-no-replay"]}
-        pairs = [(100 * r["metrics"]["ri"], 100 * by_seed[r["config"]["seed"]]["metrics"]["ri"])
-                 for r in runs["pfeddsh"] if r["config"]["seed"] in by_seed]
-        share = paired_interval([p[0] for p in pairs], [p[1] for p in pairs])
-        if share:
-            lines += ["", f"Replay's share of RI (pfeddsh minus pfeddsh-no-replay, paired by seed, {len(pairs)} "
-                          f"seeds): {share[0]:+.2f} points, 95 % t interval [{share[1]:+.2f}, {share[2]:+.2f}]."]
+    lines += replay_arms(runs)
     lines += versus(runs)
     lines += ["", "PA: new clients' accuracy after their stage minus `local` on the same clients and seed. "
               "RI: final minus after-own-stage accuracy of earlier batches (negative = forgetting). "
@@ -156,6 +152,42 @@ def markdown(runs, command):
               "variants write all of them; FedAvg and local have no hypernetwork). Wall time: training, "
               "replay and evaluation of one run.", ""]
     return "\n".join(lines)
+
+
+REPLAY_ARMS = ["pfeddsh", "pfeddsh-noise", "pfeddsh-own", "pfeddsh-paper-replay"]
+
+
+def ri_pairs(runs, first, second):
+    """RI (points) of two methods on the seeds both ran: ([first's], [second's])."""
+    by_seed = {r["config"]["seed"]: 100 * r["metrics"]["ri"] for r in runs[second]}
+    pairs = [(100 * r["metrics"]["ri"], by_seed[r["config"]["seed"]]) for r in runs[first]
+             if r["config"]["seed"] in by_seed]
+    return [a for a, _ in pairs], [b for _, b in pairs]
+
+
+def replay_arms(runs):
+    """Replay's share of RI for every replay arm present (the arm minus pfeddsh-no-replay, paired by seed),
+    and the new clients' dreams against each control (pfeddsh minus the arm), with 95 % t intervals, and
+    the questions each arm put to earlier clients."""
+    arms = [a for a in REPLAY_ARMS if a in runs]
+    if "pfeddsh-no-replay" not in runs or not arms:
+        return []
+    lines = ["", "Replay's share of RI (each replay arm minus pfeddsh-no-replay, paired by seed; points, 95 % t "
+                 "interval), and the dreams against each arm (pfeddsh minus it):", "",
+             "| arm | seeds | share of RI | 95 % interval | pfeddsh minus arm | 95 % interval | client queries per replay |",
+             "|---|---|---|---|---|---|---|"]
+    for arm in arms:
+        a, b = ri_pairs(runs, arm, "pfeddsh-no-replay")
+        share = paired_interval(a, b)
+        versus_dreams = paired_interval(*ri_pairs(runs, "pfeddsh", arm)) if arm != "pfeddsh" and "pfeddsh" in runs \
+            else None
+        queries = [x.get("client_queries") for r in runs[arm] for x in r["replay"]]
+        queries = "–" if not queries or None in queries else f"{np.mean(queries):.1f}"
+        lines.append(f"| {arm} | {len(a)} | " + (f"{share[0]:+.2f} | [{share[1]:+.2f}, {share[2]:+.2f}]" if share
+                                                 else "– | –")
+                     + " | " + (f"{versus_dreams[0]:+.2f} | [{versus_dreams[1]:+.2f}, {versus_dreams[2]:+.2f}]"
+                                if versus_dreams else "– | –") + f" | {queries} |")
+    return lines
 
 
 def versus(runs, reference="pfeddsh"):

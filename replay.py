@@ -17,8 +17,14 @@ improve every earlier client, without any client's data ever reaching it:
                         fewer images right); every client whose proposal fails is restored bitwise;
   4. `backward_transfer` and `run_replay` put the steps together (and undo a replay that diverged).
 
-The paper fine-tunes the global hypernetwork on the synthetic data with earlier masks frozen; that
-replay writes only an earlier client's own rows, and the acceptance test, are ours (docs/design.md §5).
+Two modes (`--replay`). `paper`: the server fine-tunes the hypernetwork on the dreams with every batch's
+mask frozen, so no unit a batch owns is written, only each earlier client's own rows; it keeps the end of
+the path and asks no client anything. `ours` (the default): the same fine-tuning, and the client's
+selection and confirmation of step 2-3, so an earlier client must be online (one that does not answer is
+left as it is). Two controls (`--replay-control`, ours) feed the same pipeline something else in place of
+the new clients' dreams: `noise` (images, labels and teacher outputs that carry no knowledge) and `own`
+(the earlier client's own dreams alone): if they gain as much, replay's gain is selection, not transfer
+(docs/design.md §5).
 What replay needs of the server: its hypernetwork and target model, the batches, the clients' uploads
 (`uploads(cid) -> (bn_stats, label_counts)`), `generate(cid)`, `image_size`, `faults`, and `dreams`
 (the dreams it keeps of each client, cid -> (images, labels, teacher logits); in its checkpoint).
@@ -112,6 +118,22 @@ def dream(server, dreamers, uploads, *, num_images, iterations, bn_weight, seed,
     return out, [d.bn_loss_start for d in dreamed], [d.bn_loss_end for d in dreamed]
 
 
+def noise_dreams(uploads, new_clients, *, num_images, image_size, seed):  # ours: the control `noise`
+    """In place of each new client's dreams: as many images, labels and teacher outputs that carry no
+    knowledge. The images are the pixels DeepInversion starts from (N(0, 1) in the normalised space the
+    first convolution reads, so the first BN layer sees inputs of the data's scale), the labels are drawn
+    from the client's label counts as synthesis draws them, the teacher's logits are zero (uniform). So
+    the control removes exactly what synthesis adds: the images the new clients' models shaped."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for j in new_clients:
+        counts = uploads(j)[1]
+        images = torch.randn(num_images, 3, image_size, image_size, generator=g).to(counts.device)
+        labels = deepinversion.draw_labels(counts.cpu(), num_images, g).to(counts.device)
+        out[j] = (images, labels, torch.zeros(num_images, len(counts), device=counts.device))
+    return out
+
+
 def own_class_targets(labels, teacher_logits, label_counts):
     """An earlier client's view of its fine-tuning set: its classes, each image's label as a position among
     them, the teachers' logits of those classes, and a weight per image that makes every class weigh the
@@ -134,8 +156,8 @@ def replay_loss(logits, y, soft, own, weight, *, kd_weight, anchor_weight, tempe
 def fine_tuning_set(server, cid, images, labels, teacher_logits, uploads):
     """The new clients' dreams of client cid's classes next to cid's own dreams (images, labels, teacher
     logits), so that every class it holds is in the set."""
-    held = (uploads(cid)[1] > 0).to(labels.device)
-    keep, keep_own = held[labels], held[server.dreams[cid][1]]
+    held = (uploads(cid)[1] > 0).to(server.dreams[cid][1].device)
+    keep, keep_own = held[labels.to(held.device)], held[server.dreams[cid][1]]
     return tuple(torch.cat([new[keep], own[keep_own]]) for new, own in
                  zip((images, labels, teacher_logits), server.dreams[cid]))
 
@@ -146,6 +168,8 @@ def improve_client(server, cid, batch, dreams, params, validate, confirm, upload
     labels and their teachers' logits), every class weighing the same, and score the path on the
     client's selection half; the best point is its proposal, which the client's confirmation half then
     reads. Leaves `params` exactly as it found them: accept() decides what is kept.
+    `validate` None (the paper's replay): no client is asked and the end of the path is the proposal.
+    A client that does not answer (validate or confirm gives None) gets no proposal.
     Returns (val before, val of the proposal, the proposal's rows of `params` or None if no point beat the
     start, what the confirmation half says of it (gained, lost, loss drop, its standard error))."""
     hypernet, model = server.hypernet, server.model
@@ -153,6 +177,10 @@ def improve_client(server, cid, batch, dreams, params, validate, confirm, upload
     bn_stats, label_counts = uploads(cid)
     classes, y, soft, weight = own_class_targets(labels, teacher_logits, label_counts)
     start_flat = server.generate(cid)
+    asks = validate is not None
+    before = best_score = validate(cid, start_flat) if asks else None
+    if asks and before is None:                 # offline: nothing is tried, nothing changes
+        return None, None, None, None
     with torch.no_grad():
         own = run_model(model, hypernet.unflatten(start_flat), bn_stats, x)[:, classes]
     saved = {name: p.detach().clone() for name, p in params.items()}
@@ -160,70 +188,109 @@ def improve_client(server, cid, batch, dreams, params, validate, confirm, upload
     for mask in free.values():
         mask[cid] = 1.0                         # only this client's rows may move
     optimizer = ServerOptimizer(params, kind="adam", lr=lr)
-    before = best_score = validate(cid, start_flat)
     best = None
     for step in range(1, steps + 1):
         logits = run_model(model, hypernet.unflatten(hypernet([cid], [batch])[0]), bn_stats, x)[:, classes]
         loss = replay_loss(logits, y, soft, own, weight, kd_weight=kd_weight, anchor_weight=anchor_weight,
                            temperature=temperature)
         optimizer.step(dict(zip(params, torch.autograd.grad(loss, list(params.values())))), free)
-        if step % validate_every == 0 or step == steps:
+        if asks and (step % validate_every == 0 or step == steps):
             score = validate(cid, server.generate(cid))
+            if score is None:                   # the client left mid-path: no proposal
+                best = None
+                break
             if score[0] > best_score[0] or (score[0] == best_score[0] and score[1] < best_score[1]):
                 best_score, best = score, {name: p[cid].detach().clone() for name, p in params.items()}
+    if not asks:
+        best = {name: p[cid].detach().clone() for name, p in params.items()}
     with torch.no_grad():                       # exactly the start again
         for name, p in params.items():
             p.copy_(saved[name])
     confirmation = (0, 0, 0.0, 0.0)
-    if best is not None:                        # a proposal: the client's confirmation half measures its effect
+    if best is not None and asks:               # a proposal: the client's confirmation half measures its effect
         set_rows(params, cid, best)
         confirmation = confirm(cid, start_flat, server.generate(cid))
         set_rows(params, cid, {name: saved[name][cid] for name in params})
-    return list(before), list(best_score), best, confirmation
+        if confirmation is None:
+            best, confirmation = None, (0, 0, 0.0, 0.0)
+    return (None if before is None else list(before), None if best_score is None else list(best_score), best,
+            confirmation)
 
 
 def backward_transfer(server, t, validate, confirm, *, num_images, iterations, bn_weight, steps, lr, kd_weight,
-                      anchor_weight, temperature, validate_every, confirm_alpha, seed, progress=None, uploads=None):
+                      anchor_weight, temperature, validate_every, confirm_alpha, seed, mode, control,
+                      progress=None, uploads=None):
     """After stage t: dream images from batch t's clients and use them to improve every earlier client
     that holds one of their classes.
 
     An earlier client i learns from the new clients' dreams of its classes, next to its own dreams (made
     from its own model the first time it needed them, then kept by the server as `server.dreams`), so
     that every class it holds is in its fine-tuning set: the new batch brings knowledge of the classes
-    it shares, i's own dreams keep the rest where they were.
-    The clients take part on their own data, sending back numbers only: `validate(cid, flat) -> (accuracy,
-    loss)` on half of the validation split, `confirm(cid, flat_before, flat_after) -> (gained, lost,
-    loss drop, its standard error)` on the other half. `uploads(cid) -> (bn_stats, label_counts)`: what
-    the server holds of a client (None: its own copies). `progress(phase, done, total)` hears
-    ("synthesis", ...) then ("fine-tune", ...).
-    Returns the report: BN losses, accepted / rejected / skipped counts, per-client scores, the new
-    clients' images. No defaults here: train.py's DEFAULTS are the one place the settings live.
+    it shares, i's own dreams keep the rest where they were. Only the new clients that hold a class of
+    some tried client are dreamed from (the others' dreams would reach no fine-tuning set).
+    `mode` "ours": the clients take part on their own data, sending back numbers only: `validate(cid,
+    flat) -> (accuracy, loss)` on half of the validation split, `confirm(cid, flat_before, flat_after) ->
+    (gained, lost, loss drop, its standard error)` on the other half; None from either: the client did
+    not answer and stays as it is. `mode` "paper": neither is called; every tried client keeps the end
+    of its path. `control` (ours): "none", "noise" (noise_dreams in place of the new clients' dreams) or
+    "own" (the client's own dreams alone). `uploads(cid) -> (bn_stats, label_counts)`: what the server
+    holds of a client (None: its own copies). `progress(phase, done, total)` hears ("synthesis", ...)
+    then ("fine-tune", ...).
+    Returns the report: BN losses, accepted / rejected / skipped counts, per-client scores, the clients
+    that did not answer, how many questions the clients were asked, the new clients' images. No defaults
+    here: train.py's DEFAULTS are the one place the settings live.
     """
+    if mode not in ("ours", "paper") or control not in ("none", "noise", "own"):
+        raise ValueError(f"replay mode must be ours or paper and control none, noise or own: {mode}, {control}")
     uploads = uploads or held_uploads(server)
+    asked = [0]                                 # questions put to clients: 0 in the paper's mode
+
+    def counted(question):
+        def ask(*args):
+            asked[0] += 1
+            return question(*args)
+        return ask
+    if mode == "paper":
+        validate = confirm = None
+    else:
+        validate, confirm = counted(validate), counted(confirm)
     # A client whose every update was dropped, or that was never drawn for a round, uploaded nothing.
     new_clients = [j for j in server.batches[t] if j in server.label_counts]
     earlier = [(k, i) for k in range(t) for i in server.batches[k]]
-    report = {"synthesis_s": 0.0, "bn_loss_start": [], "bn_loss_end": [], "accepted": 0, "rejected": 0,
-              "skipped": 0, "val_before": [], "val_after": [], "confirm": [], "tried": [], "kept": [],
-              "dreamers": list(new_clients)}
-    if not new_clients:
-        size = server.image_size
-        return dict(report, skipped=len(earlier), images=torch.zeros(0, 3, size, size),
-                    labels=torch.zeros(0, dtype=torch.long), teacher_reads=None)
-    new_classes = sum((uploads(j)[1] > 0).long() for j in new_clients)
-    tried = [(k, i) for k, i in earlier
-             if i in server.label_counts and bool(((uploads(i)[1] > 0) & (new_classes > 0)).any())]
+    report = {"mode": mode, "control": control, "synthesis_s": 0.0, "bn_loss_start": [], "bn_loss_end": [],
+              "accepted": 0, "rejected": 0, "skipped": 0, "val_before": [], "val_after": [], "confirm": [],
+              "tried": [], "kept": [], "unanswered": [], "client_queries": 0, "dreamers": []}
+    size = server.image_size
+    nothing = dict(images=torch.zeros(0, 3, size, size), labels=torch.zeros(0, dtype=torch.long),
+                   teacher_reads=None)
+    held = {c: uploads(c)[1] > 0 for c in new_clients + [i for _, i in earlier if i in server.label_counts]}
+    new_classes = torch.stack([held[j] for j in new_clients]).any(0) if new_clients else None
+    tried = [(k, i) for k, i in earlier if new_classes is not None and i in held
+             and bool((held[i] & new_classes).any())]
+    if not tried:
+        return dict(report, **nothing, skipped=len(earlier))
+    teachers = [j for j in new_clients if any(bool((held[j] & held[i]).any()) for _, i in tried)]
     start = time.time()
-    dreamers = new_clients + [i for _, i in tried if i not in server.dreams]
-    dreamed, report["bn_loss_start"], report["bn_loss_end"] = dream(
-        server, dreamers, uploads, num_images=num_images, iterations=iterations, bn_weight=bn_weight,
-        seed=seed, progress=progress)
-    if tried:       # each client's own dreams, for when later batches replay onto it (none tried: a picture only)
-        server.dreams.update(dreamed)
-    images, labels, teacher_logits = (torch.cat([dreamed[j][n] for j in new_clients]) for n in range(3))
-    report.update(synthesis_s=time.time() - start, images=images, labels=labels,
-                  # how many dreams their own teacher reads as the class they were dreamed for
-                  teacher_reads=float((teacher_logits.argmax(1) == labels).float().mean()))
+    dreamers = ([] if control != "none" else teachers) + [i for _, i in tried if i not in server.dreams]
+    dreamed = {}
+    if dreamers:
+        dreamed, report["bn_loss_start"], report["bn_loss_end"] = dream(
+            server, dreamers, uploads, num_images=num_images, iterations=iterations, bn_weight=bn_weight,
+            seed=seed, progress=progress)
+    server.dreams.update({i: dreamed[i] for _, i in tried if i in dreamed})     # kept for later replays
+    if control == "noise":
+        dreamed.update(noise_dreams(uploads, teachers, num_images=num_images, image_size=size, seed=seed))
+    sources = [] if control == "own" else teachers
+    report["dreamers"] = sources
+    if sources:
+        images, labels, teacher_logits = (torch.cat([dreamed[j][n] for j in sources]) for n in range(3))
+        # how many dreams their own teacher reads as the class they were dreamed for
+        reads = float((teacher_logits.argmax(1) == labels).float().mean()) if control == "none" else None
+    else:
+        own = server.dreams[tried[0][1]]
+        images, labels, teacher_logits = own[0][:0], own[1][:0], own[2][:0]
+        reads = None
+    report.update(synthesis_s=time.time() - start, images=images, labels=labels, teacher_reads=reads)
     params = replayed_rows(server.hypernet)
     if progress is not None:
         progress("fine-tune", 0, len(tried))
@@ -233,18 +300,20 @@ def backward_transfer(server, t, validate, confirm, *, num_images, iterations, b
         before, after, best, confirmation = improve_client(
             server, i, k, pool, params, validate, confirm, uploads, steps=steps, lr=lr, kd_weight=kd_weight,
             anchor_weight=anchor_weight, temperature=temperature, validate_every=validate_every)
+        if mode == "ours" and before is None:
+            report["unanswered"].append(i)
         if best is not None:
             proposals[i], confirmations[i] = best, confirmation
         report["tried"].append(i)
-        for key, value in zip(("val_before", "val_after", "confirm"), (before, after, list(confirmation))):
+        for key, value in zip(("val_before", "val_after", "confirm"), (before, after, list(confirmation or ()))):
             report[key].append(value)
         if progress is not None:
             progress("fine-tune", n + 1, len(tried))
-    kept = accept(confirmations, confirm_alpha)
+    kept = list(proposals) if mode == "paper" else accept(confirmations, confirm_alpha)
     for i in kept:                              # every other client stays exactly at its start
         set_rows(params, i, proposals[i])
     report.update(kept=kept, accepted=len(kept), rejected=len(tried) - len(kept),
-                  skipped=len(earlier) - len(tried))
+                  skipped=len(earlier) - len(tried), client_queries=asked[0])
     return report
 
 
@@ -259,11 +328,20 @@ def run_replay(server, clients, t, seed, settings, progress=None, uploads=None, 
     changed = replayed_rows(server.hypernet)
     saved = {name: p.detach().clone() for name, p in changed.items()}
 
+    def answer(question, *args):
+        """None: the client did not answer (unreachable; or NaN, which is also what a client with no
+        validation image to score on sends back)."""
+        try:
+            numbers = question(*args)
+        except (ConnectionError, TimeoutError):
+            return None
+        return None if numbers is None or any(math.isnan(v) for v in numbers) else numbers
+
     def validate(cid, flat):            # runs on client cid: its own validation data, two numbers back
-        return clients[cid].evaluate(flat, server.bn_stats[cid], split="val_select")
+        return answer(clients[cid].evaluate, flat, server.bn_stats[cid], "val_select")
 
     def confirm(cid, flat_before, flat_after):      # on client cid too: four numbers back
-        return clients[cid].confirm(flat_before, flat_after, server.bn_stats[cid])
+        return answer(clients[cid].confirm, flat_before, flat_after, server.bn_stats[cid])
 
     replay_start = time.time()
     report = backward_transfer(server, t, validate, confirm, seed=seed + t, progress=progress, uploads=uploads,

@@ -438,17 +438,22 @@ def report_replay(report, t, mean, std, out, write=print):
     """Write stage t's synthetic images to a png and drop them from the report (results.json holds numbers)."""
     images = report.pop("images")
     report.pop("labels"), report.pop("dreamers")
-    if len(images) == 0:
+    if not report["tried"]:
         write(f"replay after stage {t}: nothing to replay (no earlier client holds a class of a new client "
               f"that uploaded statistics)")
         return
-    deepinversion.save_grid(images[:128], mean, std, os.path.join(out, f"synthetic_batch{t}.png"))
-    write(f"replay after stage {t}: {report['replay_s']:.1f} s (synthesis {report['synthesis_s']:.1f} s), "
-          f"BN loss {sum(report['bn_loss_start']) / len(report['bn_loss_start']):.2f} -> "
-          f"{sum(report['bn_loss_end']) / len(report['bn_loss_end']):.2f}, teachers read "
-          f"{report['teacher_reads']:.0%} of their dreams as dreamed, updates accepted "
-          f"{report['accepted']}, rejected {report['rejected']}, skipped {report['skipped']}"
-          + (" -- DIVERGED (non-finite), undone" if report["dropped"] else ""))
+    if len(images):
+        deepinversion.save_grid(images[:128], mean, std, os.path.join(out, f"synthetic_batch{t}.png"))
+    bn = (f"BN loss {sum(report['bn_loss_start']) / len(report['bn_loss_start']):.2f} -> "
+          f"{sum(report['bn_loss_end']) / len(report['bn_loss_end']):.2f}, " if report["bn_loss_start"] else "")
+    reads = (f"teachers read {report['teacher_reads']:.0%} of their dreams as dreamed, "
+             if report["teacher_reads"] is not None else "")
+    control = "" if report["control"] == "none" else f"control {report['control']}, "
+    unanswered = f", {len(report['unanswered'])} did not answer" if report["unanswered"] else ""
+    write(f"replay ({report['mode']}) after stage {t}: {report['replay_s']:.1f} s (synthesis "
+          f"{report['synthesis_s']:.1f} s), {control}{bn}{reads}updates accepted {report['accepted']}, rejected "
+          f"{report['rejected']}, skipped {report['skipped']}{unanswered}; {report['client_queries']} questions "
+          f"to earlier clients" + (" -- DIVERGED (non-finite), undone" if report["dropped"] else ""))
     if report.get("audit"):
         write(audit_line(report["audit"], t))
 

@@ -45,8 +45,9 @@ DEFAULTS = dict(
     embed_lr=0.1, ditto_lambda=0.01, lwf_weight=1.0, lwf_temperature=2.0,
     # the batch masks (HAT); gate_start, and the adapters and client offsets, are ours
     sparsity=0.5, s_max=400.0, gate_lr=0.05, gate_start=0.0, no_masks=False, adapter_budget=0.05, adapter_lr=1e-2,
-    # data-free replay (DeepInversion, then fine-tuning); the validation and confirmation test are ours
-    no_replay=False, replay_images=64, replay_iterations=200, replay_bn_weight=0.1, replay_steps=30,
+    # data-free replay (DeepInversion, then fine-tuning); replay "paper" asks no client, "ours" adds the
+    # clients' validation and confirmation test; the controls (replay_control noise / own) are ours
+    no_replay=False, replay="ours", replay_control="none", replay_images=64, replay_iterations=200, replay_bn_weight=0.1, replay_steps=30,
     replay_lr=1e-2, replay_kd=1.0, replay_anchor=1.0, replay_temperature=2.0, replay_validate_every=3,
     replay_confirm_alpha=0.05,
     # ours, the shell's: privacy of replay, where the run goes, how it runs
@@ -144,7 +145,8 @@ def replay_settings(config):
                 bn_weight=config["replay_bn_weight"], steps=config["replay_steps"], lr=config["replay_lr"],
                 kd_weight=config["replay_kd"], anchor_weight=config["replay_anchor"],
                 temperature=config["replay_temperature"], validate_every=config["replay_validate_every"],
-                confirm_alpha=config["replay_confirm_alpha"])
+                confirm_alpha=config["replay_confirm_alpha"], mode=config["replay"],
+                control=config["replay_control"])
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ def two_stage_server():
 
 
 REPLAY = dict(num_images=4, iterations=3, bn_weight=10.0, steps=3, lr=3e-2, kd_weight=1.0, anchor_weight=1.0,
-              temperature=2.0, validate_every=1, confirm_alpha=0.05, seed=0)
+              temperature=2.0, validate_every=1, confirm_alpha=0.05, seed=0, mode="ours", control="none")
 
 
 def confirm_yes(cid, before, after):      # a client whose confirmation half agrees with any change
@@ -126,6 +126,105 @@ def test_replay_moves_the_earlier_clients_model():
     assert moved > 0.1, moved
     change = (server.generate(1) - before[1]).norm() / before[1].norm()
     assert change > 1e-3, change
+
+
+def pools_and_dreamers(monkeypatch):
+    """Record what reaches the fine-tuning (each tried client's pool) and whom synthesis dreams from."""
+    pools, dreamed = {}, []
+    improve, dream = replay.improve_client, replay.dream
+
+    def recording_improve(server, cid, batch, dreams, *args, **kwargs):
+        pools[cid] = [d.clone() for d in dreams]
+        return improve(server, cid, batch, dreams, *args, **kwargs)
+
+    def recording_dream(server, dreamers, *args, **kwargs):
+        dreamed.extend(dreamers)
+        return dream(server, dreamers, *args, **kwargs)
+
+    monkeypatch.setattr(replay, "improve_client", recording_improve)
+    monkeypatch.setattr(replay, "dream", recording_dream)
+    return pools, dreamed
+
+
+def test_the_noise_control_feeds_the_fine_tuning_no_dream(monkeypatch):
+    """--replay-control noise: no new client is dreamed from; the tried client's pool is its own dreams
+    next to noise_dreams' Gaussian images with zero teacher logits, and nothing else."""
+    server = two_stage_server()
+    pools, dreamed = pools_and_dreamers(monkeypatch)
+    report = replay.backward_transfer(server, 1, lambda cid, flat: (0.0, 1.0), confirm_no,
+                                      **dict(REPLAY, control="noise"))
+    assert report["tried"] == [1] and dreamed == [1]          # only the tried client's own dreams
+    noise = replay.noise_dreams(replay.held_uploads(server), [2], num_images=4, image_size=server.image_size,
+                                seed=0)[2]
+    images, labels, logits = pools[1]
+    own = server.dreams[1]
+    held = server.label_counts[1] > 0
+    expected_images = torch.cat([noise[0][held[noise[1]]], own[0][held[own[1]]]])
+    assert torch.equal(images, expected_images)
+    new_part = len(expected_images) - int(held[own[1]].sum())
+    assert new_part > 0 and torch.equal(logits[:new_part], torch.zeros_like(logits[:new_part]))
+
+
+def test_the_own_control_fine_tunes_on_the_clients_own_dreams_alone(monkeypatch):
+    server = two_stage_server()
+    pools, dreamed = pools_and_dreamers(monkeypatch)
+    replay.backward_transfer(server, 1, lambda cid, flat: (0.0, 1.0), confirm_no, **dict(REPLAY, control="own"))
+    assert dreamed == [1]
+    assert torch.equal(pools[1][0], server.dreams[1][0])       # all its own dreams (it holds both classes)
+
+
+def test_with_dreams_the_pool_holds_the_new_clients_dreams_of_the_clients_classes(monkeypatch):
+    """The reference for the two controls: dreams from new client 2 (it shares class 2 with client 1; new
+    client 3 shares nothing with any tried client, so it is not dreamed from)."""
+    server = two_stage_server()
+    pools, dreamed = pools_and_dreamers(monkeypatch)
+    replay.backward_transfer(server, 1, lambda cid, flat: (0.0, 1.0), confirm_no, **REPLAY)
+    assert dreamed == [2, 1]
+    assert len(pools[1][0]) > len(server.dreams[1][0])
+
+
+def test_the_papers_replay_asks_no_client_and_keeps_the_end_of_the_path():
+    server = two_stage_server()
+    before = snapshot(server)
+
+    def refuse(*args):
+        raise AssertionError("the paper's replay asked a client")
+
+    report = replay.backward_transfer(server, 1, refuse, refuse, **dict(REPLAY, mode="paper"))
+    assert report["client_queries"] == 0 and report["kept"] == report["tried"] == [1]
+    after = snapshot(server)
+    assert not torch.equal(before[1], after[1])
+    assert all(torch.equal(before[c], after[c]) for c in (0, 2, 3))
+
+
+def test_ours_counts_its_questions_to_the_clients():
+    report = replay.backward_transfer(two_stage_server(), 1, lambda cid, flat: (0.0, 1.0), confirm_no,
+                                      **dict(REPLAY, steps=3))
+    assert report["client_queries"] == 1 + 3            # the start, then every step (validate_every 1)
+
+
+def test_an_earlier_client_that_does_not_answer_stays_bitwise_as_it_was(tiny_data_dir):
+    """Through run_replay, as a run calls it: client 1 (the one replay would try) is unreachable."""
+    config = dict(train.DEFAULTS, data_dir=str(tiny_data_dir), batches=2, clients_per_batch=2, rounds=2,
+                  clients_per_round=2, local_steps=1, batch_size=8, width=4, hidden=16, embed_dim=8,
+                  classes_per_client=10, replay_images=4, replay_iterations=2, replay_steps=2, seed=0,
+                  device="cpu")
+    dataset, clients, server, batches, _ = train.build(config, torch.device("cpu"))
+    state = train.onboard(server, clients, batches, dict(config, no_replay=True), pa_reference=False)
+    del state
+    earlier = batches[0]
+    before = {c: server.generate(c).clone() for c in earlier}
+    params = {n: p.detach().clone() for n, p in server.hypernet.named_parameters()}
+
+    def unreachable(*args, **kwargs):
+        raise TimeoutError("no answer")
+
+    for c in earlier:
+        clients[c].evaluate = clients[c].confirm = unreachable
+    report = replay.run_replay(server, clients, 1, 0, train.replay_settings(config))
+    assert report["tried"] and report["unanswered"] == report["tried"] and report["accepted"] == 0
+    assert all(torch.equal(server.generate(c), before[c]) for c in earlier)
+    assert all(torch.equal(p, params[n]) for n, p in server.hypernet.named_parameters())
 
 
 def test_acceptance_rule_lets_noise_through_rarely_and_real_gains_often():
