@@ -305,12 +305,12 @@ class RemoteClient:
         return scores["test"][0], scores["val"][0]
 
     def confirm(self, flat_before, flat_after, bn_stats):
-        """No answer: a loss drop of 0, which accepts nothing, so the client is restored as it was."""
+        """No answer: None, and replay leaves the client as it was (replay.run_replay)."""
         self._ready()
         content, = self.nodes.exchange([(self.cid, "evaluate.confirm", {
             "weights": to_record({"before": flat_before, "after": flat_after}), "bn": to_record(bn_stats)})])
         if content is None:
-            return 0, 0, 0.0, 0.0
+            return None
         metrics = content["metrics"]
         return int(metrics["gained"]), int(metrics["lost"]), float(metrics["drop"]), float(metrics["error"])
 

@@ -18,6 +18,7 @@ kept gains 0), kept updates that lost on it.
 import argparse
 import itertools
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,9 @@ import federated as fl  # noqa: E402
 ALPHAS = [0.5, 0.16, 0.05, 0.01]     # the levels of replay.accept (one proposal: z = 0, 1, 1.645, 2.326)
 VERBOSE = False
 IMAGES = None       # dreams per new client (None: the run's)
+ITERATIONS = None   # DeepInversion iterations (None: the run's)
+CONTROL = "none"    # replay's control (--replay-control)
+SECONDS = []        # (synthesis, the rest) seconds of each replay with the first setting
 
 
 class ThirdsClient(fl.Client):
@@ -94,10 +98,14 @@ def replay_one(config, clients, server, t, setting, results, reads):
 
     replay = dict(train.replay_settings(config), bn_weight=bn_weight, confirm_alpha=0.0,
                   num_images=IMAGES or config["replay_images"],
+                  iterations=ITERATIONS or config["replay_iterations"], control=CONTROL,
                   lr=lr or train.DEFAULTS["replay_lr"], steps=steps or config["replay_steps"],
                   anchor_weight=train.DEFAULTS["replay_anchor"] if anchor is None else anchor,
                   validate_every=every or train.DEFAULTS["replay_validate_every"])
+    start = time.time()
     report = replay_module.backward_transfer(server, t, validate, confirm, seed=config["seed"] + t, **replay)
+    if setting == next(iter(results)):
+        SECONDS.append((report["synthesis_s"], time.time() - start - report["synthesis_s"]))
     results[setting].append((len(report["tried"]), proposals))
     if VERBOSE:
         for cid, before, after in zip(report["tried"], report["val_before"], report["val_after"]):
@@ -122,10 +130,12 @@ def main():
     p.add_argument("--anchor", default=None, help="anchor (KD toward the client's own model) weights, comma-separated")
     p.add_argument("--validate-every", default=None, help="steps between scores of the path, comma-separated")
     p.add_argument("--images", type=int, default=None, help="dreams per new client (default: the run's)")
+    p.add_argument("--iterations", type=int, default=None, help="DeepInversion iterations (default: the run's)")
+    p.add_argument("--control", default="none", choices=["none", "noise", "own"], help="replay's control")
     p.add_argument("--verbose", action="store_true", help="one line per tried client")
     args = p.parse_args()
-    global VERBOSE, IMAGES
-    VERBOSE, IMAGES = args.verbose, args.images
+    global VERBOSE, IMAGES, ITERATIONS, CONTROL
+    VERBOSE, IMAGES, ITERATIONS, CONTROL = args.verbose, args.images, args.iterations, args.control
     try:
         settings = list(itertools.product([float(v) for v in args.bn_weight.split(",")],
                                           [float(v) for v in args.lr.split(",")] if args.lr else [None],
@@ -143,6 +153,10 @@ def main():
             totals[s] += results[s]
             reads[s] += r[s]
     print(f"{len(args.runs)} runs: " + ", ".join(args.runs))
+    synthesis, rest = (np.mean([x[i] for x in SECONDS]) for i in (0, 1))
+    print(f"control {CONTROL}, images {IMAGES or 'as run'}, iterations {ITERATIONS or 'as run'}: per replay "
+          f"{synthesis + rest:.1f} s, synthesis {synthesis:.1f} s, fine-tuning and the clients' scores {rest:.1f} s "
+          f"(first setting; the others reuse its dreams)")
     print("| BN weight, lr, steps, anchor, validate every | teachers on own dreams | tried | proposals | "
           + " | ".join(f"alpha = {a}: kept, gain per tried, lost" for a in ALPHAS)
           + " | stages whose kept updates gain in sum, none losing (default level) |")

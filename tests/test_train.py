@@ -147,6 +147,10 @@ BAD_INPUT = {
     "--replay-confirm-alpha nan": (["--replay-confirm-alpha", "nan"], "--replay-confirm-alpha must be between 0 and 1"),
     "--bn-noise without replay": (["--bn-noise", "0.1", "--no-replay"], "--bn-noise is about replay"),
     "--privacy-audit of a baseline": (["--privacy-audit", "--method", "fedavg"], "--privacy-audit is about replay"),
+    "--replay paper without replay": (["--replay", "paper", "--no-replay"], "--replay paper is about replay"),
+    "a control of a baseline": (["--replay-control", "noise", "--method", "pfedhn"], "--replay-control noise is about"),
+    "an unknown control": (["--replay-control", "shuffle"], "invalid choice"),
+    "an audit of noise": (["--replay-control", "noise", "--privacy-audit"], "a --replay-control run has none"),
 }
 
 
