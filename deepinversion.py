@@ -134,7 +134,7 @@ def jensen_shannon(teacher_logits, student_logits, temperature=3.0):
     return (0.5 * kl_p + 0.5 * kl_q).clamp(0.0, 1.0)
 
 
-def synthesize(model, clients, *, num_images=64, iterations=200, lr=0.1, bn_weight=10.0, first_bn_multiplier=1.0,
+def synthesize(model, clients, *, num_images=64, iterations=200, lr=0.1, bn_weight=0.1, first_bn_multiplier=1.0,
                tv_weight=2.5e-5, l2_weight=0.0, jitter=2, flip=True, competition_weight=0.0, student=None,
                image_size=32, seed=0, device=None, progress=None, vmap=True):
     """One batch of images per client; all clients' pixels are optimised together, in one computation.

@@ -155,7 +155,7 @@ class Server:
     """The hypernetwork and all per-client state the server may hold (embeddings, BN statistics)."""
 
     def __init__(self, hypernet, model, batches, *, optimizer="adam", server_lr=3e-3, server_momentum=0.9,
-                 server_weight_decay=0.0, grad_clip=50.0, sparsity=0.75, image_size=32, adapter_lr=None, amp=False):
+                 server_weight_decay=0.0, grad_clip=50.0, sparsity=0.5, image_size=32, adapter_lr=1e-2, amp=False):
         self.hypernet, self.model, self.batches, self.image_size = hypernet, model, batches, image_size
         self.amp = amp              # --amp: the clients' training and reported evaluation (never replay's synthesis)
         self.batch_of = {cid: t for t, ids in enumerate(batches) for cid in ids}
