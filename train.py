@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-import baselines
+from shell import baselines
 import data
 import federated as fl
 import hypernet as hn
@@ -276,5 +276,5 @@ def run(config, device, hooks=None, pa_reference=True):
 
 
 if __name__ == "__main__":
-    import cli      # the shell: flags, checks, resume, progress, results.json and plots
+    from shell import cli      # the shell: flags, checks, resume, progress, results.json and plots
     sys.exit(cli.cli())

@@ -15,7 +15,7 @@ sys.path.insert(0, str(REPO))
 import deepinversion  # noqa: E402
 import federated as fl  # noqa: E402
 import train  # noqa: E402
-import cli  # noqa: E402
+from shell import cli  # noqa: E402
 import replay  # noqa: E402
 
 # tests/test_train.py's TINY plus a few replay steps, so replay's state is part of what must resume exactly.

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import baselines  # noqa: E402
-import cli  # noqa: E402
+from shell import baselines  # noqa: E402
+from shell import cli  # noqa: E402
 import federated as fl  # noqa: E402
 import train  # noqa: E402
 from test_baselines import TINY, build, onboard  # noqa: E402

@@ -10,8 +10,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-import cli  # noqa: E402
-import compare  # noqa: E402
+from shell import cli  # noqa: E402
+from shell import compare  # noqa: E402
 
 GUIDE = REPO / "docs" / "walkthrough.md"
 # Appended to each command: later flags win, so the guide's protocol shrinks to a few seconds.
