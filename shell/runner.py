@@ -19,7 +19,7 @@ import data
 import deepinversion
 import hypernet as hn
 import train
-from shell import checkpoint, compare
+from shell import baselines, checkpoint, compare
 
 
 # Sizes of the datasets data.py reads (train, test images): to refuse early what cannot fit.
@@ -72,7 +72,7 @@ def run(config, caught, how_to_continue="rerun with --resume to continue", grid=
         if flower:              # the server holds no data: the nodes do (and report their sizes)
             results = run_on_flower(config, device, shell, grid)
         else:
-            results = train.run(config, device, shell, pa_reference=pa_reference)
+            results = train.run(config, device, shell, pa_reference=pa_reference, servers=baselines.SERVERS)
     except data.DataError as e:
         raise CliError(str(e)) from None
     finally:
@@ -122,7 +122,7 @@ def run_on_flower(config, device, shell, grid):
     from shell import flower_app
     torch.manual_seed(config["seed"])
     server, batches, model, _ = train.build_server(config, device, data.DATASETS[config["dataset"]],
-                                                   data.IMAGE_SIZE[config["dataset"]])
+                                                   data.IMAGE_SIZE[config["dataset"]], servers=baselines.SERVERS)
     found = {}
 
     def onboard(clients, nodes):
@@ -395,7 +395,7 @@ def restore_finished(run_dir):
     state = checkpoint.load(os.path.join(run_dir, checkpoint.FILENAME), config, device, defaults=train.DEFAULTS)
     if config["threads"] is not None:       # the run's own thread count: the same kernels, the same bits
         torch.set_num_threads(config["threads"])
-    dataset, clients, server, batches, _ = train.build(config, device)
+    dataset, clients, server, batches, _ = train.build(config, device, servers=baselines.SERVERS)
     onboarding, _ = checkpoint.restore(state, server, clients, train.OnboardingState)
     return config, dataset, clients, server, batches, onboarding
 

@@ -25,7 +25,7 @@ TINY = ["--dataset", "cifar10", "--batches", "2", "--clients-per-batch", "2", "-
 
 def build(tiny_data_dir, method):
     config, _ = cli.resolve_config(TINY + ["--data-dir", str(tiny_data_dir), "--method", method])
-    dataset, clients, server, batches, model = train.build(config, torch.device("cpu"))
+    dataset, clients, server, batches, model = train.build(config, torch.device("cpu"), servers=baselines.SERVERS)
     return config, clients, server, batches
 
 

@@ -205,7 +205,7 @@ def test_fedlwf_forgets_less_than_fedavg(tiny_data_dir, seed):
         config, _ = cli.resolve_config(TINY + ["--data-dir", str(tiny_data_dir), "--method", method,
                                                "--seed", str(seed), "--rounds", "4", "--local-steps", "3",
                                                "--lwf-weight", "3"])
-        _, clients, server, batches, _ = train.build(config, torch.device("cpu"))
+        _, clients, server, batches, _ = train.build(config, torch.device("cpu"), servers=baselines.SERVERS)
         losses = []
 
         class Hooks(train.Hooks):
