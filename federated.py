@@ -56,7 +56,8 @@ class Client:
 
         `generator` replaces the client's own for this call (FedAvg-FT's fine-tuning at evaluation time
         uses one, so that evaluating does not change what later training rounds draw).
-        Two optional hooks for the baselines (baselines.py); without them every step is plain SGD on all weights:
+        Two optional hooks for the baselines (shell/baselines.py); without them every step is plain
+        SGD on all weights:
           * trainable: the parameter names that train (FedRep's head-then-body steps); the others keep
             their values bit for bit (their delta is exactly 0).
           * extra_loss(weights, x, logits) -> scalar added to the cross-entropy (Ditto's proximal pull,

@@ -322,7 +322,7 @@ def run_replay(server, clients, t, seed, settings, progress=None, uploads=None, 
 
     `settings`: backward_transfer's keyword arguments (train.replay_settings). `uploads`: as there.
     `audit(server, clients, t, report, uploads)`, if given, runs afterwards on the clients' side of the line
-    (privacy.py, ours) and its figures go into the report as `audit`; it changes nothing.
+    (shell/privacy.py, ours) and its figures go into the report as `audit`; it changes nothing.
     """
     # Replay writes only these: a copy undoes a divergence.
     changed = replayed_rows(server.hypernet)

@@ -8,7 +8,8 @@ the configuration; build the data, the clients and the server; onboard the batch
 (begin the stage -> rounds of generate, local training, server update -> end the stage, freezing the
 batch's mask -> replay -> evaluate everyone seen so far); then RI and PA, the paper's two effects.
 The machinery real use needs (flags and checks, resume, progress bars, results.json and plots,
-comparisons, Flower) is the shell, cli.py and runner.py; it hands this file `Hooks` to listen in.
+comparisons, the baselines, Flower) is the shell, shell/: it hands this file `Hooks` to listen in, and the
+baselines' registry (build_server's `servers`). Nothing here imports the shell but the entry point at the end.
 """
 import sys
 
@@ -22,7 +23,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-import baselines
 import data
 import federated as fl
 import hypernet as hn
@@ -40,7 +40,7 @@ DEFAULTS = dict(
     rounds=300, clients_per_round=5, local_steps=50, batch_size=64, lr=0.05, width=64, method="pfeddsh",
     # the hypernetwork (pFedHN) and its server optimizer
     server_lr=3e-3, server_optimizer="adam", hidden=128, hyper_layers=3, chunk_size=4096, embed_dim=32,
-    # baselines (baselines.py): pfedhn-frozen's embedding rate, Ditto's pull, FedLwF's distillation; lambda
+    # baselines (shell/baselines.py): pfedhn-frozen's embedding rate, Ditto's pull, FedLwF's distillation; lambda
     # and the LwF weight chosen on validation, development seeds 100-101 (docs/results.md)
     embed_lr=0.1, ditto_lambda=0.01, lwf_weight=1.0, lwf_temperature=2.0,
     # the batch masks (HAT); gate_start, and the adapters and client offsets, are ours
@@ -62,7 +62,7 @@ PRESETS = {
 
 
 class Hooks:
-    """Where the shell (runner.py) listens in; these defaults do nothing, so the experiment runs bare."""
+    """Where the shell (shell/runner.py) listens in; these defaults do nothing, so the experiment runs bare."""
     uploads = None      # replay's view of the clients' statistics (privacy.uploads under --bn-noise; ours)
     audit = None        # the privacy audit after each replay (ours)
 
@@ -89,51 +89,55 @@ def client_splits(config, dataset):
                           alpha=config["alpha"], val_fraction=config["val_fraction"], seed=config["seed"])
 
 
-def build_server(config, device, num_classes, image_size):
+METHODS = ("pfeddsh", "pfedhn")     # the core's own; the baselines are the shell's (shell/baselines.py)
+
+
+def hypernetwork(config, model, device, gates=None):
+    """pFedHN's hypernetwork over every client's embedding; with `gates` (pFedDSH's batch masks), its adapters."""
+    num_clients = config["batches"] * config["clients_per_batch"]
+    return hn.HyperNetwork(model, num_clients, embed_dim=config["embed_dim"], hidden=config["hidden"],
+                           num_layers=config["hyper_layers"], chunk_size=config["chunk_size"], gates=gates,
+                           adapter_budget=config["adapter_budget"] if gates is not None else 0.0).to(device)
+
+
+def server_settings(config, image_size):
+    """federated.Server's keyword arguments (and those of the baselines built on it)."""
+    return dict(optimizer=config["server_optimizer"], server_lr=config["server_lr"], sparsity=config["sparsity"],
+                adapter_lr=config["adapter_lr"], image_size=image_size, amp=config["amp"])
+
+
+def build_server(config, device, num_classes, image_size, servers=None):
     """(server, batches, target model, weight layout): no data needed. Called right after
-    torch.manual_seed(seed): the initial weights come from torch's global generator."""
+    torch.manual_seed(seed): the initial weights come from torch's global generator. A method other than
+    the core's own (METHODS) is built by `servers[method](config, device, model, batches, image_size)` ->
+    (server, layout): the registry the shell hands in (shell.baselines.SERVERS)."""
     num_clients = config["batches"] * config["clients_per_batch"]
     batches = data.assign_batches(num_clients, config["batches"], config["seed"])
     model = hn.ResNet18(num_classes, config["width"]).to(device)
     method = config["method"]
-    if method in ("local", "fedavg", "fedavg-ft", "fedrep", "fedrep-frozen", "ditto", "fedlwf"):
-        layout = hn.WeightLayout(model)
-        if method == "local":
-            return baselines.Local(model, layout, batches), batches, model, layout
-        common = dict(batch_size=config["batch_size"], lr=config["lr"], seed=config["seed"])
-        if method in ("fedrep", "fedrep-frozen"):
-            server = baselines.FedRep(model, layout, batches, frozen=method == "fedrep-frozen", **common)
-        elif method == "ditto":
-            server = baselines.Ditto(model, layout, batches, lam=config["ditto_lambda"], **common)
-        elif method == "fedlwf":
-            server = baselines.FedLwF(model, layout, batches, kd_weight=config["lwf_weight"],
-                                      temperature=config["lwf_temperature"], **common)
-        else:
-            finetune_steps = config["local_steps"] if method == "fedavg-ft" else 0
-            server = baselines.FedAvg(model, layout, batches, finetune_steps=finetune_steps, **common)
+    if method not in METHODS:
+        if method not in (servers or {}):
+            raise ValueError(f"method '{method}' is not the core's ({', '.join(METHODS)}): a baseline needs the "
+                             "shell's registry, servers=shell.baselines.SERVERS (python train.py passes it)")
+        server, layout = servers[method](config, device, model, batches, image_size)
         return server, batches, model, layout
     gates = None
     if method == "pfeddsh" and not config["no_masks"]:      # pfedhn is the same server without masks
         gates = masks.BatchGates(config["batches"], config["hyper_layers"], config["hidden"], num_clients,
                                  s_max=config["s_max"], lr=config["gate_lr"], free_start=config["gate_start"])
-    hypernet = hn.HyperNetwork(model, num_clients, embed_dim=config["embed_dim"], hidden=config["hidden"],
-                               num_layers=config["hyper_layers"], chunk_size=config["chunk_size"], gates=gates,
-                               adapter_budget=config["adapter_budget"] if gates is not None else 0.0).to(device)
-    server_class = {"pfedhn-frozen": baselines.FrozenPFedHN, "pfedhn-pc": baselines.PFedHNPC}.get(method, fl.Server)
-    extra = dict(embed_lr=config["embed_lr"]) if method == "pfedhn-frozen" else {}
-    server = server_class(hypernet, model, batches, optimizer=config["server_optimizer"],
-                          server_lr=config["server_lr"], sparsity=config["sparsity"], adapter_lr=config["adapter_lr"],
-                          image_size=image_size, amp=config["amp"], **extra)
+    hypernet = hypernetwork(config, model, device, gates)
+    server = fl.Server(hypernet, model, batches, **server_settings(config, image_size))
     return server, batches, model, hypernet.layout
 
 
-def build(config, device, dataset=None):
-    """(dataset, clients, server, batches, model). `dataset` replaces the one the config names."""
+def build(config, device, dataset=None, servers=None):
+    """(dataset, clients, server, batches, model). `dataset` replaces the one the config names; `servers`:
+    the baselines' registry (build_server)."""
     torch.manual_seed(config["seed"])
     if dataset is None:
         dataset = data.load_dataset(config["dataset"], config["data_dir"], device=device)
     splits = client_splits(config, dataset)
-    server, batches, model, layout = build_server(config, device, dataset.num_classes, dataset.image_size)
+    server, batches, model, layout = build_server(config, device, dataset.num_classes, dataset.image_size, servers)
     clients = [fl.Client(cid, dataset, split, model, layout.unflatten, layout.flatten, config["seed"],
                          amp=config["amp"]) for cid, split in enumerate(splits)]
     return dataset, clients, server, batches, model
@@ -266,15 +270,16 @@ def results(config, batches, state, clients, device, faults):
             "replay": state.replays, "faults": faults}
 
 
-def run(config, device, hooks=None, pa_reference=True):
-    """The experiment: build, onboard every batch, measure."""
+def run(config, device, hooks=None, pa_reference=True, servers=None):
+    """The experiment: build, onboard every batch, measure. Bare, it runs the core's METHODS; the shell
+    hands in `servers`, the baselines' registry (build_server)."""
     hooks = hooks or Hooks()
-    dataset, clients, server, batches, model = build(config, device)
+    dataset, clients, server, batches, model = build(config, device, servers=servers)
     state, rng = hooks.begin(server, clients, batches, model, dataset)
     state = onboard(server, clients, batches, config, state, rng, hooks, pa_reference)
     return results(config, batches, state, clients, device, dict(server.faults))
 
 
 if __name__ == "__main__":
-    import cli      # the shell: flags, checks, resume, progress, results.json and plots
+    from shell import cli      # the shell: flags, checks, resume, progress, results.json and plots
     sys.exit(cli.cli())

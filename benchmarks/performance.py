@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import checkpoint  # noqa: E402
+from shell import checkpoint  # noqa: E402
 import data  # noqa: E402
 import deepinversion  # noqa: E402
 import federated as fl  # noqa: E402

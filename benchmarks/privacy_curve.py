@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import checkpoint  # noqa: E402
-import privacy  # noqa: E402
-import cli  # noqa: E402
+from shell import checkpoint  # noqa: E402
+from shell import privacy  # noqa: E402
+from shell import cli  # noqa: E402
 import replay  # noqa: E402
-import runner  # noqa: E402
+from shell import runner  # noqa: E402
 import train  # noqa: E402
 
 # Set by this script itself, per seed and sigma: not protocol flags.

@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import replay as replay_module  # noqa: E402
-import runner  # noqa: E402
+from shell import runner  # noqa: E402
 import train  # noqa: E402
 
 

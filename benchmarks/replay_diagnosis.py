@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import deepinversion  # noqa: E402
 import replay as replay_module  # noqa: E402
-import runner  # noqa: E402
+from shell import runner  # noqa: E402
 import train  # noqa: E402
 from hypernet import run_model  # noqa: E402
 

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import replay as replay_module  # noqa: E402
-import runner  # noqa: E402
+from shell import runner  # noqa: E402
 import train  # noqa: E402
 from hypernet import run_model  # noqa: E402
 from masks import ServerOptimizer  # noqa: E402

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import deepinversion  # noqa: E402
 import replay as replay_module  # noqa: E402
-import runner  # noqa: E402
+from shell import runner  # noqa: E402
 import train  # noqa: E402
 from replay_diagnosis import check_runs  # noqa: E402  (benchmarks/, this script's folder)
 import federated as fl  # noqa: E402

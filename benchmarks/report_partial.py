@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import compare  # noqa: E402
+from shell import compare  # noqa: E402
 
 out, command = sys.argv[1], sys.argv[2]
 runs = {}

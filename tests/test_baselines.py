@@ -10,12 +10,12 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import baselines  # noqa: E402
-import compare  # noqa: E402
+from shell import baselines  # noqa: E402
+from shell import compare  # noqa: E402
 import federated as fl  # noqa: E402
 import hypernet as hn  # noqa: E402
 import train  # noqa: E402
-import cli  # noqa: E402
+from shell import cli  # noqa: E402
 import masks  # noqa: E402
 
 TINY = ["--dataset", "cifar10", "--batches", "2", "--clients-per-batch", "2", "--rounds", "3",
@@ -25,7 +25,7 @@ TINY = ["--dataset", "cifar10", "--batches", "2", "--clients-per-batch", "2", "-
 
 def build(tiny_data_dir, method):
     config, _ = cli.resolve_config(TINY + ["--data-dir", str(tiny_data_dir), "--method", method])
-    dataset, clients, server, batches, model = train.build(config, torch.device("cpu"))
+    dataset, clients, server, batches, model = train.build(config, torch.device("cpu"), servers=baselines.SERVERS)
     return config, clients, server, batches
 
 

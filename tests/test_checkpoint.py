@@ -15,7 +15,7 @@ sys.path.insert(0, str(REPO))
 import deepinversion  # noqa: E402
 import federated as fl  # noqa: E402
 import train  # noqa: E402
-import cli  # noqa: E402
+from shell import cli  # noqa: E402
 import replay  # noqa: E402
 
 # tests/test_train.py's TINY plus a few replay steps, so replay's state is part of what must resume exactly.
@@ -181,7 +181,9 @@ def test_diverged_replay_is_undone_and_counted(tiny_data_dir, tmp_path, monkeypa
         return report
 
     monkeypatch.setattr(replay, "backward_transfer", diverging)
-    results = cli.main(args(tiny_data_dir, tmp_path))
+    # 5 classes a client, so that the new batch shares a class with an earlier client: replay dreams (with
+    # the default 2 of cifar10's 10, the two batches of TINY may share none, and there is nothing to dream)
+    results = cli.main(args(tiny_data_dir, tmp_path, "--classes-per-client", "5"))
     assert results["faults"]["dropped_replays"] == 1 and results["replay"][0]["dropped"]
     batch0 = results["batches"][0]
     # Masks keep batch 0 exactly where stage 0 left it, and the undone replay changed nothing either.

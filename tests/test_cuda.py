@@ -11,7 +11,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-import cli  # noqa: E402
+from shell import cli  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 FULL = ["--dataset", "cifar10", "--batches", "2", "--clients-per-batch", "2", "--clients-per-round", "2",

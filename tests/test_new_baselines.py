@@ -9,8 +9,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import baselines  # noqa: E402
-import cli  # noqa: E402
+from shell import baselines  # noqa: E402
+from shell import cli  # noqa: E402
 import federated as fl  # noqa: E402
 import train  # noqa: E402
 from test_baselines import TINY, build, onboard  # noqa: E402
@@ -205,7 +205,7 @@ def test_fedlwf_forgets_less_than_fedavg(tiny_data_dir, seed):
         config, _ = cli.resolve_config(TINY + ["--data-dir", str(tiny_data_dir), "--method", method,
                                                "--seed", str(seed), "--rounds", "4", "--local-steps", "3",
                                                "--lwf-weight", "3"])
-        _, clients, server, batches, _ = train.build(config, torch.device("cpu"))
+        _, clients, server, batches, _ = train.build(config, torch.device("cpu"), servers=baselines.SERVERS)
         losses = []
 
         class Hooks(train.Hooks):

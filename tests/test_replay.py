@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import deepinversion  # noqa: E402
-import cli  # noqa: E402
+from shell import cli  # noqa: E402
 import replay  # noqa: E402
 import train  # noqa: E402
 from test_masks import make_server, run_stage, FakeClient  # noqa: E402
@@ -408,7 +408,7 @@ def test_shared_replay_benchmark_starts_each_client_where_it_was_and_puts_everyt
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import replay_shared
     import replay_thirds
-    import runner
+    from shell import runner
     from test_privacy import TINY
     cli.main(TINY + ["--no-replay", "--data-dir", str(tiny_data_dir), "--out", str(tmp_path)])
     config, _, clients, server, _, _ = runner.restore_finished(str(tmp_path))

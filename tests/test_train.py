@@ -10,9 +10,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-import compare  # noqa: E402
+from shell import compare  # noqa: E402
 import train  # noqa: E402
-import cli  # noqa: E402
+from shell import cli  # noqa: E402
 import replay  # noqa: E402
 
 TINY = ["--dataset", "cifar10", "--batches", "2", "--clients-per-batch", "2", "--rounds", "4",
@@ -291,7 +291,7 @@ def test_deterministic_switches_cuda_kernels_both_ways():
 
 
 def test_a_stage_whose_last_rounds_get_worse_is_not_ended_silently():
-    import runner
+    from shell import runner
     assert runner.late_rise([1.2, 0.7, 0.55, 0.5, 0.52, 0.9, 1.1], stage=1).startswith("warning: stage 1")
     assert runner.late_rise([1.2, 0.7, 0.55, 0.5, 0.52, 0.58, 0.49], stage=1) is None     # noise, not a fall
     assert runner.late_rise([0.5, 2.0], stage=0) is None                                   # too short to tell

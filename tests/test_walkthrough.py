@@ -10,14 +10,17 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-import cli  # noqa: E402
-import compare  # noqa: E402
+from shell import cli  # noqa: E402
+from shell import compare  # noqa: E402
 
 GUIDE = REPO / "docs" / "walkthrough.md"
-# Appended to each command: later flags win, so the guide's protocol shrinks to a few seconds.
+# Appended to each command: later flags win, so the guide's protocol shrinks to a few seconds. With 2 clients a
+# batch, 5 classes a client, so that a new batch shares a class with an earlier client and replay has something
+# to dream (it dreams only from new clients that share a class with a tried client).
 TOY = ["--clients-per-batch", "2", "--clients-per-round", "2", "--rounds", "3", "--local-steps", "2",
        "--batch-size", "16", "--width", "4", "--hidden", "16", "--chunk-size", "256", "--embed-dim", "4",
-       "--replay-images", "4", "--replay-iterations", "3", "--replay-steps", "3", "--device", "cpu"]
+       "--replay-images", "4", "--replay-iterations", "3", "--replay-steps", "3", "--device", "cpu",
+       "--classes-per-client", "5"]
 
 
 def guide_commands():

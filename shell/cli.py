@@ -21,11 +21,9 @@ import threading
 
 import torch
 
-import checkpoint
-import compare
 import data
-import runner
-from runner import CliError, Interrupted
+from shell import checkpoint, compare, runner
+from shell.runner import CliError, Interrupted
 from train import DEFAULTS, PRESETS
 
 PRESET_NOTES = {"full": "the full-scale protocol, for a GPU (not yet timed on one: README)",

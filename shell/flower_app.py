@@ -373,7 +373,7 @@ server_app = ServerApp()
 
 @server_app.main()
 def deployed_main(grid: Grid, context: Context):
-    import cli
+    from shell import cli
     argv = shlex.split(str(context.run_config.get("args", ""))) + ["--engine", "flower"]
     code = cli.cli(argv, grid=grid)
     if code:

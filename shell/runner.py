@@ -15,12 +15,11 @@ import time
 
 import torch
 
-import checkpoint
-import compare
 import data
 import deepinversion
 import hypernet as hn
 import train
+from shell import baselines, checkpoint, compare
 
 
 # Sizes of the datasets data.py reads (train, test images): to refuse early what cannot fit.
@@ -73,7 +72,7 @@ def run(config, caught, how_to_continue="rerun with --resume to continue", grid=
         if flower:              # the server holds no data: the nodes do (and report their sizes)
             results = run_on_flower(config, device, shell, grid)
         else:
-            results = train.run(config, device, shell, pa_reference=pa_reference)
+            results = train.run(config, device, shell, pa_reference=pa_reference, servers=baselines.SERVERS)
     except data.DataError as e:
         raise CliError(str(e)) from None
     finally:
@@ -120,10 +119,10 @@ def run_on_flower(config, device, shell, grid):
     if grid is None and importlib.util.find_spec("ray") is None:
         raise CliError("--engine flower simulates the nodes with Ray, which is missing: "
                        "pip install -r requirements-flower.txt")
-    import flower_app
+    from shell import flower_app
     torch.manual_seed(config["seed"])
     server, batches, model, _ = train.build_server(config, device, data.DATASETS[config["dataset"]],
-                                                   data.IMAGE_SIZE[config["dataset"]])
+                                                   data.IMAGE_SIZE[config["dataset"]], servers=baselines.SERVERS)
     found = {}
 
     def onboard(clients, nodes):
@@ -177,7 +176,7 @@ class Shell(train.Hooks):
         self.bar = tqdm(total=config["batches"] * config["rounds"], initial=done, desc="rounds", dynamic_ncols=True)
         self.stage = state.stage if state is not None else 0
         if config["bn_noise"] > 0 or config["privacy_audit"]:     # both need replay (cli.validate checks)
-            import privacy
+            from shell import privacy
             if config["bn_noise"] > 0:
                 self.uploads = privacy.uploads(server, config["seed"], config["bn_noise"])
             if config["privacy_audit"]:     # its grid goes next to the synthetic images
@@ -202,7 +201,7 @@ class Shell(train.Hooks):
         self.clock["last"] = time.time()
         if stage_done and state.replays and "images" in state.replays[-1]:
             if self.flower:             # the dataset's normalisation lives on the nodes
-                import flower_app
+                from shell import flower_app
                 mean, std = flower_app.channel_stats(self.nodes)
             else:
                 mean, std = self.clients[0].mean, self.clients[0].std
@@ -396,7 +395,7 @@ def restore_finished(run_dir):
     state = checkpoint.load(os.path.join(run_dir, checkpoint.FILENAME), config, device, defaults=train.DEFAULTS)
     if config["threads"] is not None:       # the run's own thread count: the same kernels, the same bits
         torch.set_num_threads(config["threads"])
-    dataset, clients, server, batches, _ = train.build(config, device)
+    dataset, clients, server, batches, _ = train.build(config, device, servers=baselines.SERVERS)
     onboarding, _ = checkpoint.restore(state, server, clients, train.OnboardingState)
     return config, dataset, clients, server, batches, onboarding
 

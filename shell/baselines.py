@@ -37,6 +37,7 @@ import torch.nn.functional as F
 import federated as fl
 import hypernet as hn
 import masks
+import train      # the core's builders (the shell imports the core, never the other way round)
 
 
 class Local:
@@ -386,3 +387,43 @@ class FedLwF(FedAvg):
     def load_state_dict(self, sd):
         super().load_state_dict(sd)
         self.teacher = sd["teacher"]
+
+
+# ------------------------------------------------------------------------------------------------------
+# The registry the shell hands the core: train.build_server(..., servers=SERVERS) builds a baseline with
+# SERVERS[method](config, device, model, batches, image_size) -> (server, weight layout)
+# ------------------------------------------------------------------------------------------------------
+
+def weight_server(config, device, model, batches, image_size):
+    """The baselines that train the target model's weights themselves, without a hypernetwork."""
+    method, layout = config["method"], hn.WeightLayout(model)
+    if method == "local":
+        return Local(model, layout, batches), layout
+    common = dict(batch_size=config["batch_size"], lr=config["lr"], seed=config["seed"])
+    if method in ("fedrep", "fedrep-frozen"):
+        server = FedRep(model, layout, batches, frozen=method == "fedrep-frozen", **common)
+    elif method == "ditto":
+        server = Ditto(model, layout, batches, lam=config["ditto_lambda"], **common)
+    elif method == "fedlwf":
+        server = FedLwF(model, layout, batches, kd_weight=config["lwf_weight"], temperature=config["lwf_temperature"],
+                        **common)
+    else:
+        finetune_steps = config["local_steps"] if method == "fedavg-ft" else 0
+        server = FedAvg(model, layout, batches, finetune_steps=finetune_steps, **common)
+    return server, layout
+
+
+def hypernet_server(config, device, model, batches, image_size):
+    """pFedHN's two baselines: the core's hypernetwork without masks (pfedhn's), under another server."""
+    hypernet = train.hypernetwork(config, model, device)
+    settings = train.server_settings(config, image_size)
+    if config["method"] == "pfedhn-frozen":
+        server = FrozenPFedHN(hypernet, model, batches, embed_lr=config["embed_lr"], **settings)
+    else:
+        server = PFedHNPC(hypernet, model, batches, **settings)
+    return server, hypernet.layout
+
+
+SERVERS = {**{method: weight_server for method in ("local", "fedavg", "fedavg-ft", "fedrep", "fedrep-frozen",
+                                                   "ditto", "fedlwf")},
+           "pfedhn-frozen": hypernet_server, "pfedhn-pc": hypernet_server}

@@ -1,0 +1,65 @@
+"""The top level is the design card (issue 33): the core's files alone, and the core runs without the shell.
+
+A fresh interpreter runs `train.run(config, device)` bare on tiny generated data, for both of the core's
+methods, and then no module of the shell (the package `shell/`, nor the old top-level names of its files)
+may have been imported. A baseline, bare, is a clear ValueError; the shell's registry builds it.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import train  # noqa: E402
+
+CORE = {"data.py", "hypernet.py", "masks.py", "deepinversion.py", "replay.py", "federated.py", "train.py"}
+SHELL = ["cli", "runner", "checkpoint", "compare", "baselines", "flower_app", "privacy"]
+
+BARE_RUN = """
+import json, sys
+import torch
+torch.set_num_threads(1)
+sys.path.insert(0, {repo!r})
+import train
+config = dict(train.DEFAULTS, dataset="cifar10", data_dir={data_dir!r}, batches=2, clients_per_batch=2, rounds=2,
+              clients_per_round=2, local_steps=1, batch_size=8, width=4, hidden=16, chunk_size=256, embed_dim=4,
+              classes_per_client=5, replay_images=4, replay_iterations=2, replay_steps=2, device="cpu")
+found = {{}}
+for method in ("pfeddsh", "pfedhn"):
+    results = train.run(dict(config, method=method), torch.device("cpu"))
+    found[method] = {{"stages": len(results["accuracy"]), "replays": len(results["replay"])}}
+shell = sorted(name for name in sys.modules
+               if name == "shell" or name.startswith("shell.") or name in {shell_names!r})
+print(json.dumps({{"runs": found, "shell": shell}}))
+"""
+
+
+def test_the_top_level_holds_only_the_core():
+    assert {p.name for p in REPO.glob("*.py")} == CORE
+    assert (REPO / "shell" / "__init__.py").is_file()
+    assert {f"{name}.py" for name in SHELL} <= {p.name for p in (REPO / "shell").glob("*.py")}
+
+
+def test_a_bare_run_of_the_core_imports_nothing_of_the_shell(tiny_data_dir):
+    script = BARE_RUN.format(repo=str(REPO), data_dir=str(tiny_data_dir), shell_names=SHELL)
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["runs"] == {"pfeddsh": {"stages": 2, "replays": 1}, "pfedhn": {"stages": 2, "replays": 0}}
+    assert found["shell"] == [], f"the core imported the shell: {found['shell']}"
+
+
+def test_a_baseline_needs_the_shells_registry():
+    config = dict(train.DEFAULTS, method="fedavg", batches=2, clients_per_batch=2, width=4)
+    with pytest.raises(ValueError, match="method 'fedavg' is not the core's .*shell.baselines.SERVERS"):
+        train.build_server(config, torch.device("cpu"), 10, 32)
+    from shell import baselines
+    server, batches, model, layout = train.build_server(config, torch.device("cpu"), 10, 32,
+                                                        servers=baselines.SERVERS)
+    assert type(server) is baselines.FedAvg and sorted(sum(batches, [])) == [0, 1, 2, 3]
+    assert set(baselines.SERVERS) == {"local", "fedavg", "fedavg-ft", "fedrep", "fedrep-frozen", "ditto", "fedlwf",
+                                      "pfedhn-frozen", "pfedhn-pc"}
