@@ -63,3 +63,51 @@ def test_a_baseline_needs_the_shells_registry():
     assert type(server) is baselines.FedAvg and sorted(sum(batches, [])) == [0, 1, 2, 3]
     assert set(baselines.SERVERS) == {"local", "fedavg", "fedavg-ft", "fedrep", "fedrep-frozen", "ditto", "fedlwf",
                                       "pfedhn-frozen", "pfedhn-pc"}
+
+
+# (function, its keyword, the run's setting it mirrors): a student who calls a core function from a notebook
+# gets the method the run runs.
+import data  # noqa: E402
+import deepinversion  # noqa: E402
+import federated  # noqa: E402
+import hypernet  # noqa: E402
+import masks  # noqa: E402
+
+MIRRORED = [
+    (federated.Server.__init__, "optimizer", "server_optimizer"),
+    (federated.Server.__init__, "server_lr", "server_lr"),
+    (federated.Server.__init__, "sparsity", "sparsity"),
+    (federated.Server.__init__, "adapter_lr", "adapter_lr"),
+    (federated.Server.__init__, "amp", "amp"),
+    (federated.Client.__init__, "amp", "amp"),
+    (masks.BatchGates.__init__, "s_max", "s_max"),
+    (masks.BatchGates.__init__, "lr", "gate_lr"),
+    (masks.BatchGates.__init__, "free_start", "gate_start"),
+    (hypernet.ResNet18.__init__, "width", "width"),
+    (hypernet.HyperNetwork.__init__, "embed_dim", "embed_dim"),
+    (hypernet.HyperNetwork.__init__, "hidden", "hidden"),
+    (hypernet.HyperNetwork.__init__, "num_layers", "hyper_layers"),
+    (hypernet.HyperNetwork.__init__, "chunk_size", "chunk_size"),
+    (deepinversion.synthesize, "num_images", "replay_images"),
+    (deepinversion.synthesize, "iterations", "replay_iterations"),
+    (deepinversion.synthesize, "bn_weight", "replay_bn_weight"),
+    (data.partition, "scheme", "partition"),
+    (data.partition, "alpha", "alpha"),
+    (data.partition, "val_fraction", "val_fraction"),
+    (data.partition, "seed", "seed"),
+]
+
+
+@pytest.mark.parametrize("function, keyword, setting", MIRRORED,
+                         ids=[f"{f.__qualname__}.{k}" for f, k, _ in MIRRORED])
+def test_a_core_functions_default_is_the_runs(function, keyword, setting):
+    import inspect
+    assert inspect.signature(function).parameters[keyword].default == train.DEFAULTS[setting]
+
+
+def test_the_one_default_that_differs_is_the_papers_shape():
+    """HyperNetwork's adapter_budget defaults to 0, the paper's shape: adapters need gates, and a bare
+    HyperNetwork (pFedHN) has none; the run's 0.05 is our extension, switched on where gates are built."""
+    import inspect
+    assert inspect.signature(hypernet.HyperNetwork.__init__).parameters["adapter_budget"].default == 0.0
+    assert train.DEFAULTS["adapter_budget"] > 0
