@@ -244,7 +244,8 @@ def neuron_table(runs):
 
 
 def plot_batch_accuracy(runs, path):
-    """One panel per batch: its mean accuracy (over clients, then seeds) after each stage, a line per method."""
+    """One panel per batch: its mean accuracy (over clients, then seeds) after each stage, a line per method,
+    and for each later batch its clients trained alone (PA's reference, from the runs' local_reference)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -259,12 +260,19 @@ def plot_batch_accuracy(runs, path):
             shift = 0.04 * (k - (len(runs) - 1) / 2)        # methods that coincide stay visible side by side
             ax.plot([t + shift for t in stages], acc, marker=markers[k % len(markers)],
                     linestyle="--" if "-no-" in name else "-", label=name)
+        alone = [np.mean([r["local_accuracy"][b][c] for c in r["batches"][b]])
+                 for rs in runs.values() for r in rs
+                 if b > 0 and len(r.get("local_accuracy") or []) > b and r["local_accuracy"][b] is not None]
+        if alone:           # what PA measures against: the same clients trained alone in the same rounds
+            ax.plot([b], [100 * np.mean(alone)], marker="*", markersize=12, color="gray", linestyle="none",
+                    label="trained alone (PA's reference)" if b == 1 else None)
         ax.set_xlim(-0.5, num_batches - 0.5)
         ax.set_title(f"batch {b}")
         ax.set_xlabel("after stage t")
         ax.set_xticks(range(num_batches))
     axes[0][0].set_ylabel("test accuracy (%)")
-    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    handles = {label: h for ax in axes[0] for h, label in zip(*ax.get_legend_handles_labels())}
+    axes[0][-1].legend(handles.values(), handles.keys(), fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
