@@ -55,7 +55,7 @@ DEFAULTS = dict(
     node_timeout=600.0, amp=False, threads=None, deterministic=False)
 PRESETS = {
     "full": {},     # the defaults: the full-scale protocol (ResNet-18 width 64), for a GPU
-    # the same pipeline on one CPU core in 5-6 minutes: narrow ResNet-18, 5 clients per batch, short stages
+    # the same pipeline on one CPU core in minutes: narrow ResNet-18, 5 clients per batch, short stages
     "cpu-demo": dict(width=16, clients_per_batch=5, rounds=20, clients_per_round=5, local_steps=5, batch_size=32,
                      replay_images=16, replay_iterations=50, replay_steps=30),
 }
