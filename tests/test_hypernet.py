@@ -1,4 +1,4 @@
-"""The target model, the hypernetwork and the pFedHN server update (hypernet.py)."""
+"""The target model and the hypernetwork (hypernet.py)."""
 import sys
 from pathlib import Path
 
@@ -6,9 +6,7 @@ import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import federated as fl  # noqa: E402
 import hypernet as hn  # noqa: E402
-import masks  # noqa: E402
 
 
 def torchvision_cifar_resnet18(num_classes=10):
@@ -93,49 +91,3 @@ def test_hypernet_is_much_smaller_than_a_per_tensor_head():
     generator = hn.count_parameters(net) - net.base.numel() - net.client_offsets.numel()
     assert net.base.numel() == weights
     assert generator < 0.1 * weights                              # pFedHN's heads: hidden x weights = 100x
-
-
-def make_server(net, target, **kwargs):
-    """federated.Server around the hypernetwork, one batch of every client."""
-    return fl.Server(net, target, [list(range(net.client_embeddings.shape[0]))], **kwargs)
-
-
-def client_update(delta, target):
-    """What a client sends back: the delta, fresh BN statistics, some label counts."""
-    return fl.ClientUpdate(delta=delta, bn_stats=hn.bn_stats_init(target), label_counts=torch.ones(10), loss=0.0)
-
-
-def test_server_update_moves_generated_weights_toward_trained_weights():
-    target, net = make_hypernet()
-    server = make_server(net, target, optimizer="sgd", server_lr=0.05, server_momentum=0.0)
-    flat = net([1], [0])
-    torch.manual_seed(1)
-    trained = flat.detach() + 0.01 * torch.randn_like(flat)       # what local training returned
-    server.update([1], flat, [client_update((trained - flat.detach())[0], target)])
-    after = net([1], [0]).detach()
-    before_gap = (trained - flat.detach()).norm()
-    after_gap = (trained - after).norm()
-    assert after_gap < before_gap, (before_gap, after_gap)
-
-
-def test_absent_clients_embeddings_do_not_move_even_with_momentum_and_decay():
-    target, net = make_hypernet()
-    server = make_server(net, target, optimizer="adam", server_lr=1e-2, server_weight_decay=1e-2)
-    before = net.client_embeddings.detach().clone()
-    for round_clients in ([0, 1], [0, 1], [1]):
-        flat = net(round_clients, [0] * len(round_clients))
-        server.update(round_clients, flat, [client_update(torch.randn_like(f) * 0.01, target) for f in flat.detach()])
-    after = net.client_embeddings.detach()
-    assert torch.equal(after[2:], before[2:])           # never in a round: bitwise unchanged
-    assert not torch.equal(after[:2], before[:2])        # in a round: moved
-
-
-def test_gradient_clipping_bounds_the_norm():
-    # With plain SGD at rate 1 the step is the clipped gradient itself: its norm is the clip bound.
-    target, net = make_hypernet()
-    server = make_server(net, target, optimizer="sgd", server_lr=1.0, server_momentum=0.0, grad_clip=1.0)
-    before = {name: p.detach().clone() for name, p in server.params.items()}
-    flat = net([0], [0])
-    server.update([0], flat, [client_update(torch.full_like(flat[0], 100.0), target)])
-    step = torch.sqrt(sum(((p.detach() - before[name]) ** 2).sum() for name, p in server.params.items()))
-    assert abs(step.item() - 1.0) < 1e-3

@@ -376,30 +376,6 @@ def test_an_earlier_client_that_never_trained_is_skipped_not_a_crash():
     assert report["skipped"] >= 1 and report["accepted"] + report["rejected"] + report["skipped"] == 2
 
 
-def test_a_clients_confirmation_is_the_loss_its_own_evaluation_measures(tiny_data_dir):
-    """Client.confirm's four numbers: nothing changes when the model does not; otherwise the mean loss drop
-    is what evaluate() measures on val_confirm before minus after, and the counts are its flipped images."""
-    config, _ = cli.resolve_config(["--dataset", "cifar10", "--data-dir", str(tiny_data_dir), "--batches", "2",
-                                    "--clients-per-batch", "2", "--width", "4", "--device", "cpu"])
-    _, clients, server, _, _ = train.build(config, torch.device("cpu"))
-    client, bn = clients[0], server.bn_stats[0]
-    before = server.generate(0)
-    after = before + 0.05 * torch.randn(before.shape, generator=torch.Generator().manual_seed(0))
-    assert client.confirm(before, before, bn) == (0, 0, 0.0, 0.0)
-    gained, lost, drop, error = client.confirm(before, after, bn)
-    (acc_before, loss_before), (acc_after, loss_after) = (client.evaluate(flat, bn, "val_confirm")
-                                                          for flat in (before, after))
-    assert drop == pytest.approx(loss_before - loss_after, rel=1e-4, abs=1e-6) and drop != 0 and error > 0
-    n = len(client.held_out("val_confirm")[1])
-    assert (gained - lost) / n == pytest.approx(acc_after - acc_before, abs=1e-6)
-    # A client with one validation image has none to confirm on (val_confirm is every second one), or one
-    # after a second: either way an answer, never a crash, and nothing it says can be accepted.
-    for kept in (1, 2):
-        client.x_val, client.y_val = client.x_val[:kept], client.y_val[:kept]
-        said = client.confirm(before, after, bn)
-        assert said[3] == float("inf") and replay.accept({0: said}, 0.05) == []
-
-
 def test_shared_replay_benchmark_starts_each_client_where_it_was_and_puts_everything_back(tiny_data_dir, tmp_path):
     """benchmarks/replay_shared.py (the paper's variant: shared hypernetwork entries fine-tuned for every
     tried client at once): the free units it opens to the tried clients change nobody's model at the start
