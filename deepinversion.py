@@ -123,25 +123,13 @@ def image_priors(x):
     return tv, l2
 
 
-def jensen_shannon(teacher_logits, student_logits, temperature=3.0):
-    """Adaptive DeepInversion's JS divergence per client, with its temperature and probability clamps."""
-    p = F.softmax(student_logits / temperature, dim=-1)
-    q = F.softmax(teacher_logits / temperature, dim=-1)
-    m = (0.5 * (p + q)).clamp(0.01, 0.99)
-    p, q = p.clamp(0.01, 0.99), q.clamp(0.01, 0.99)
-    # the reference's KLDivLoss(log P, M): KL(M || P), summed over classes, averaged over the batch
-    kl_p, kl_q = ((m * (m.log() - a.log())).sum(-1).mean(-1) for a in (p, q))
-    return (0.5 * kl_p + 0.5 * kl_q).clamp(0.0, 1.0)
-
-
 def synthesize(model, clients, *, num_images=64, iterations=200, lr=0.1, bn_weight=0.1, first_bn_multiplier=1.0,
-               tv_weight=2.5e-5, l2_weight=0.0, jitter=2, flip=True, competition_weight=0.0, student=None,
-               image_size=32, seed=0, device=None, progress=None, vmap=True):
+               tv_weight=2.5e-5, l2_weight=0.0, jitter=2, flip=True, image_size=32, seed=0, device=None,
+               progress=None, vmap=True):
     """One batch of images per client; all clients' pixels are optimised together, in one computation.
 
     Each client's loss depends only on its own pixels and Adam is elementwise, so the joint run is the
-    same as C separate runs (up to sharing the jitter/flip draws). `student` (x -> logits) is ADI's
-    competitor, called on all clients' images at once; `vmap=False` loops over clients instead.
+    same as C separate runs (up to sharing the jitter/flip draws); `vmap=False` loops over clients instead.
     Always fp32, also under --amp: vmapped batch norm refuses bf16 activations against the clients' fp32
     running statistics (what CUDA autocast hands it), and matching those statistics is what synthesis is for.
     `progress(iteration, loss)`, if given, hears every iteration; loss is the summed loss as a 0-d tensor.
@@ -178,15 +166,12 @@ def synthesize(model, clients, *, num_images=64, iterations=200, lr=0.1, bn_weig
                 ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(C, N).mean(1)
                 tv, l2 = image_priors(xj)
                 loss = ce + bn_weight * bn + tv_weight * tv + l2_weight * l2
-                if competition_weight > 0 and student is not None:
-                    student_logits = student(xj.flatten(0, 1)).view(C, N, -1)
-                    loss = loss + competition_weight * (1 - jensen_shannon(logits, student_logits))
                 # The loss was measured on the pixels before this step, so those are what "best" keeps;
                 # torch.where writes a new tensor: a copy, never an alias of x.
                 better = loss.detach() < best_loss
                 best_loss = torch.where(better, loss.detach(), best_loss)
                 best = torch.where(better.view(C, 1, 1, 1, 1), x.detach(), best)
-                # autograd.grad rather than backward: no stray .grad on the student or the model.
+                # autograd.grad rather than backward: no stray .grad on the model.
                 x.grad, = torch.autograd.grad(loss.sum(), [x])
                 optimizer.step()
                 history.append(loss.detach())
