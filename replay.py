@@ -261,7 +261,7 @@ def backward_transfer(server, t, validate, confirm, *, num_images, iterations, b
               "accepted": 0, "rejected": 0, "skipped": 0, "val_before": [], "val_after": [], "confirm": [],
               "tried": [], "kept": [], "unanswered": [], "client_queries": 0, "dreamers": []}
     size = server.image_size
-    nothing = dict(images=torch.zeros(0, 3, size, size), labels=torch.zeros(0, dtype=torch.long),
+    nothing = dict(images=torch.zeros(0, 3, size, size), labels=torch.zeros(0, dtype=torch.long), read=None,
                    teacher_reads=None)
     held = {c: uploads(c)[1] > 0 for c in new_clients + [i for _, i in earlier if i in server.label_counts]}
     new_classes = torch.stack([held[j] for j in new_clients]).any(0) if new_clients else None
@@ -284,13 +284,14 @@ def backward_transfer(server, t, validate, confirm, *, num_images, iterations, b
     report["dreamers"] = sources
     if sources:
         images, labels, teacher_logits = (torch.cat([dreamed[j][n] for j in sources]) for n in range(3))
-        # how many dreams their own teacher reads as the class they were dreamed for
-        reads = float((teacher_logits.argmax(1) == labels).float().mean()) if control == "none" else None
+        # which dreams their own teacher reads as the class they were dreamed for
+        read = (teacher_logits.argmax(1) == labels) if control == "none" else None
     else:
         own = server.dreams[tried[0][1]]
         images, labels, teacher_logits = own[0][:0], own[1][:0], own[2][:0]
-        reads = None
-    report.update(synthesis_s=time.time() - start, images=images, labels=labels, teacher_reads=reads)
+        read = None
+    report.update(synthesis_s=time.time() - start, images=images, labels=labels, read=read,
+                  teacher_reads=None if read is None else float(read.float().mean()))
     params = replayed_rows(server.hypernet)
     if progress is not None:
         progress("fine-tune", 0, len(tried))

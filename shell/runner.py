@@ -16,7 +16,6 @@ import time
 import torch
 
 import data
-import deepinversion
 import hypernet as hn
 import train
 from shell import baselines, checkpoint, compare
@@ -155,6 +154,7 @@ class Shell(train.Hooks):
         """Restore a checkpoint (--resume), make the folder, print the run's header, start the bar."""
         config = self.config
         self.server, self.clients, self.batches, self.stage = server, clients, batches, 0
+        self.class_names = dataset.classes if dataset is not None else None
         state, rng = None, None
         if self.checkpoint_state is not None:
             try:
@@ -205,7 +205,8 @@ class Shell(train.Hooks):
                 mean, std = flower_app.channel_stats(self.nodes)
             else:
                 mean, std = self.clients[0].mean, self.clients[0].std
-            report_replay(state.replays[-1], state.stage - 1, mean, std, config["out"], write=self.write)
+            report_replay(state.replays[-1], state.stage - 1, mean, std, config["out"], write=self.write,
+                          class_names=getattr(self, "class_names", None))
         done = state.stage * rounds + state.round
         if not stage_done and done == config["stop_after_rounds"]:
             os.kill(os.getpid(), signal.SIGINT)         # handled by cli's on_signal right here, like a real Ctrl-C
@@ -433,16 +434,43 @@ def plot_neurons(neurons, path):
     plt.close(fig)
 
 
-def report_replay(report, t, mean, std, out, write=print):
+def save_dream_grid(images, labels, read, mean, std, path, class_names=None, per_row=8):
+    """The dreams, a row per class dreamed: the class, and how many of its dreams their own teacher reads
+    as that class (so a reader can tell a dream that carries its class from noise)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mean = torch.as_tensor(mean).view(3, 1, 1)
+    std = torch.as_tensor(std).view(3, 1, 1)
+    classes = sorted(set(labels.tolist()))[:10]
+    fig, axes = plt.subplots(len(classes), per_row, figsize=(1.1 * per_row + 2.2, 1.15 * len(classes)),
+                             squeeze=False)
+    for row, k in zip(axes, classes):
+        mine = (labels == k).nonzero().flatten()
+        name = class_names[k] if class_names else f"class {k}"
+        reads = f"{int(read[mine].sum())} of {len(mine)} read as it by their teacher" if read is not None else ""
+        row[0].set_title(f"{name}: {reads}", fontsize=8, loc="left")
+        for ax, i in zip(row, list(mine[:per_row]) + [None] * per_row):
+            ax.axis("off")
+            if i is not None:
+                ax.imshow((images[i].detach().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy())
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report_replay(report, t, mean, std, out, write=print, class_names=None):
     """Write stage t's synthetic images to a png and drop them from the report (results.json holds numbers)."""
-    images = report.pop("images")
-    report.pop("labels"), report.pop("dreamers")
+    images, read = report.pop("images"), report.pop("read", None)
+    labels = report.pop("labels")
+    report.pop("dreamers")
     if not report["tried"]:
         write(f"replay after stage {t}: nothing to replay (no earlier client holds a class of a new client "
               f"that uploaded statistics)")
         return
     if len(images):
-        deepinversion.save_grid(images[:128], mean, std, os.path.join(out, f"synthetic_batch{t}.png"))
+        save_dream_grid(images, labels, read, mean, std, os.path.join(out, f"synthetic_batch{t}.png"), class_names)
     bn = (f"BN loss {sum(report['bn_loss_start']) / len(report['bn_loss_start']):.2f} -> "
           f"{sum(report['bn_loss_end']) / len(report['bn_loss_end']):.2f}, " if report["bn_loss_start"] else "")
     reads = (f"teachers read {report['teacher_reads']:.0%} of their dreams as dreamed, "
