@@ -15,10 +15,11 @@ role of one task:
     batch's generated weights depend on is frozen; the server's optimizer applies these masks with
     torch.where, so neither momentum nor weight decay can move a frozen entry.
 
-What this file owns, in the order a stage meets it: `prepare` (a batch's gate starts), `step` (HAT's
-update of the gate: compensation, sparsity penalty), `finish` (the gate is binarised and frozen, and the
-neuron accounting reported after every stage), `free_masks` (what later stages may still write), and
-ServerOptimizer, the masked Adam that enforces them. The borrow gates are ours (replay's).
+What this file owns, in file order: the gate (`scale`, `gate`, `client_gate`), HAT's update of it
+(`step`, with its sparsity penalty, compensation and clamp), `free_masks` (what a stage may still write),
+`prepare` and `finish` (a batch's gate starts, then is binarised and frozen, with the neuron accounting
+reported after every stage), and ServerOptimizer, the masked Adam that enforces the masks. The borrow
+gates are ours (replay's).
 """
 import torch
 import torch.nn as nn
@@ -37,8 +38,9 @@ class BatchGates(nn.Module):
         # gradients alone (task against sparsity) decide which units it takes; None keeps HAT's N(0, 1).
         self.free_start = free_start
         self.embeddings = nn.Parameter(torch.randn(num_batches, num_layers, hidden))
-        # Replay's "borrow" gates (our proposal, docs/design.md §5): how much client i reads units that LATER
-        # batches own. Exactly zero until replay trains them, so they change nothing before that.
+        # Replay's "borrow" gates (our proposal, docs/design.md §5): how much client i reads owned units outside
+        # its own batch's mask (after its stage, only later batches can own new ones). Exactly zero until
+        # replay trains them, so they change nothing before that.
         self.borrow = nn.Parameter(torch.zeros(num_clients, num_layers, hidden))  # ours
         self.register_buffer("binary", torch.zeros(num_batches, num_layers, hidden))
         self.register_buffer("owned", torch.zeros(num_layers, hidden, dtype=torch.bool))
