@@ -43,3 +43,10 @@ def make_tiny_dataset(root, name="cifar10", num_classes=10, train_per_class=60, 
 def tiny_data_dir(tmp_path_factory):
     """A data root holding a tiny cifar10 cache (10 classes, 60 train + 20 test images each, 32x32)."""
     return make_tiny_dataset(tmp_path_factory.mktemp("data"))
+
+
+def counts_of_test_images(accuracy, test_sizes):
+    """Each accuracy is a count of a client's test images over their number: right, not merely in [0, 1]
+    (a loss, a NaN or a share of the wrong split fails)."""
+    return all(a is not None and a == a and abs(a * n - round(a * n)) < 1e-6 and 0 <= round(a * n) <= n
+               for a, n in zip(accuracy, test_sizes) if a is not None)

@@ -12,6 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from shell import compare  # noqa: E402
 import train  # noqa: E402
+from conftest import counts_of_test_images  # noqa: E402
 from shell import cli  # noqa: E402
 import replay  # noqa: E402
 
@@ -53,8 +54,8 @@ def test_every_method_runs_two_stages_and_writes_the_same_schema(tiny_data_dir, 
     for cid in batches[1]:
         assert accuracy[0][cid] is None                 # batch 1 had not joined after stage 0
     for row in accuracy:
-        assert all(a is None or 0.0 <= a <= 1.0 for a in row)
-    assert all(0.0 <= a <= 1.0 for a in accuracy[1])
+        assert counts_of_test_images(row, results["test_sizes"])
+    assert all(a is not None for a in accuracy[1]) and counts_of_test_images(accuracy[1], results["test_sizes"])
     m = results["metrics"]
     assert set(m) == {"mean_acc", "weighted_acc", "ri", "ri_per_batch", "pa", "pa_per_batch", "batch_acc"}
     assert len(m["ri_per_batch"]) == 1 and len(m["pa_per_batch"]) == 1
@@ -266,7 +267,7 @@ def test_amp_trains_in_bf16_and_a_whole_run_works_on_cpu(tiny_data_dir, tmp_path
     assert not torch.equal(fp32.delta, bf16.delta)
     results = run_tiny(tiny_data_dir, tmp_path, "--method", "pfeddsh", "--amp", *REPLAY_TINY)
     assert results["config"]["amp"] is True and len(results["replay"]) == 1
-    assert all(0.0 <= a <= 1.0 for a in results["accuracy"][-1])
+    assert counts_of_test_images(results["accuracy"][-1], results["test_sizes"])
 
 
 def test_threads_flag_is_checked_recorded_and_restored(tiny_data_dir, tmp_path):

@@ -48,6 +48,8 @@ def test_guide_command_runs_at_toy_size(command, tiny_data_dir, tmp_path):
     if "--no-replay" in argv:               # step 3: earlier clients bitwise fixed, units switched
         assert m["ri_per_batch"] == [0.0] * (len(found["batches"]) - 1)
         assert (out / "neurons.png").exists() and found["neurons"][0]["used"] > 0
+    if found["config"]["method"] == "pfedhn":          # step 2: the hypernetwork alone forgets
+        assert m["ri"] < 0, m["ri_per_batch"]
     if found["config"]["method"] == "pfeddsh" and "--no-replay" not in argv:    # step 4: replay ran
         assert (out / "synthetic_batch1.png").exists() and len(found["replay"]) == len(found["batches"]) - 1
 
