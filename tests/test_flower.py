@@ -34,7 +34,7 @@ def needs_flower():
     pytest.importorskip("ray")
 
 
-def train_py(*args, timeout=120):
+def train_py(*args, timeout=900):   # a hang guard, not a speed claim: two loaded cores take minutes
     return subprocess.run([sys.executable, str(REPO / "train.py"), *args], capture_output=True, text=True,
                           timeout=timeout)
 
