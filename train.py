@@ -251,11 +251,17 @@ def metrics(accuracy, batches, test_sizes, local_accuracy=None):
     if len(rows) == len(batches) and all(row is not None for row in rows[1:]):
         pa_per_batch = [float(np.mean([accuracy[t][c] - rows[t][c] for c in b])) for t, b in enumerate(batches[1:], 1)]
     return {"mean_acc": float(np.mean([final[c] for c in ids])),
-            "weighted_acc": float(sum(final[c] * test_sizes[c] for c in ids) / sum(test_sizes[c] for c in ids)),
+            "weighted_acc": weighted_mean([final[c] for c in ids], [test_sizes[c] for c in ids]),
             "ri": float(np.mean(ri_per_batch)) if ri_per_batch else 0.0, "ri_per_batch": ri_per_batch,
             "pa": float(np.mean(pa_per_batch)) if pa_per_batch else None, "pa_per_batch": pa_per_batch,
             "batch_acc": [[None if row[b[0]] is None else float(np.mean([row[c] for c in b])) for b in batches]
                           for row in accuracy]}
+
+
+def weighted_mean(values, weights):
+    """NaN, not a crash, when every weight is 0 (no Flower node answered with its test size)."""
+    total = sum(weights)
+    return float(sum(v * w for v, w in zip(values, weights)) / total) if total else float("nan")
 
 
 def results(config, batches, state, clients, device, faults):

@@ -46,7 +46,7 @@ def test_simulation_gives_the_in_process_results(tiny_data_dir, tmp_path):
     needs_flower()
     common = TINY + REPLAY + ["--data-dir", str(tiny_data_dir)]
     local = cli.main(common + ["--out", str(tmp_path / "local")])
-    done = train_py(*common, "--out", str(tmp_path / "flower"), "--engine", "flower", "--node-timeout", "60")
+    done = train_py(*common, "--out", str(tmp_path / "flower"), "--engine", "flower", "--node-timeout", "300")
     assert done.returncode == 0, done.stderr[-3000:]
     flower = json.loads((tmp_path / "flower" / "results.json").read_text())
     assert set(flower) == set(local)
