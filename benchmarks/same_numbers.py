@@ -5,7 +5,8 @@
         --against runs/same-before/matrices.json                                          # on the new code
 
 Runs a short real-data protocol (CIFAR-10, 3 batches, so replay runs twice) through `python train.py` for
-pfeddsh with and without replay, pfedhn, fedavg-ft, local, and one `--methods` comparison, each on one
+pfeddsh with and without replay, pfedhn, fedavg-ft, ditto, local, and one `--methods` comparison
+(pfedhn and pfeddsh-paper), each on one
 thread (two-thread runs are not bitwise reproducible: docs/robustness.md), and writes every run's
 `accuracy` and `val_accuracy` matrices to <out>/matrices.json. With --against it compares them with an
 earlier file and prints, per run, "identical" or the largest difference; exit code 1 if any differs.
@@ -27,6 +28,7 @@ RUNS = {
     "pfeddsh-no-replay": ["--method", "pfeddsh", "--no-replay"],
     "pfedhn": ["--method", "pfedhn"],
     "fedavg-ft": ["--method", "fedavg-ft"],
+    "ditto": ["--method", "ditto"],
     "local": ["--method", "local"],
     "compare": ["--methods", "pfedhn,pfeddsh-paper", "--seeds", "7"],
 }
