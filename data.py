@@ -1,18 +1,15 @@
 """Datasets and the non-IID client partition (paper: the "experimental setup"; docs/design.md §1).
 
 Owns four things, in reading order:
-  1. load_dataset    CIFAR-10 / CIFAR-100 / Tiny-ImageNet as uint8 NCHW tensors on the device. It reads a
-                     prepared cache (<data_dir>/<name>/train_*.npz, test.npz, classes.txt); without one it
-                     downloads (CIFAR, torchvision) or decodes (Tiny-ImageNet folder) once and writes it.
+  1. load_dataset    CIFAR-10 / CIFAR-100 / Tiny-ImageNet as uint8 NCHW tensors on the device, read from
+                     <data_dir>/<name>/train_*.npz, test.npz, classes.txt (shell/datasets.py writes them
+                     when they are missing: CIFAR downloaded, Tiny-ImageNet decoded).
   2. partition       pFedHN's pathological split (k classes per client, shares U(0.4, 0.6)) or Dirichlet(alpha).
                      One share matrix S[c, i] splits both the train and the test pool of every class, so a
                      client's train / val / test have the same class mix (its test set is "its" distribution).
   3. assign_batches  which clients join in which onboarding batch B_0, ..., B_{T-1}.
   4. normalize, augment   crop (4-px zero padding) + horizontal flip as batched tensor ops on the device.
 """
-import contextlib
-import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,19 +51,16 @@ class Dataset:
         return self.x_train.shape[2]
 
 
-def load_dataset(name: str, data_dir: str, device="cpu", download: bool = True) -> Dataset:
+def load_dataset(name: str, data_dir: str, device="cpu") -> Dataset:
+    """<data_dir>/<name>/train_*.npz, test.npz and classes.txt as tensors on the device. train.py's shell
+    writes that folder first when it is missing (shell/datasets.py: CIFAR downloaded, Tiny-ImageNet decoded)."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset '{name}': choose from {', '.join(DATASETS)}")
     folder = Path(data_dir) / name
-    if not _train_shards(folder):
-        if name == "tinyimagenet":
-            arrays = _decode_tinyimagenet(Path(data_dir))
-        else:
-            if download:        # torchvision's own output is silenced: say what the wait is for
-                print(f"{name}: no cache in {folder}; downloading it with torchvision (once, about 170 MB)",
-                      flush=True)
-            arrays = _download_cifar(name, folder, download)
-        _write_cache(folder, *arrays)
+    if not train_shards(folder):
+        raise DataError(f"{name} not found: no train_*.npz in {folder}: put train_*.npz/test.npz/classes.txt "
+                        "there (see README), or point --data-dir at a folder that has them, e.g. "
+                        "--data-dir ../shared/data")
     x_tr, y_tr, x_te, y_te, classes = _read_cache(folder, DATASETS[name])
     mean, std = _channel_stats(x_tr)
     to_nchw = lambda x: torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(device)
@@ -74,12 +68,12 @@ def load_dataset(name: str, data_dir: str, device="cpu", download: bool = True) 
                    torch.from_numpy(y_te).to(device), classes, mean, std)
 
 
-def _one_line(e: Exception) -> str:
+def one_line(e: Exception) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:120]}" if text else type(e).__name__
 
 
-def _train_shards(folder: Path) -> list[Path]:
+def train_shards(folder: Path) -> list[Path]:
     # (length, name) sorts train_2 before train_10, which plain string order would not.
     return sorted(folder.glob("train_*.npz"), key=lambda p: (len(p.name), p.name))
 
@@ -89,7 +83,7 @@ def _read_npz(path: Path, num_classes: int, image_shape=None):
         with np.load(path) as f:
             x, y = f["x"], f["y"]
     except Exception as e:  # zip, pickle, truncation and missing-key errors all look different
-        raise DataError(f"cannot read {path} ({_one_line(e)}): replace it, or delete the folder's *.npz to rebuild")
+        raise DataError(f"cannot read {path} ({one_line(e)}): replace it, or delete the folder's *.npz to rebuild")
     if not (x.dtype == np.uint8 and x.ndim == 4 and x.shape[3] == 3 and x.shape[1] == x.shape[2] and y.dtype == np.int64
             and y.shape == (len(x),) and (image_shape is None or x.shape[1:] == image_shape)):
         raise DataError(f"{path} has x {x.dtype}{x.shape}, y {y.dtype}{y.shape}: expected x uint8 (N, H, H, 3) "
@@ -100,7 +94,7 @@ def _read_npz(path: Path, num_classes: int, image_shape=None):
 
 
 def _read_cache(folder: Path, num_classes: int):
-    xs, ys = zip(*[_read_npz(p, num_classes) for p in _train_shards(folder)])
+    xs, ys = zip(*[_read_npz(p, num_classes) for p in train_shards(folder)])
     x_tr, y_tr = (np.concatenate(xs), np.concatenate(ys)) if len(xs) > 1 else (xs[0], ys[0])
     if not (folder / "test.npz").exists():
         raise DataError(f"{folder} has train_*.npz but no test.npz")
@@ -114,19 +108,6 @@ def _read_cache(folder: Path, num_classes: int):
     return x_tr, y_tr, x_te, y_te, classes
 
 
-def _write_cache(folder: Path, x_tr, y_tr, x_te, y_te, classes):
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "classes.txt").write_text("\n".join(classes) + "\n")
-        # train_0.npz last and renamed into place: its presence is what marks the cache as complete.
-        for fname, x, y in [("test.npz", x_te, y_te), ("train_0.npz", x_tr, y_tr)]:
-            with open(folder / f".{fname}.tmp", "wb") as f:
-                np.savez(f, x=x, y=y)  # uncompressed: loads at disk speed
-            os.replace(folder / f".{fname}.tmp", folder / fname)
-    except OSError as e:
-        raise DataError(f"cannot write the dataset cache in {folder}: {e.strerror or e}")
-
-
 def _channel_stats(x_nhwc: np.ndarray):
     # A 256-bin histogram per channel gives the exact mean/std without a float copy of the dataset.
     levels = np.arange(256) / 255
@@ -134,60 +115,6 @@ def _channel_stats(x_nhwc: np.ndarray):
     mean = (p * levels).sum(1)
     std = np.sqrt((p * (levels - mean[:, None]) ** 2).sum(1))
     return tuple(mean.tolist()), tuple(std.tolist())
-
-
-def _download_cifar(name: str, folder: Path, download: bool):
-    import torchvision  # slow to import, and only needed the first time
-
-    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-    try:
-        # torchvision prints "Downloading ..." and tqdm bars: the user gets our one line instead.
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            train = cls(root=str(folder / "raw"), train=True, download=download)
-            test = cls(root=str(folder / "raw"), train=False, download=download)
-    except Exception as e:  # URLError, OSError, RuntimeError("Dataset not found or corrupted"), ...
-        why = f"could not be downloaded (offline? {_one_line(e)})" if download else "download is off"
-        raise DataError(f"{name} not found in {folder} and {why}: put train_*.npz/test.npz/"
-                        "classes.txt there (see README), or point --data-dir at a folder that has them, "
-                        "e.g. --data-dir ../shared/data")
-    as_arrays = lambda d: (np.ascontiguousarray(d.data, dtype=np.uint8), np.asarray(d.targets, dtype=np.int64))
-    return (*as_arrays(train), *as_arrays(test), list(train.classes))
-
-
-def _decode_tinyimagenet(data_dir: Path):
-    from PIL import Image
-
-    candidates = [data_dir / "tiny-imagenet-200", data_dir / "tinyimagenet" / "tiny-imagenet-200"]
-    root = next((c for c in candidates if (c / "wnids.txt").exists()), None)
-    if root is None:
-        raise DataError(f"tinyimagenet not found: no train_*.npz in {data_dir / 'tinyimagenet'} and no "
-                        f"tiny-imagenet-200/wnids.txt in {candidates[0].parent} or {candidates[1].parent}: unzip "
-                        "http://cs231n.stanford.edu/tiny-imagenet-200.zip into one of them (it is not downloaded)")
-    try:
-        wnids = sorted((root / "wnids.txt").read_text().split())  # sorted, as torchvision's ImageFolder would
-        rows = [line.split("\t") for line in (root / "val" / "val_annotations.txt").read_text().splitlines()]
-        words = (root / "words.txt").read_text().splitlines() if (root / "words.txt").exists() else []
-    except OSError as e:
-        raise DataError(f"{root} is incomplete: {_one_line(e)}")
-    label = {w: i for i, w in enumerate(wnids)}
-    words = {w: text.split(",")[0].strip() for w, _, text in (line.partition("\t") for line in words)}  # "goldfish"
-    train = [(f, label[w]) for w in wnids for f in sorted((root / "train" / w / "images").glob("*.JPEG"))]
-    val = [(root / "val" / "images" / r[0], label[r[1]]) for r in rows if len(r) > 1 and r[1] in label]
-    if len(wnids) != DATASETS["tinyimagenet"] or not train or not val:
-        raise DataError(f"{root} has {len(wnids)} classes, {len(train)} train and {len(val)} val images: "
-                        "is the folder complete?")
-
-    def decode(pairs):
-        x = np.empty((len(pairs), 64, 64, 3), dtype=np.uint8)
-        for k, (f, _) in enumerate(pairs):  # a Python loop, but only once: afterwards the cache is read
-            try:
-                with Image.open(f) as im:
-                    x[k] = np.asarray(im.convert("RGB"))  # a few Tiny-ImageNet images are greyscale
-            except (OSError, ValueError) as e:
-                raise DataError(f"cannot decode {f} as a 64x64 image: {_one_line(e)}")
-        return x, np.array([y for _, y in pairs], dtype=np.int64)
-
-    return (*decode(train), *decode(val), [words.get(w, w) for w in wnids])
 
 
 # --------------------------------------------------------------------------------------------------

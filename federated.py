@@ -284,26 +284,6 @@ class Server:
             return None
         return self.hypernet.gates.finish(t)
 
-    # --- checkpoints ---------------------------------------------------------------------------------
-
-    def state_dict(self):
-        """Everything the server holds that training changes (the hypernetwork includes the gates' buffers)."""
-        return {"hypernet": self.hypernet.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "stage": self.stage, "s": self.gate_scale, "bn_stats": self.bn_stats,
-                "label_counts": self.label_counts, "dreams": self.dreams, "faults": dict(self.faults)}
-
-    def load_state_dict(self, sd):
-        """Continue where state_dict left off, mid-stage included: unlike begin_stage this neither resets
-        the optimizer nor re-prepares the gates (that would zero head columns and rewrite gate embeddings)."""
-        self.hypernet.load_state_dict(sd["hypernet"])
-        self.optimizer.load_state_dict(sd["optimizer"])
-        self.stage, self.gate_scale = sd["stage"], sd["s"]
-        self.bn_stats, self.label_counts = sd["bn_stats"], sd["label_counts"]
-        self.dreams = sd.get("dreams", {})      # a checkpoint from before replay kept its dreams has none
-        self.faults = dict(sd["faults"])
-        # The free masks depend only on the ownership buffers, which do not change within a stage.
-        self.free = masks.compact_masks(self.free_masks(self.stage))
-
 
 def no_faults():
     """The fault counters every server (and every baseline) reports in results.json, all zero."""

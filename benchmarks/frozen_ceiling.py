@@ -74,7 +74,7 @@ def main():
             print(f"{run_dir}: batches 1-{len(cells)}, validation accuracy on classes batch 0 trained on / on the "
                   "others (%): " + "  ".join(f"{100 * a:.1f} / {100 * b:.1f}" for a, b in cells))
         return
-    dataset = data.load_dataset(args.dataset, args.data_dir, download=False)
+    dataset = data.load_dataset(args.dataset, args.data_dir)
     print(f"{args.dataset}, {args.batches} batches of {args.clients_per_batch} clients: share of each later "
           f"batch's validation images whose class batch 0 trained on (pfedhn-frozen's ceiling)")
     means = []

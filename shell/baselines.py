@@ -1,9 +1,10 @@
 """The methods pFedDSH is compared with (docs/design.md §6): same clients, split, budget and evaluation.
 
 Each class stands in for federated.Server: the onboarding loop (train.onboard) calls begin_stage,
-train_round, end_stage and evaluate; checkpoints call state_dict and load_state_dict. So every method
-trains the same clients for the same rounds and local steps, drawing their minibatches from the same
-per-client generators (Client.local_train). Each method's adaptation budget is in its docstring.
+train_round, end_stage and evaluate; checkpoints call state_dict and load_state_dict (a federated.Server's
+state is shell/checkpoint.py's). So every method trains the same clients for the same rounds and local
+steps, drawing their minibatches from the same per-client generators (Client.local_train). Each method's
+adaptation budget is in its docstring.
 
   * Local         each client trains alone from the same initial weights; nothing is ever sent.
   * FedAvg        one global model for everyone, continued on each new batch (McMahan et al., 2017,
@@ -26,7 +27,7 @@ pFedHN itself is federated.Server without masks; the ablation "pFedDSH without m
 plus replay (train.py wires both). Methods with a personal part (PFedHNPC, FedRep, Ditto) keep it in
 their object only so that onboard() and checkpoints handle every method alike, as Local does: only the
 client it belongs to ever trains or reads it, and what is averaged or sent into the hypernetwork never
-contains it (tests/test_new_baselines.py checks this).
+contains it (tests/test_baselines_mechanisms.py checks this).
 """
 import dataclasses
 
@@ -38,6 +39,7 @@ import federated as fl
 import hypernet as hn
 import masks
 import train      # the core's builders (the shell imports the core, never the other way round)
+from shell import checkpoint
 
 
 class Local:
@@ -178,7 +180,7 @@ class FrozenPFedHN(fl.Server):
 
     def load_state_dict(self, sd):
         self.use_stage(sd["stage"])         # the optimiser of the stage the checkpoint was in
-        super().load_state_dict(sd)
+        checkpoint.load_hypernet_server_state(self, sd)
 
 
 class PFedHNPC(fl.Server):
@@ -216,10 +218,10 @@ class PFedHNPC(fl.Server):
         return self.update(client_ids, generated, updates)
 
     def state_dict(self):
-        return dict(super().state_dict(), heads=self.heads)
+        return dict(checkpoint.hypernet_server_state(self), heads=self.heads)
 
     def load_state_dict(self, sd):
-        super().load_state_dict(sd)
+        checkpoint.load_hypernet_server_state(self, sd)
         self.heads = sd["heads"]
 
 

@@ -18,6 +18,8 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
+import masks
+
 FORMAT = 3          # 3: the hypernetwork holds the clients' classifiers (2: without; 1 called the onboarding state "progress")
 FILENAME = "checkpoint.pt"
 # Settings that say how to run, not what to compute: they may differ between a run and its resume.
@@ -32,7 +34,7 @@ class CheckpointError(Exception):
 
 
 def capture(config, device, server, clients, rng, onboarding):
-    return {"format": FORMAT, "config": dict(config), "device": str(device), "server": server.state_dict(),
+    return {"format": FORMAT, "config": dict(config), "device": str(device), "server": server_state(server),
             "rng": {"rounds": rng.bit_generator.state, "clients": [c.generator.get_state() for c in clients],
                     "torch": torch.get_rng_state()},
             "onboarding": asdict(onboarding)}
@@ -80,10 +82,44 @@ def differing_settings(config, other):
 
 def restore(state, server, clients, onboarding_cls):
     """Put the checkpoint back into server and clients; returns (onboarding state, round-sampling rng)."""
-    server.load_state_dict(state["server"])
+    load_server_state(server, state["server"])
     for client, g in zip(clients, state["rng"]["clients"], strict=True):
         client.generator.set_state(g.cpu())
     torch.set_rng_state(state["rng"]["torch"].cpu())
     rng = np.random.default_rng()
     rng.bit_generator.state = state["rng"]["rounds"]
     return onboarding_cls(**state["onboarding"]), rng
+
+
+# federated.Server's state lives here, not in the core: the baselines carry theirs (state_dict, load_state_dict).
+
+def server_state(server):
+    """Everything a server holds that training changes."""
+    return server.state_dict() if hasattr(server, "state_dict") else hypernet_server_state(server)
+
+
+def load_server_state(server, sd):
+    if hasattr(server, "load_state_dict"):
+        server.load_state_dict(sd)
+    else:
+        load_hypernet_server_state(server, sd)
+
+
+def hypernet_server_state(server):
+    """A federated.Server's (the hypernetwork includes the gates' buffers)."""
+    return {"hypernet": server.hypernet.state_dict(), "optimizer": server.optimizer.state_dict(),
+            "stage": server.stage, "s": server.gate_scale, "bn_stats": server.bn_stats,
+            "label_counts": server.label_counts, "dreams": server.dreams, "faults": dict(server.faults)}
+
+
+def load_hypernet_server_state(server, sd):
+    """Continue where hypernet_server_state left off, mid-stage included: unlike Server.begin_stage this neither
+    resets the optimizer nor re-prepares the gates (that would zero head columns and rewrite gate embeddings)."""
+    server.hypernet.load_state_dict(sd["hypernet"])
+    server.optimizer.load_state_dict(sd["optimizer"])
+    server.stage, server.gate_scale = sd["stage"], sd["s"]
+    server.bn_stats, server.label_counts = sd["bn_stats"], sd["label_counts"]
+    server.dreams = sd.get("dreams", {})      # a checkpoint from before replay kept its dreams has none
+    server.faults = dict(sd["faults"])
+    # The free masks depend only on the ownership buffers, which do not change within a stage.
+    server.free = masks.compact_masks(server.free_masks(server.stage))

@@ -71,12 +71,14 @@ def local_client(message, context):
     import data
     import hypernet as hn
     import train
+    from shell import datasets
 
     setup = dict(message.content["setup"])
     data_dir = str(context.node_config.get("data-dir", setup["data_dir"]))    # the node's own path wins
     device = str(context.node_config.get("device", setup.get("device", "cpu")))   # a real node's own wins
     key = (tuple(sorted(setup.items())), data_dir, device)
     if key not in _DATA:
+        datasets.prepare(setup["dataset"], data_dir)
         dataset = data.load_dataset(setup["dataset"], data_dir, device=device)
         splits = train.client_splits(setup, dataset)      # setup holds the config's keys (0 for None)
         model = hn.ResNet18(dataset.num_classes, setup["width"]).to(device)

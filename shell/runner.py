@@ -18,7 +18,7 @@ import torch
 import data
 import hypernet as hn
 import train
-from shell import baselines, checkpoint, compare
+from shell import baselines, checkpoint, compare, datasets
 
 
 # Sizes of the datasets data.py reads (train, test images): to refuse early what cannot fit.
@@ -71,6 +71,7 @@ def run(config, caught, how_to_continue="rerun with --resume to continue", grid=
         if flower:              # the server holds no data: the nodes do (and report their sizes)
             results = run_on_flower(config, device, shell, grid)
         else:
+            datasets.prepare(config["dataset"], config["data_dir"])
             results = train.run(config, device, shell, pa_reference=pa_reference, servers=baselines.SERVERS)
     except data.DataError as e:
         raise CliError(str(e)) from None

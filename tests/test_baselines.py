@@ -117,7 +117,7 @@ def test_frozen_ceiling_is_the_share_of_later_images_whose_class_batch_0_trained
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import frozen_ceiling
     import data
-    dataset = data.load_dataset("cifar10", str(tiny_data_dir), download=False)
+    dataset = data.load_dataset("cifar10", str(tiny_data_dir))
     config = dict(train.DEFAULTS, dataset="cifar10", batches=4, clients_per_batch=2, seed=3)
     num_seen, shares = frozen_ceiling.seen_shares(config, dataset)
     # The same figure the long way: batch 0's classes from the labels it trains on, then image by image.

@@ -54,7 +54,7 @@ def pools(tmp_path_factory):
     """Training images, a held-out pool of the same size and classes, and a third pool of images drawn
     independently of both (the tiny dataset's other test half), all normalised."""
     root = make_tiny_dataset(tmp_path_factory.mktemp("pools"), train_per_class=60, test_per_class=60)
-    ds = data.load_dataset("cifar10", str(root), download=False)
+    ds = data.load_dataset("cifar10", str(root))
     half = len(ds.y_test) // 2
     held_y = ds.y_test[:half]
     tr, he = privacy.matched_pools(ds.y_train, held_y, range(10), 20, torch.Generator().manual_seed(0))
