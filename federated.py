@@ -156,9 +156,8 @@ class Server:
     """The hypernetwork and all per-client state the server may hold (embeddings, BN statistics)."""
 
     def __init__(self, hypernet, model, batches, *, optimizer="adam", server_lr=3e-3, server_momentum=0.9,
-                 server_weight_decay=0.0, grad_clip=50.0, sparsity=0.5, image_size=32, adapter_lr=1e-2, amp=False):
+                 server_weight_decay=0.0, grad_clip=50.0, sparsity=0.5, image_size=32, adapter_lr=1e-2):
         self.hypernet, self.model, self.batches, self.image_size = hypernet, model, batches, image_size
-        self.amp = amp              # --amp: the clients' training and reported evaluation (never replay's synthesis)
         self.batch_of = {cid: t for t, ids in enumerate(batches) for cid in ids}
         # The server's optimizer owns everything but the gates (BatchGates.step learns them, HAT's way; only
         # replay writes the borrow gates) and, without adapters (the paper's shape), the client offsets,
@@ -246,10 +245,8 @@ class Server:
         1/2 ||generated - (generated + delta)||^2, so a step pulls the generated weights toward the trained ones.
         """
         gates = self.hypernet.gates
-        kept = [k for k, u in enumerate(updates) if is_finite_update(u)]     # a diverged client is dropped
-        self.faults["dropped_updates"] += len(updates) - len(kept)
+        kept = self.finite(updates)             # a diverged client is dropped
         if not kept:
-            self.faults["skipped_rounds"] += 1
             return float("nan")
         kept_ids = [client_ids[k] for k in kept]
         deltas = torch.stack([updates[k].delta for k in kept])
@@ -276,6 +273,13 @@ class Server:
             self.bn_stats[client_ids[k]] = updates[k].bn_stats
             self.label_counts[client_ids[k]] = updates[k].label_counts
         return float(np.mean([updates[k].loss for k in kept]))
+
+    def finite(self, updates):  # ours
+        """The indices of the updates with no NaN or Inf; the others are counted as faults (results.json)."""
+        kept = [k for k, u in enumerate(updates) if is_finite_update(u)]
+        self.faults["dropped_updates"] += len(updates) - len(kept)
+        self.faults["skipped_rounds"] += not kept
+        return kept
 
     def end_stage(self, t):
         """Freeze batch t's sub-hypernetwork; returns the neuron accounting (None without masks)."""

@@ -103,7 +103,7 @@ def hypernetwork(config, model, device, gates=None):
 def server_settings(config, image_size):
     """federated.Server's keyword arguments (and those of the baselines built on it)."""
     return dict(optimizer=config["server_optimizer"], server_lr=config["server_lr"], sparsity=config["sparsity"],
-                adapter_lr=config["adapter_lr"], image_size=image_size, amp=config["amp"])
+                adapter_lr=config["adapter_lr"], image_size=image_size)
 
 
 def build_server(config, device, num_classes, image_size, servers=None):

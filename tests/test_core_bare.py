@@ -78,7 +78,6 @@ MIRRORED = [
     (federated.Server.__init__, "server_lr", "server_lr"),
     (federated.Server.__init__, "sparsity", "sparsity"),
     (federated.Server.__init__, "adapter_lr", "adapter_lr"),
-    (federated.Server.__init__, "amp", "amp"),
     (federated.Client.__init__, "amp", "amp"),
     (masks.BatchGates.__init__, "s_max", "s_max"),
     (masks.BatchGates.__init__, "lr", "gate_lr"),
