@@ -217,6 +217,43 @@ def improve_client(server, cid, batch, dreams, params, validate, confirm, upload
             confirmation)
 
 
+def who_replays(server, t, earlier, uploads):
+    """(tried, teachers): the earlier clients that hold a class of batch t's, as (k, i), and the new clients
+    that hold a class of some tried client (the others' dreams would reach no fine-tuning set)."""
+    # A client whose every update was dropped, or that was never drawn for a round, uploaded nothing.
+    new_clients = [j for j in server.batches[t] if j in server.label_counts]
+    held = {c: uploads(c)[1] > 0 for c in new_clients + [i for _, i in earlier if i in server.label_counts]}
+    new_classes = torch.stack([held[j] for j in new_clients]).any(0) if new_clients else None
+    tried = [(k, i) for k, i in earlier if new_classes is not None and i in held
+             and bool((held[i] & new_classes).any())]
+    teachers = [j for j in new_clients if any(bool((held[j] & held[i]).any()) for _, i in tried)]
+    return tried, teachers
+
+
+def dream_set(server, tried, teachers, uploads, control, report, *, num_images, iterations, bn_weight, seed,
+              progress):
+    """(images, labels, teacher logits, read): what the tried clients learn from, with `control`'s stand-in
+    for the new clients' dreams. Each tried client's own dreams are made the first time it needs them and
+    kept in server.dreams. `read`: which dreams their own teacher reads as the class they were dreamed for."""
+    dreamers = ([] if control != "none" else teachers) + [i for _, i in tried if i not in server.dreams]
+    dreamed = {}
+    if dreamers:
+        dreamed, report["bn_loss_start"], report["bn_loss_end"] = dream(
+            server, dreamers, uploads, num_images=num_images, iterations=iterations, bn_weight=bn_weight,
+            seed=seed, progress=progress)
+    server.dreams.update({i: dreamed[i] for _, i in tried if i in dreamed})     # kept for later replays
+    if control == "noise":
+        dreamed.update(noise_dreams(uploads, teachers, num_images=num_images, image_size=server.image_size,
+                                    seed=seed))
+    sources = [] if control == "own" else teachers
+    report["dreamers"] = sources
+    if not sources:
+        own = server.dreams[tried[0][1]]
+        return own[0][:0], own[1][:0], own[2][:0], None
+    images, labels, teacher_logits = (torch.cat([dreamed[j][n] for j in sources]) for n in range(3))
+    return images, labels, teacher_logits, (teacher_logits.argmax(1) == labels) if control == "none" else None
+
+
 def backward_transfer(server, t, validate, confirm, *, num_images, iterations, bn_weight, steps, lr, kd_weight,
                       anchor_weight, temperature, validate_every, confirm_alpha, seed, mode, control,
                       progress=None, uploads=None):
@@ -254,42 +291,19 @@ def backward_transfer(server, t, validate, confirm, *, num_images, iterations, b
         validate = confirm = None
     else:
         validate, confirm = counted(validate), counted(confirm)
-    # A client whose every update was dropped, or that was never drawn for a round, uploaded nothing.
-    new_clients = [j for j in server.batches[t] if j in server.label_counts]
     earlier = [(k, i) for k in range(t) for i in server.batches[k]]
     report = {"mode": mode, "control": control, "synthesis_s": 0.0, "bn_loss_start": [], "bn_loss_end": [],
               "accepted": 0, "rejected": 0, "skipped": 0, "val_before": [], "val_after": [], "confirm": [],
               "tried": [], "kept": [], "unanswered": [], "client_queries": 0, "dreamers": []}
-    size = server.image_size
-    nothing = dict(images=torch.zeros(0, 3, size, size), labels=torch.zeros(0, dtype=torch.long), read=None,
-                   teacher_reads=None)
-    held = {c: uploads(c)[1] > 0 for c in new_clients + [i for _, i in earlier if i in server.label_counts]}
-    new_classes = torch.stack([held[j] for j in new_clients]).any(0) if new_clients else None
-    tried = [(k, i) for k, i in earlier if new_classes is not None and i in held
-             and bool((held[i] & new_classes).any())]
+    tried, teachers = who_replays(server, t, earlier, uploads)
     if not tried:
-        return dict(report, **nothing, skipped=len(earlier))
-    teachers = [j for j in new_clients if any(bool((held[j] & held[i]).any()) for _, i in tried)]
+        size = server.image_size
+        return dict(report, images=torch.zeros(0, 3, size, size), labels=torch.zeros(0, dtype=torch.long),
+                    read=None, teacher_reads=None, skipped=len(earlier))
     start = time.time()
-    dreamers = ([] if control != "none" else teachers) + [i for _, i in tried if i not in server.dreams]
-    dreamed = {}
-    if dreamers:
-        dreamed, report["bn_loss_start"], report["bn_loss_end"] = dream(
-            server, dreamers, uploads, num_images=num_images, iterations=iterations, bn_weight=bn_weight,
-            seed=seed, progress=progress)
-    server.dreams.update({i: dreamed[i] for _, i in tried if i in dreamed})     # kept for later replays
-    if control == "noise":
-        dreamed.update(noise_dreams(uploads, teachers, num_images=num_images, image_size=size, seed=seed))
-    sources = [] if control == "own" else teachers
-    report["dreamers"] = sources
-    if sources:
-        images, labels, teacher_logits = (torch.cat([dreamed[j][n] for j in sources]) for n in range(3))
-        # which dreams their own teacher reads as the class they were dreamed for
-        read = (teacher_logits.argmax(1) == labels) if control == "none" else None
-    else:
-        own = server.dreams[tried[0][1]]
-        images, labels, teacher_logits = own[0][:0], own[1][:0], own[2][:0]
-        read = None
+    images, labels, teacher_logits, read = dream_set(
+        server, tried, teachers, uploads, control, report, num_images=num_images, iterations=iterations,
+        bn_weight=bn_weight, seed=seed, progress=progress)
     report.update(synthesis_s=time.time() - start, images=images, labels=labels, read=read,
                   teacher_reads=None if read is None else float(read.float().mean()))
     params = replayed_rows(server.hypernet)
