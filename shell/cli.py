@@ -31,9 +31,11 @@ PRESET_NOTES = {"full": "the full-scale protocol, for a GPU (not yet timed on on
 PRESET_ALIASES = {"paper": "full"}      # the old name of `full`, which runs our extension, not the paper's shape
 # Every baseline but pfedhn lives in baselines.py; pfedhn is federated.Server without masks.
 METHODS = ["local", "fedavg", "fedavg-ft", "pfedhn", "pfedhn-frozen", "pfedhn-pc", "fedrep", "fedrep-frozen", "ditto",
-           "fedlwf", "pfeddsh"]
+           "fedlwf", "frozen-adapters", "pfeddsh"]
 # Methods whose clients keep a personal part, or train with a loss, that a Flower message cannot carry.
 LOCAL_ENGINE_ONLY = ["pfedhn-pc", "fedrep", "fedrep-frozen", "ditto", "fedlwf"]
+# Methods whose clients only answer messages, but which have not been run on Flower yet.
+NOT_TRIED_ON_FLOWER = ["frozen-adapters"]
 SEED_LIMIT = 2 ** 32      # seeds are mixed into torch generator seeds (seed * 1_000_003 + ...): keep them < 2^64
 
 
@@ -130,9 +132,10 @@ def build_parser():
     flag(g, "--gate-start", type=float,
          help="[ours] where a new batch's gate embedding starts on units nobody owns (0 = undecided)")
     flag(g, "--adapter-budget", type=float,
-         help="[ours] pfeddsh: per-batch adapters + the batch's client offsets, at most this fraction of the "
-              "model; 0 = the paper's shape")
-    flag(g, "--adapter-lr", type=float, help="[ours] server Adam rate of the adapters and client offsets")
+         help="[ours] pfeddsh and frozen-adapters: per-batch adapters + the batch's client offsets, at most this "
+              "fraction of the model; 0 = the paper's shape (frozen-adapters: client offsets only)")
+    flag(g, "--adapter-lr", type=float, help="[ours] server Adam rate of the adapters and client offsets "
+                                             "(pfeddsh, frozen-adapters)")
     b = p.add_argument_group("baselines (each to be chosen on validation with development seeds)")
     flag(b, "--embed-lr", type=float, help="pfedhn-frozen: Adam rate of a new client's embedding (batch 1 on)")
     flag(b, "--ditto-lambda", type=float, help="ditto: weight lambda of the personal model's pull to the global one")
@@ -311,6 +314,8 @@ def check_flower(method, resume=False):
     if method in LOCAL_ENGINE_ONLY:
         raise CliError(f"--engine flower cannot run {method}: its clients keep a personal part or train with an "
                        "extra loss, which the Flower messages do not carry; use --engine local")
+    if method in NOT_TRIED_ON_FLOWER:
+        raise CliError(f"--engine flower has not been tried with {method} yet; use --engine local")
     if resume:
         raise CliError("--engine flower keeps no checkpoint (the clients' generators live on their nodes), "
                        "so there is nothing to --resume")

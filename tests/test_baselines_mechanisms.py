@@ -1,6 +1,6 @@
 """The baselines of issue 22 (baselines.py) do what defines them: pfedhn-frozen, pfedhn-pc, fedrep(-frozen),
-ditto and fedlwf, on tiny generated data. Every one also runs through train.py in tests/test_train.py
-(parametrized over compare.VARIANTS)."""
+ditto and fedlwf, and frozen-adapters (issue 34), on tiny generated data. Every one
+also runs through train.py in tests/test_train.py (parametrized over compare.VARIANTS)."""
 import sys
 from pathlib import Path
 
@@ -13,6 +13,7 @@ from shell import baselines  # noqa: E402
 from shell import cli  # noqa: E402
 import federated as fl  # noqa: E402
 import train  # noqa: E402
+from conftest import counts_of_test_images  # noqa: E402
 from test_baselines import TINY, build, onboard  # noqa: E402
 from test_checkpoint import comparable  # noqa: E402
 
@@ -217,12 +218,83 @@ def test_fedlwf_forgets_less_than_fedavg(tiny_data_dir, seed):
     assert forgetting["fedlwf"] < forgetting["fedavg"], forgetting
 
 
+# --- frozen-adapters: pFedDSH's adapters and offsets on a body frozen after batch 0 -------------------
+
+def build_with(tiny_data_dir, method, *extra):
+    config, _ = cli.resolve_config(TINY + ["--data-dir", str(tiny_data_dir), "--method", method, *extra])
+    _, clients, server, batches, _ = train.build(config, torch.device("cpu"), servers=baselines.SERVERS)
+    return config, clients, server, batches
+
+
+def stage(server, t, batches, clients, config, rounds=2):
+    server.begin_stage(t)
+    for r in range(rounds):
+        server.train_round(batches[t], clients, r / (rounds - 1), config["local_steps"], config["batch_size"],
+                           config["lr"])
+    server.end_stage(t)
+
+
+def test_frozen_adapters_train_only_the_stages_batch_on_a_body_frozen_after_fedavgs_batch_0(tiny_data_dir):
+    # An adapter budget of 20 %: at width 4 the default 5 % leaves the clients' offsets no room for rank 1.
+    extra = ["--batches", "3", "--adapter-budget", "0.2"]
+    config, clients, server, batches = build_with(tiny_data_dir, "frozen-adapters", *extra)
+    # pfeddsh's adapters and rate: the same rank and cost under the same settings, the same Adam rate
+    _, _, pfeddsh, _ = build_with(tiny_data_dir, "pfeddsh", *extra)
+    adapters = server.adapted.adapters
+    assert adapters.rank == pfeddsh.hypernet.adapters.rank > 0
+    assert adapters.per_batch_cost() == pfeddsh.hypernet.adapters.per_batch_cost()
+    assert server.adapted.client_offsets.shape == pfeddsh.hypernet.client_offsets.shape
+    assert server.optimizer.lr == config["adapter_lr"]
+    # Batch 0 is FedAvg's, bit for bit.
+    _, fedavg_clients, fedavg, _ = build_with(tiny_data_dir, "fedavg", *extra)
+    stage(fedavg, 0, batches, fedavg_clients, config)
+    stage(server, 0, batches, clients, config)
+    assert torch.equal(server.weights, fedavg.weights)
+    assert all(torch.equal(server.bn[n], fedavg.bn[n]) for n in fedavg.bn)
+    body, body_bn = server.weights.clone(), {n: b.clone() for n, b in server.bn.items()}
+    scores = {c: server.evaluate(clients[c]) for c in batches[0]}
+    params = {n: p.detach().clone() for n, p in server.params.items()}
+    generated, bn_stats = {}, {}
+    for t in (1, 2):
+        stage(server, t, batches, clients, config)
+        assert torch.equal(server.weights, body) and all(torch.equal(server.bn[n], body_bn[n]) for n in body_bn)
+        now = {n: p.detach().clone() for n, p in server.params.items()}
+        for name in ("adapters.lora_out", "adapters.lora_in"):      # batch t's adapter, nobody else's
+            assert not torch.equal(now[name][t], params[name][t]), (t, name)
+            others = [b for b in range(3) if b != t]
+            assert torch.equal(now[name][others], params[name][others]), (t, name)
+        for name in ("client_offsets", "client_classifiers"):       # batch t's clients' rows, nobody else's
+            others = [c for b in range(3) if b != t for c in batches[b]]
+            assert all(not torch.equal(now[name][c], params[name][c]) for c in batches[t]), (t, name)
+            assert torch.equal(now[name][others], params[name][others]), (t, name)
+        params = now
+        if t == 2:          # batch 1's models are bitwise what they were after its own stage
+            for c in batches[1]:
+                assert torch.equal(server.generate(c), generated[c])
+                assert all(torch.equal(server.bn_stats[c][n], bn_stats[c][n]) for n in bn_stats[c])
+        generated.update({c: server.generate(c) for c in batches[t]})
+        bn_stats.update({c: {n: b.clone() for n, b in server.bn_stats[c].items()} for c in batches[t]})
+        assert {c: server.evaluate(clients[c]) for c in batches[0]} == scores     # batch 0 keeps the body
+
+
+@pytest.mark.parametrize("method", ["frozen-adapters"])
+def test_issue_34s_baselines_run_through_train_run(tiny_data_dir, method):
+    config, _ = cli.resolve_config(TINY + ["--data-dir", str(tiny_data_dir), "--method", method])
+    results = train.run(config, torch.device("cpu"), servers=baselines.SERVERS)
+    assert len(results["accuracy"]) == 2 and all(a is not None for a in results["accuracy"][1])
+    assert all(counts_of_test_images(row, results["test_sizes"]) for row in results["accuracy"])
+    assert results["metrics"]["pa"] is not None and results["replay"] == []
+    if method == "frozen-adapters":         # nothing batch 0 reads is written after its stage
+        assert results["metrics"]["ri"] == 0.0
+
+
 # --- resume ---------------------------------------------------------------------------------------
 
 CHECKPOINTED = TINY + ["--rounds", "4", "--checkpoint-every", "3"]
 
 
-@pytest.mark.parametrize("method", ["pfedhn-frozen", "pfedhn-pc", "fedrep", "ditto", "fedlwf"])
+@pytest.mark.parametrize("method", ["pfedhn-frozen", "pfedhn-pc", "fedrep", "ditto", "fedlwf",
+                                    "frozen-adapters"])
 def test_killed_mid_stage_1_then_resumed_equals_uninterrupted(tiny_data_dir, tmp_path, method):
     """Stopped after round 6 of 8 (mid stage 1, where each method's stage-1 state matters: the embedding
     optimiser, the heads, the personal models, the teacher), then resumed: the same results.json."""
@@ -238,6 +310,9 @@ def test_new_methods_refuse_the_flower_engine():
     for method in cli.LOCAL_ENGINE_ONLY:
         with pytest.raises(cli.CliError, match=f"cannot run {method}|needs Flower"):
             cli.check_flower(method)
+    for method in cli.NOT_TRIED_ON_FLOWER:
+        with pytest.raises(cli.CliError, match=f"not been tried with {method}|needs Flower"):
+            cli.check_flower(method)
 
 
 def all_finite(value):
@@ -250,7 +325,8 @@ def all_finite(value):
     return True
 
 
-@pytest.mark.parametrize("method", ["pfedhn-frozen", "pfedhn-pc", "fedrep", "fedrep-frozen", "ditto", "fedlwf"])
+@pytest.mark.parametrize("method", ["pfedhn-frozen", "pfedhn-pc", "fedrep", "fedrep-frozen", "ditto", "fedlwf",
+                                    "frozen-adapters"])
 def test_a_diverged_local_update_is_dropped_and_counted(tiny_data_dir, monkeypatch, method):
     real, calls = fl.Client.local_train, []
 
