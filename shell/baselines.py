@@ -23,6 +23,9 @@ per-client generators (Client.local_train). Each method's adaptation budget is i
                   usual federated continual-learning baseline).
   * FrozenAdapters  ours, an ablation of pFedDSH: FedAvg's body frozen after batch 0, plus pFedDSH's own
                   per-batch low-rank adapters and per-client offsets, trained as pFedDSH's server trains them.
+  * FedTarget     FedAvg whose later stages distil the previous stage's global model on images the server
+                  dreams from it (TARGET: Zhang et al., ICCV 2023, "TARGET: Federated Class-Continual
+                  Learning via Exemplar-Free Distillation"; DeepInversion in place of its generator).
 
 pFedHN itself is federated.Server without masks; the ablation "pFedDSH without masks" is that server
 plus replay (train.py wires both). Methods with a personal part (PFedHNPC, FedRep, Ditto) keep it in
@@ -38,9 +41,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import deepinversion
 import federated as fl
 import hypernet as hn
 import masks
+import replay
 import train      # the core's builders (the shell imports the core, never the other way round)
 
 
@@ -525,6 +530,88 @@ class FrozenAdapters(FedAvg):  # ours
         self.bn_stats = sd["bn_stats"]
 
 
+class FedTarget(FedAvg):
+    """TARGET-style federated continual learning: FedAvg continued on each new batch; when stage t >= 1
+    begins, the server dreams images from the global model as it ended stage t - 1 (DeepInversion from its
+    weights and averaged BN statistics, labels in proportion to the label counts its clients uploaded: no
+    client's data) and keeps them with that model's logits. They are sent to the clients, and each local
+    step adds kd_weight * T^2 * KL(teacher_T || student_T) on a minibatch of them (as many dreams as the
+    client's own minibatch, drawn by the client's own generator).
+
+    How it differs from TARGET (Zhang et al., ICCV 2023): TARGET trains a generator on the server (BN
+    statistics, cross-entropy, and an adversarial term against a student it distils along the way) and
+    keeps 8000 of its images at CIFAR scale; we optimise the pixels directly (deepinversion.synthesize:
+    BN statistics, cross-entropy, image priors) at replay's budget: --replay-images x --clients-per-batch
+    images in --replay-iterations steps, as many as pfeddsh dreams from a new batch. Its clients learn the
+    new classes on their own logits only (class-incremental heads) and distil only the old classes'
+    logits, with weight 25 at T = 2 and no T^2 in the public code (about 6 on our scale); here, as in
+    fedlwf, the cross-entropy and the KD cover every class of the shared classifier, at --lwf-weight and
+    --lwf-temperature (fedlwf's, not tuned for this method, so that the two differ only in what is
+    distilled on: the clients' data there, the server's dreams here). TARGET augments the dreams and runs
+    the teacher on every step; ours are distilled as dreamed, on the logits the server computed once (it
+    sends images and logits, never the teacher). A student's forward on the dreams runs in train mode
+    (batch statistics) on a copy of the BN statistics, so the client's running statistics stay those of
+    its own data.
+
+    Adaptation budget: the same rounds and local steps as FedAvg; each step also runs the student forward
+    and backward on a minibatch of dreams (about twice a step's computation), and each stage from 1 on
+    starts with one DeepInversion run on the server.
+    """
+
+    def __init__(self, model, layout, batches, *, kd_weight=1.0, temperature=2.0, num_images=64, iterations=200,
+                 bn_weight=0.1, image_size=32, **kwargs):
+        super().__init__(model, layout, batches, **kwargs)
+        self.model, self.layout = model, layout
+        self.kd_weight, self.temperature = kd_weight, temperature
+        self.synthesis = dict(num_images=num_images, iterations=iterations, bn_weight=bn_weight, image_size=image_size)
+        self.label_counts = {}      # cid -> the label counts it uploads (every client does, in every method)
+        self.dreams = None          # (images, the previous global model's logits on them): what the clients receive
+
+    def begin_stage(self, t):
+        super().begin_stage(t)
+        if t > 0 and self.kd_weight > 0:
+            self.dreams = self.dream(t)
+
+    def dream(self, t):
+        """(images, logits) dreamed from the global model alone, as it is now: the end of stage t - 1."""
+        teacher = deepinversion.Teacher(self.layout.unflatten(self.weights), self.bn, sum(self.label_counts.values()))
+        dreamed, = deepinversion.synthesize(self.model, [teacher], seed=self.seed + t, **self.synthesis)
+        self.model.eval()           # the teacher answers with its own running statistics
+        with torch.no_grad():
+            logits = hn.run_model(self.model, teacher.weights, teacher.bn_stats, dreamed.images)
+        return dreamed.images, logits
+
+    def distillation(self, client):
+        """The extra loss of `client`'s local steps: KD toward the previous model's logits on its dreams."""
+        images, teacher_logits = self.dreams
+
+        def extra_loss(student_weights, x, logits):
+            # ours: the client draws its dreams as it draws its own minibatches, with its own generator
+            pick = torch.randint(len(images), (len(x),), generator=client.generator,
+                                 device=client.generator.device).to(images.device)
+            # ours: a copy of BN statistics to run on (train mode reads only the batch's statistics), so the
+            # dreams never enter the client's running statistics
+            scratch = {n: b.clone() for n, b in self.bn.items()}
+            student = hn.run_model(self.model, student_weights, scratch, images[pick])
+            return self.kd_weight * replay.distillation_loss(student.float(), teacher_logits[pick], self.temperature)
+        return extra_loss
+
+    def train_round(self, client_ids, clients, stage_fraction, steps, minibatch_size, lr):
+        updates = []
+        for cid in client_ids:
+            kd = None if self.dreams is None else self.distillation(clients[cid])
+            updates.append(clients[cid].local_train(self.weights, self.bn, steps, minibatch_size, lr, extra_loss=kd))
+            self.label_counts[cid] = updates[-1].label_counts
+        return self.average(client_ids, clients, updates)
+
+    def state_dict(self):
+        return dict(super().state_dict(), label_counts=self.label_counts, dreams=self.dreams)
+
+    def load_state_dict(self, sd):
+        super().load_state_dict(sd)
+        self.label_counts, self.dreams = sd["label_counts"], sd["dreams"]
+
+
 # ------------------------------------------------------------------------------------------------------
 # The registry the shell hands the core: train.build_server(..., servers=SERVERS) builds a baseline with
 # SERVERS[method](config, device, model, batches, image_size) -> (server, weight layout)
@@ -543,6 +630,12 @@ def weight_server(config, device, model, batches, image_size):
     elif method == "fedlwf":
         server = FedLwF(model, layout, batches, kd_weight=config["lwf_weight"], temperature=config["lwf_temperature"],
                         **common)
+    elif method == "fedtarget":
+        server = FedTarget(model, layout, batches, kd_weight=config["lwf_weight"],
+                           temperature=config["lwf_temperature"],
+                           num_images=config["replay_images"] * config["clients_per_batch"],
+                           iterations=config["replay_iterations"], bn_weight=config["replay_bn_weight"],
+                           image_size=image_size, **common)
     elif method == "frozen-adapters":
         server = FrozenAdapters(model, layout, batches, adapter_budget=config["adapter_budget"],
                                 adapter_lr=config["adapter_lr"], optimizer=config["server_optimizer"], **common)
@@ -564,5 +657,5 @@ def hypernet_server(config, device, model, batches, image_size):
 
 
 SERVERS = {**{method: weight_server for method in ("local", "fedavg", "fedavg-ft", "fedrep", "fedrep-frozen",
-                                                   "ditto", "fedlwf", "frozen-adapters")},
+                                                   "ditto", "fedlwf", "fedtarget", "frozen-adapters")},
            "pfedhn-frozen": hypernet_server, "pfedhn-pc": hypernet_server}

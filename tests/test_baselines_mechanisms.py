@@ -1,5 +1,5 @@
 """The baselines of issue 22 (baselines.py) do what defines them: pfedhn-frozen, pfedhn-pc, fedrep(-frozen),
-ditto and fedlwf, and frozen-adapters (issue 34), on tiny generated data. Every one
+ditto and fedlwf, and those of issue 34, frozen-adapters and fedtarget, on tiny generated data. Every one
 also runs through train.py in tests/test_train.py (parametrized over compare.VARIANTS)."""
 import sys
 from pathlib import Path
@@ -11,7 +11,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from shell import baselines  # noqa: E402
 from shell import cli  # noqa: E402
+import deepinversion  # noqa: E402
 import federated as fl  # noqa: E402
+import replay  # noqa: E402
 import train  # noqa: E402
 from conftest import counts_of_test_images  # noqa: E402
 from test_baselines import TINY, build, onboard  # noqa: E402
@@ -277,9 +279,96 @@ def test_frozen_adapters_train_only_the_stages_batch_on_a_body_frozen_after_feda
         assert {c: server.evaluate(clients[c]) for c in batches[0]} == scores     # batch 0 keeps the body
 
 
-@pytest.mark.parametrize("method", ["frozen-adapters"])
+# --- fedtarget: distillation on the server's dreams -------------------------------------------------
+
+class Tripwire:
+    """Stands in for a client's images and labels while the server dreams: any use of it fails the test."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the server read a client's data ({name})")
+
+    def __len__(self):
+        raise AssertionError("the server read a client's data (len)")
+
+    def __getitem__(self, index):
+        raise AssertionError("the server read a client's data (indexing)")
+
+
+def test_fedtarget_dreams_from_the_global_model_alone_and_every_later_local_step_distils_on_them(
+        tiny_data_dir, monkeypatch):
+    synthesized, real_synthesize = [], deepinversion.synthesize
+
+    def synthesize(model, teachers, **kwargs):
+        synthesized.append((model, teachers, kwargs))
+        return real_synthesize(model, teachers, **kwargs)
+    monkeypatch.setattr(deepinversion, "synthesize", synthesize)
+    targets, real_loss = [], replay.distillation_loss
+
+    def distillation_loss(student_logits, teacher_logits, temperature, weight=None):
+        targets.append(teacher_logits)
+        return real_loss(student_logits, teacher_logits, temperature, weight)
+    monkeypatch.setattr(replay, "distillation_loss", distillation_loss)
+    terms, real_distillation = [], baselines.FedTarget.distillation
+
+    def distillation(self, client):         # what each local step adds to its loss
+        kd = real_distillation(self, client)
+
+        def extra_loss(*args):
+            value = kd(*args)
+            terms.append((self.stage, float(value.detach()), value.requires_grad))
+            return value
+        return extra_loss
+    monkeypatch.setattr(baselines.FedTarget, "distillation", distillation)
+    config, clients, server, batches = build_with(tiny_data_dir, "fedtarget", "--replay-images", "4",
+                                                  "--replay-iterations", "3")
+    stage(server, 0, batches, clients, config, rounds=config["rounds"])
+    assert not synthesized and not terms                            # stage 0 is FedAvg's
+    weights, bn = server.weights.clone(), {n: b.clone() for n, b in server.bn.items()}
+    held = {}
+    for c in clients:                                               # no client data may be read while dreaming
+        held[c.cid] = {k: getattr(c, k) for k in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")}
+        for k in held[c.cid]:
+            setattr(c, k, Tripwire())
+    server.begin_stage(1)
+    for c in clients:
+        for k, v in held[c.cid].items():
+            setattr(c, k, v)
+    # What DeepInversion was given: the model and the global model's weights, BN statistics and the
+    # label counts batch 0 uploaded, nothing else; replay's budget: replay-images per client of a batch.
+    (model, (teacher,), kwargs), = synthesized
+    assert model is server.model
+    assert torch.equal(server.layout.flatten(teacher.weights), weights)
+    assert all(torch.equal(teacher.bn_stats[n], bn[n]) for n in bn)
+    assert torch.equal(teacher.label_counts, sum(clients[c].label_counts for c in batches[0]))
+    assert kwargs["num_images"] == config["replay_images"] * config["clients_per_batch"]
+    assert kwargs["iterations"] == config["replay_iterations"]
+    images, logits = server.dreams
+    assert len(images) == len(logits) == kwargs["num_images"]
+    for r in range(config["rounds"]):
+        server.train_round(batches[1], clients, r / (config["rounds"] - 1), config["local_steps"],
+                           config["batch_size"], config["lr"])
+    # every local step of stage 1 added a KD term that trains (positive, with a gradient), toward the
+    # previous model's logits on the server's dreams
+    assert len(terms) == len(targets) == config["rounds"] * len(batches[1]) * config["local_steps"]
+    assert all(stage == 1 and value > 0 and trains for stage, value, trains in terms)
+    assert all((target[:, None] == logits[None]).all(-1).any(1).all() for target in targets)
+
+
+def test_fedtarget_with_no_weight_is_fedavg_bit_for_bit(tiny_data_dir):
+    trained = {}
+    for name, method, weight in [("fedavg", "fedavg", "1"), ("off", "fedtarget", "0"), ("on", "fedtarget", "1")]:
+        config, clients, server, batches = build_with(tiny_data_dir, method, "--lwf-weight", weight,
+                                                      "--replay-images", "4", "--replay-iterations", "3")
+        onboard(config, clients, server, batches)
+        trained[name] = server.weights
+    assert torch.equal(trained["off"], trained["fedavg"])
+    assert not torch.equal(trained["on"], trained["fedavg"])        # the control: with a weight, it is not
+
+
+@pytest.mark.parametrize("method", ["frozen-adapters", "fedtarget"])
 def test_issue_34s_baselines_run_through_train_run(tiny_data_dir, method):
-    config, _ = cli.resolve_config(TINY + ["--data-dir", str(tiny_data_dir), "--method", method])
+    config, _ = cli.resolve_config(TINY + ["--data-dir", str(tiny_data_dir), "--method", method,
+                                           "--replay-images", "4", "--replay-iterations", "3"])
     results = train.run(config, torch.device("cpu"), servers=baselines.SERVERS)
     assert len(results["accuracy"]) == 2 and all(a is not None for a in results["accuracy"][1])
     assert all(counts_of_test_images(row, results["test_sizes"]) for row in results["accuracy"])
@@ -293,7 +382,7 @@ def test_issue_34s_baselines_run_through_train_run(tiny_data_dir, method):
 CHECKPOINTED = TINY + ["--rounds", "4", "--checkpoint-every", "3"]
 
 
-@pytest.mark.parametrize("method", ["pfedhn-frozen", "pfedhn-pc", "fedrep", "ditto", "fedlwf",
+@pytest.mark.parametrize("method", ["pfedhn-frozen", "pfedhn-pc", "fedrep", "ditto", "fedlwf", "fedtarget",
                                     "frozen-adapters"])
 def test_killed_mid_stage_1_then_resumed_equals_uninterrupted(tiny_data_dir, tmp_path, method):
     """Stopped after round 6 of 8 (mid stage 1, where each method's stage-1 state matters: the embedding
@@ -326,7 +415,7 @@ def all_finite(value):
 
 
 @pytest.mark.parametrize("method", ["pfedhn-frozen", "pfedhn-pc", "fedrep", "fedrep-frozen", "ditto", "fedlwf",
-                                    "frozen-adapters"])
+                                    "fedtarget", "frozen-adapters"])
 def test_a_diverged_local_update_is_dropped_and_counted(tiny_data_dir, monkeypatch, method):
     real, calls = fl.Client.local_train, []
 
