@@ -22,6 +22,11 @@ adaptation budget is in its docstring.
   * FedLwF        FedAvg whose later stages distil the previous stage's global model on the clients' own
                   data (Learning without Forgetting: Li and Hoiem, ECCV 2016; its federated form is a
                   usual federated continual-learning baseline).
+  * FrozenAdapters  ours, an ablation of pFedDSH: FedAvg's body frozen after batch 0, plus pFedDSH's own
+                  per-batch low-rank adapters and per-client offsets, trained as pFedDSH's server trains them.
+  * FedTarget     FedAvg whose later stages distil the previous stage's global model on images the server
+                  dreams from it (TARGET: Zhang et al., ICCV 2023, "TARGET: Federated Class-Continual
+                  Learning via Exemplar-Free Distillation"; DeepInversion in place of its generator).
 
 pFedHN itself is federated.Server without masks; the ablation "pFedDSH without masks" is that server
 plus replay (train.py wires both). Methods with a personal part (PFedHNPC, FedRep, Ditto) keep it in
@@ -30,14 +35,18 @@ client it belongs to ever trains or reads it, and what is averaged or sent into 
 contains it (tests/test_baselines_mechanisms.py checks this).
 """
 import dataclasses
+import math
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
+import deepinversion
 import federated as fl
 import hypernet as hn
 import masks
+import replay
 import train      # the core's builders (the shell imports the core, never the other way round)
 from shell import checkpoint
 
@@ -391,6 +400,220 @@ class FedLwF(FedAvg):
         self.teacher = sd["teacher"]
 
 
+class ClientAdapters(nn.Module):  # ours
+    """pFedDSH's own adaptation parameters (hypernet.py) on a fixed body instead of a hypernetwork's output:
+    each batch's low-rank offset of the convolutions (hn.BatchAdapters, its budget counted the same way),
+    each client's offset of its non-convolution weights (HyperNetwork.client_offsets) and of its classifier
+    (HyperNetwork.client_classifiers), under the same names. All start at zero (the adapter as U = 0)."""
+
+    def __init__(self, layout, num_clients, num_batches, budget):
+        super().__init__()
+        self.register_buffer("non_conv_index", layout.non_conv_index.clone())
+        self.register_buffer("classifier_index", layout.classifier_index.clone())
+        self.client_offsets = nn.Parameter(torch.zeros(num_clients, len(self.non_conv_index)))
+        self.client_classifiers = nn.Parameter(torch.zeros(num_clients, len(self.classifier_index)))
+        reserved = math.ceil(num_clients / num_batches) * self.client_offsets.shape[1]     # as HyperNetwork counts
+        self.adapters = hn.BatchAdapters(layout, num_batches, budget, reserved=reserved)
+
+    def forward(self, body, client_ids, batch_of_client):
+        """Flat weights, (len(client_ids), num_weights): the body plus what is the batch's and the client's,
+        added in HyperNetwork.forward's order."""
+        ids = torch.as_tensor(client_ids, device=body.device)
+        weights = body + self.adapters(torch.as_tensor(batch_of_client, device=body.device))
+        weights = weights.index_add(1, self.classifier_index, self.client_classifiers[ids])
+        return weights.index_add(1, self.non_conv_index, self.client_offsets[ids])
+
+
+class FrozenAdapters(FedAvg):  # ours
+    """An ablation of pFedDSH: how far parameter-efficient fine-tuning on a frozen body goes without the
+    sub-hypernetwork and its masks. Batch 0 trains FedAvg's global model, bit for bit as fedavg does (so
+    batch 0 is every weight baseline's batch 0), and keeps it. After batch 0 that body and its BN statistics
+    never change; each later client's model is body + its batch's low-rank adapter + its own offsets
+    (ClientAdapters: pFedDSH's, LoRA-style: Hu et al., ICLR 2022), written only in its batch's stage.
+
+    How they learn: the clients train as in every method (K SGD steps on the whole model they are sent, a
+    delta back), and the server moves the adapter and the offsets by pFedDSH's own step
+    (federated.Server.update): pFedHN's vector-Jacobian product of the deltas, the clip at 50, Adam at
+    `--adapter-lr`, reset each stage. Clients training the adapter directly would also work; this way what
+    a client computes and sends is pfeddsh's, and the one difference left is what generates the rest of
+    the model (a frozen FedAvg body here, the hypernetwork with batch masks there). As in pfeddsh, a new
+    client starts with a blank classifier (its classifier offset cancels the body's) and with its own BN
+    statistics (here the body's), which it then keeps.
+
+    Adaptation budget: the same rounds and local steps as every method. What a batch learns after batch 0
+    is pfeddsh's: an adapter of the rank `--adapter-budget` allows once the batch's client offsets are
+    counted (the same rank as pfeddsh's), the offsets, and each client's classifier offset (outside the
+    budget, as in pfeddsh). Batch 0's clients have no offsets of their own (FedAvg's batch 0).
+    """
+
+    def __init__(self, model, layout, batches, *, adapter_budget=0.05, adapter_lr=1e-2, optimizer="adam",
+                 grad_clip=50.0, **kwargs):
+        super().__init__(model, layout, batches, **kwargs)
+        self.batches = batches
+        self.batch_of = {cid: t for t, ids in enumerate(batches) for cid in ids}
+        self.adapted = ClientAdapters(layout, len(self.batch_of), len(batches), adapter_budget).to(self.weights.device)
+        self.params = dict(self.adapted.named_parameters())
+        self.optimizer = masks.ServerOptimizer(self.params, kind=optimizer, lr=adapter_lr)
+        self.grad_clip = grad_clip
+        self.bn_stats = {}          # cid -> its own BN statistics, for the clients of batch 1 on
+
+    def begin_stage(self, t):
+        super().begin_stage(t)
+        self.optimizer.reset()
+        if t > 0:
+            self.start_batch(t)
+
+    @torch.no_grad()
+    def start_batch(self, t):
+        """Batch t's clients start with the body's BN statistics and a blank classifier (as pfeddsh's new
+        clients do, Server.blank_classifier): equal logits, on the body's features."""
+        ids, adapted = self.batches[t], self.adapted
+        for cid in ids:
+            self.bn_stats[cid] = {n: b.clone() for n, b in self.bn.items()}
+        adapted.client_classifiers[ids] = 0.0
+        adapted.client_classifiers[ids] = -adapted(self.weights, ids, [t] * len(ids))[:, adapted.classifier_index]
+
+    def generated(self, client_ids):
+        return self.adapted(self.weights, client_ids, [self.batch_of[c] for c in client_ids])
+
+    @torch.no_grad()
+    def generate(self, cid):
+        return self.generated([cid])[0]
+
+    def train_round(self, client_ids, clients, stage_fraction, steps, minibatch_size, lr):
+        if self.stage == 0:
+            return super().train_round(client_ids, clients, stage_fraction, steps, minibatch_size, lr)
+        generated = self.generated(client_ids)
+        updates = [clients[c].local_train(generated[k], self.bn_stats[c], steps, minibatch_size, lr)
+                   for k, c in enumerate(client_ids)]
+        return self.update(client_ids, generated, updates)
+
+    def update(self, client_ids, generated, updates):
+        """federated.Server.update on these parameters alone: the VJP pulls each generated model toward the
+        one its client trained, clipped; the step writes batch t's adapter and the kept clients' rows only."""
+        kept = [k for k, u in enumerate(updates) if fl.is_finite_update(u)]
+        self.faults["dropped_updates"] += len(updates) - len(kept)
+        if not kept:
+            self.faults["skipped_rounds"] += 1
+            return float("nan")
+        deltas = torch.stack([updates[k].delta for k in kept])
+        vjp = torch.autograd.grad(generated[kept], list(self.params.values()), grad_outputs=deltas / -len(kept),
+                                  allow_unused=True)
+        grads = {name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(self.params.items(), vjp)}
+        norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads.values())).item()
+        clip = min(1.0, self.grad_clip / (norm + 1e-12))
+        rows = torch.zeros(len(self.batch_of), 1, device=self.weights.device)
+        rows[[client_ids[k] for k in kept]] = 1.0
+        free = {}
+        for name, p in self.params.items():
+            if name.startswith("adapters."):
+                free[name] = torch.zeros_like(p)
+                free[name][self.stage] = 1.0
+            else:
+                free[name] = rows.expand_as(p)
+        self.optimizer.step({name: g * clip for name, g in grads.items()}, free)
+        for k in kept:
+            self.bn_stats[client_ids[k]] = updates[k].bn_stats
+        return float(np.mean([updates[k].loss for k in kept]))
+
+    def evaluate(self, client):
+        if self.batch_of[client.cid] == 0:      # batch 0 keeps FedAvg's model: the body
+            return super().evaluate(client)
+        return client.accuracy(self.generate(client.cid), self.bn_stats[client.cid])
+
+    def state_dict(self):
+        return dict(super().state_dict(), adapted=self.adapted.state_dict(), optimizer=self.optimizer.state_dict(),
+                    bn_stats=self.bn_stats)
+
+    def load_state_dict(self, sd):
+        super().load_state_dict(sd)
+        self.adapted.load_state_dict(sd["adapted"])
+        self.optimizer.load_state_dict(sd["optimizer"])
+        self.bn_stats = sd["bn_stats"]
+
+
+class FedTarget(FedAvg):
+    """TARGET-style federated continual learning: FedAvg continued on each new batch; when stage t >= 1
+    begins, the server dreams images from the global model as it ended stage t - 1 (DeepInversion from its
+    weights and averaged BN statistics, labels in proportion to the label counts its clients uploaded: no
+    client's data) and keeps them with that model's logits. They are sent to the clients, and each local
+    step adds kd_weight * T^2 * KL(teacher_T || student_T) on a minibatch of them (as many dreams as the
+    client's own minibatch, drawn by the client's own generator).
+
+    How it differs from TARGET (Zhang et al., ICCV 2023): TARGET trains a generator on the server (BN
+    statistics, cross-entropy, and an adversarial term against a student it distils along the way) and
+    keeps 8000 of its images at CIFAR scale; we optimise the pixels directly (deepinversion.synthesize:
+    BN statistics, cross-entropy, image priors) at replay's budget: --replay-images x --clients-per-batch
+    images in --replay-iterations steps, as many as pfeddsh dreams from a new batch. Its clients learn the
+    new classes on their own logits only (class-incremental heads) and distil only the old classes'
+    logits, with weight 25 at T = 2 and no T^2 in the public code (about 6 on our scale); here, as in
+    fedlwf, the cross-entropy and the KD cover every class of the shared classifier, at --lwf-weight and
+    --lwf-temperature (fedlwf's, not tuned for this method, so that the two differ only in what is
+    distilled on: the clients' data there, the server's dreams here). TARGET augments the dreams and runs
+    the teacher on every step; ours are distilled as dreamed, on the logits the server computed once (it
+    sends images and logits, never the teacher). A student's forward on the dreams runs in train mode
+    (batch statistics) on a copy of the BN statistics, so the client's running statistics stay those of
+    its own data.
+
+    Adaptation budget: the same rounds and local steps as FedAvg; each step also runs the student forward
+    and backward on a minibatch of dreams (about twice a step's computation), and each stage from 1 on
+    starts with one DeepInversion run on the server.
+    """
+
+    def __init__(self, model, layout, batches, *, kd_weight=1.0, temperature=2.0, num_images=64, iterations=200,
+                 bn_weight=0.1, image_size=32, **kwargs):
+        super().__init__(model, layout, batches, **kwargs)
+        self.model, self.layout = model, layout
+        self.kd_weight, self.temperature = kd_weight, temperature
+        self.synthesis = dict(num_images=num_images, iterations=iterations, bn_weight=bn_weight, image_size=image_size)
+        self.label_counts = {}      # cid -> the label counts it uploads (every client does, in every method)
+        self.dreams = None          # (images, the previous global model's logits on them): what the clients receive
+
+    def begin_stage(self, t):
+        super().begin_stage(t)
+        if t > 0 and self.kd_weight > 0:
+            self.dreams = self.dream(t)
+
+    def dream(self, t):
+        """(images, logits) dreamed from the global model alone, as it is now: the end of stage t - 1."""
+        teacher = deepinversion.Teacher(self.layout.unflatten(self.weights), self.bn, sum(self.label_counts.values()))
+        dreamed, = deepinversion.synthesize(self.model, [teacher], seed=self.seed + t, **self.synthesis)
+        self.model.eval()           # the teacher answers with its own running statistics
+        with torch.no_grad():
+            logits = hn.run_model(self.model, teacher.weights, teacher.bn_stats, dreamed.images)
+        return dreamed.images, logits
+
+    def distillation(self, client):
+        """The extra loss of `client`'s local steps: KD toward the previous model's logits on its dreams."""
+        images, teacher_logits = self.dreams
+
+        def extra_loss(student_weights, x, logits):
+            # ours: the client draws its dreams as it draws its own minibatches, with its own generator
+            pick = torch.randint(len(images), (len(x),), generator=client.generator,
+                                 device=client.generator.device).to(images.device)
+            # ours: a copy of BN statistics to run on (train mode reads only the batch's statistics), so the
+            # dreams never enter the client's running statistics
+            scratch = {n: b.clone() for n, b in self.bn.items()}
+            student = hn.run_model(self.model, student_weights, scratch, images[pick])
+            return self.kd_weight * replay.distillation_loss(student.float(), teacher_logits[pick], self.temperature)
+        return extra_loss
+
+    def train_round(self, client_ids, clients, stage_fraction, steps, minibatch_size, lr):
+        updates = []
+        for cid in client_ids:
+            kd = None if self.dreams is None else self.distillation(clients[cid])
+            updates.append(clients[cid].local_train(self.weights, self.bn, steps, minibatch_size, lr, extra_loss=kd))
+            self.label_counts[cid] = updates[-1].label_counts
+        return self.average(client_ids, clients, updates)
+
+    def state_dict(self):
+        return dict(super().state_dict(), label_counts=self.label_counts, dreams=self.dreams)
+
+    def load_state_dict(self, sd):
+        super().load_state_dict(sd)
+        self.label_counts, self.dreams = sd["label_counts"], sd["dreams"]
+
+
 # ------------------------------------------------------------------------------------------------------
 # The registry the shell hands the core: train.build_server(..., servers=SERVERS) builds a baseline with
 # SERVERS[method](config, device, model, batches, image_size) -> (server, weight layout)
@@ -409,6 +632,15 @@ def weight_server(config, device, model, batches, image_size):
     elif method == "fedlwf":
         server = FedLwF(model, layout, batches, kd_weight=config["lwf_weight"], temperature=config["lwf_temperature"],
                         **common)
+    elif method == "fedtarget":
+        server = FedTarget(model, layout, batches, kd_weight=config["lwf_weight"],
+                           temperature=config["lwf_temperature"],
+                           num_images=config["replay_images"] * config["clients_per_batch"],
+                           iterations=config["replay_iterations"], bn_weight=config["replay_bn_weight"],
+                           image_size=image_size, **common)
+    elif method == "frozen-adapters":
+        server = FrozenAdapters(model, layout, batches, adapter_budget=config["adapter_budget"],
+                                adapter_lr=config["adapter_lr"], optimizer=config["server_optimizer"], **common)
     else:
         finetune_steps = config["local_steps"] if method == "fedavg-ft" else 0
         server = FedAvg(model, layout, batches, finetune_steps=finetune_steps, **common)
@@ -427,5 +659,5 @@ def hypernet_server(config, device, model, batches, image_size):
 
 
 SERVERS = {**{method: weight_server for method in ("local", "fedavg", "fedavg-ft", "fedrep", "fedrep-frozen",
-                                                   "ditto", "fedlwf")},
+                                                   "ditto", "fedlwf", "fedtarget", "frozen-adapters")},
            "pfedhn-frozen": hypernet_server, "pfedhn-pc": hypernet_server}

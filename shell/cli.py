@@ -31,9 +31,11 @@ PRESET_NOTES = {"full": "the full-scale protocol, for a GPU (not yet timed on on
 PRESET_ALIASES = {"paper": "full"}      # the old name of `full`, which runs our extension, not the paper's shape
 # Every baseline but pfedhn lives in baselines.py; pfedhn is federated.Server without masks.
 METHODS = ["local", "fedavg", "fedavg-ft", "pfedhn", "pfedhn-frozen", "pfedhn-pc", "fedrep", "fedrep-frozen", "ditto",
-           "fedlwf", "pfeddsh"]
+           "fedlwf", "fedtarget", "frozen-adapters", "pfeddsh"]
 # Methods whose clients keep a personal part, or train with a loss, that a Flower message cannot carry.
-LOCAL_ENGINE_ONLY = ["pfedhn-pc", "fedrep", "fedrep-frozen", "ditto", "fedlwf"]
+LOCAL_ENGINE_ONLY = ["pfedhn-pc", "fedrep", "fedrep-frozen", "ditto", "fedlwf", "fedtarget"]
+# Methods whose clients only answer messages, but which have not been run on Flower yet.
+NOT_TRIED_ON_FLOWER = ["frozen-adapters"]
 SEED_LIMIT = 2 ** 32      # seeds are mixed into torch generator seeds (seed * 1_000_003 + ...): keep them < 2^64
 
 
@@ -130,15 +132,18 @@ def build_parser():
     flag(g, "--gate-start", type=float,
          help="[ours] where a new batch's gate embedding starts on units nobody owns (0 = undecided)")
     flag(g, "--adapter-budget", type=float,
-         help="[ours] pfeddsh: per-batch adapters + the batch's client offsets, at most this fraction of the "
-              "model; 0 = the paper's shape")
-    flag(g, "--adapter-lr", type=float, help="[ours] server Adam rate of the adapters and client offsets")
+         help="[ours] pfeddsh and frozen-adapters: per-batch adapters + the batch's client offsets, at most this "
+              "fraction of the model; 0 = the paper's shape (frozen-adapters: client offsets only)")
+    flag(g, "--adapter-lr", type=float, help="[ours] server Adam rate of the adapters and client offsets "
+                                             "(pfeddsh, frozen-adapters)")
     b = p.add_argument_group("baselines (each to be chosen on validation with development seeds)")
     flag(b, "--embed-lr", type=float, help="pfedhn-frozen: Adam rate of a new client's embedding (batch 1 on)")
     flag(b, "--ditto-lambda", type=float, help="ditto: weight lambda of the personal model's pull to the global one")
-    flag(b, "--lwf-weight", type=float, help="fedlwf: weight of distillation from the previous stage's model")
-    flag(b, "--lwf-temperature", type=float, help="fedlwf: distillation temperature")
-    r = p.add_argument_group("data-free replay (pfeddsh)")
+    flag(b, "--lwf-weight", type=float, help="fedlwf, fedtarget: weight of distillation from the previous stage's "
+                                             "model (fedtarget: on the server's dreams)")
+    flag(b, "--lwf-temperature", type=float, help="fedlwf, fedtarget: distillation temperature")
+    r = p.add_argument_group("data-free replay (pfeddsh; fedtarget dreams --replay-images x --clients-per-batch "
+                             "images per stage with --replay-iterations and --replay-bn-weight)")
     flag(r, "--no-replay", action="store_true", default=None, help="ablation: masks only (RI is then exactly 0)")
     flag(r, "--no-masks", action="store_true", default=None, help="ablation: no masks (pfedhn + replay)")
     flag(r, "--replay", choices=["ours", "paper"],
@@ -311,6 +316,8 @@ def check_flower(method, resume=False):
     if method in LOCAL_ENGINE_ONLY:
         raise CliError(f"--engine flower cannot run {method}: its clients keep a personal part or train with an "
                        "extra loss, which the Flower messages do not carry; use --engine local")
+    if method in NOT_TRIED_ON_FLOWER:
+        raise CliError(f"--engine flower has not been tried with {method} yet; use --engine local")
     if resume:
         raise CliError("--engine flower keeps no checkpoint (the clients' generators live on their nodes), "
                        "so there is nothing to --resume")

@@ -32,6 +32,8 @@ VARIANTS = {
     "fedrep-frozen": dict(method="fedrep-frozen"),
     "ditto": dict(method="ditto"),
     "fedlwf": dict(method="fedlwf"),
+    "fedtarget": dict(method="fedtarget"),
+    "frozen-adapters": dict(method="frozen-adapters"),
     "pfeddsh": dict(method="pfeddsh"),
     "pfeddsh-no-replay": dict(method="pfeddsh", no_replay=True),
     "pfeddsh-no-masks": dict(method="pfeddsh", no_masks=True),       # = pfedhn + replay

@@ -305,6 +305,10 @@ def memory_estimate(config):
         images = c["clients_per_batch"] * c["replay_images"]
         floats["replay (--replay-images, --clients-per-batch, --width)"] = (images * (per_image + 3 * size ** 2)
                                                                             + c["clients_per_batch"] * weights)
+    if c["method"] == "fedtarget":     # one DeepInversion run of as many images from the global model
+        images = c["clients_per_batch"] * c["replay_images"]
+        floats["the server's dreams (--replay-images, --clients-per-batch, --width)"] = (
+            images * (per_image + 3 * size ** 2) + weights)
     parts = {name: 4 * n for name, n in floats.items()}
     train_images, test_images = DATASET_IMAGES[c["dataset"]]
     parts["the dataset"] = (train_images + test_images) * 3 * size * size

@@ -1,6 +1,6 @@
 """The baselines of issue 22 (baselines.py) do what defines them: pfedhn-frozen, pfedhn-pc, fedrep(-frozen),
-ditto and fedlwf, on tiny generated data. Every one also runs through train.py in tests/test_train.py
-(parametrized over compare.VARIANTS)."""
+ditto and fedlwf, and those of issue 34, frozen-adapters and fedtarget, on tiny generated data. Every one
+also runs through train.py in tests/test_train.py (parametrized over compare.VARIANTS)."""
 import sys
 from pathlib import Path
 
@@ -11,7 +11,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from shell import baselines  # noqa: E402
 from shell import checkpoint, cli  # noqa: E402
+import deepinversion  # noqa: E402
 import federated as fl  # noqa: E402
+import replay  # noqa: E402
 import train  # noqa: E402
 from conftest import counts_of_test_images  # noqa: E402
 from test_baselines import TINY, build, onboard  # noqa: E402
@@ -218,12 +220,170 @@ def test_fedlwf_forgets_less_than_fedavg(tiny_data_dir, seed):
     assert forgetting["fedlwf"] < forgetting["fedavg"], forgetting
 
 
+# --- frozen-adapters: pFedDSH's adapters and offsets on a body frozen after batch 0 -------------------
+
+def build_with(tiny_data_dir, method, *extra):
+    config, _ = cli.resolve_config(TINY + ["--data-dir", str(tiny_data_dir), "--method", method, *extra])
+    _, clients, server, batches, _ = train.build(config, torch.device("cpu"), servers=baselines.SERVERS)
+    return config, clients, server, batches
+
+
+def stage(server, t, batches, clients, config, rounds=2):
+    server.begin_stage(t)
+    for r in range(rounds):
+        server.train_round(batches[t], clients, r / (rounds - 1), config["local_steps"], config["batch_size"],
+                           config["lr"])
+    server.end_stage(t)
+
+
+def test_frozen_adapters_train_only_the_stages_batch_on_a_body_frozen_after_fedavgs_batch_0(tiny_data_dir):
+    # An adapter budget of 20 %: at width 4 the default 5 % leaves the clients' offsets no room for rank 1.
+    extra = ["--batches", "3", "--adapter-budget", "0.2"]
+    config, clients, server, batches = build_with(tiny_data_dir, "frozen-adapters", *extra)
+    # pfeddsh's adapters and rate: the same rank and cost under the same settings, the same Adam rate
+    _, _, pfeddsh, _ = build_with(tiny_data_dir, "pfeddsh", *extra)
+    adapters = server.adapted.adapters
+    assert adapters.rank == pfeddsh.hypernet.adapters.rank > 0
+    assert adapters.per_batch_cost() == pfeddsh.hypernet.adapters.per_batch_cost()
+    assert server.adapted.client_offsets.shape == pfeddsh.hypernet.client_offsets.shape
+    assert server.optimizer.lr == config["adapter_lr"]
+    # Batch 0 is FedAvg's, bit for bit.
+    _, fedavg_clients, fedavg, _ = build_with(tiny_data_dir, "fedavg", *extra)
+    stage(fedavg, 0, batches, fedavg_clients, config)
+    stage(server, 0, batches, clients, config)
+    assert torch.equal(server.weights, fedavg.weights)
+    assert all(torch.equal(server.bn[n], fedavg.bn[n]) for n in fedavg.bn)
+    body, body_bn = server.weights.clone(), {n: b.clone() for n, b in server.bn.items()}
+    scores = {c: server.evaluate(clients[c]) for c in batches[0]}
+    params = {n: p.detach().clone() for n, p in server.params.items()}
+    generated, bn_stats = {}, {}
+    for t in (1, 2):
+        stage(server, t, batches, clients, config)
+        assert torch.equal(server.weights, body) and all(torch.equal(server.bn[n], body_bn[n]) for n in body_bn)
+        now = {n: p.detach().clone() for n, p in server.params.items()}
+        for name in ("adapters.lora_out", "adapters.lora_in"):      # batch t's adapter, nobody else's
+            assert not torch.equal(now[name][t], params[name][t]), (t, name)
+            others = [b for b in range(3) if b != t]
+            assert torch.equal(now[name][others], params[name][others]), (t, name)
+        for name in ("client_offsets", "client_classifiers"):       # batch t's clients' rows, nobody else's
+            others = [c for b in range(3) if b != t for c in batches[b]]
+            assert all(not torch.equal(now[name][c], params[name][c]) for c in batches[t]), (t, name)
+            assert torch.equal(now[name][others], params[name][others]), (t, name)
+        params = now
+        if t == 2:          # batch 1's models are bitwise what they were after its own stage
+            for c in batches[1]:
+                assert torch.equal(server.generate(c), generated[c])
+                assert all(torch.equal(server.bn_stats[c][n], bn_stats[c][n]) for n in bn_stats[c])
+        generated.update({c: server.generate(c) for c in batches[t]})
+        bn_stats.update({c: {n: b.clone() for n, b in server.bn_stats[c].items()} for c in batches[t]})
+        assert {c: server.evaluate(clients[c]) for c in batches[0]} == scores     # batch 0 keeps the body
+
+
+# --- fedtarget: distillation on the server's dreams -------------------------------------------------
+
+class Tripwire:
+    """Stands in for a client's images and labels while the server dreams: any use of it fails the test."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the server read a client's data ({name})")
+
+    def __len__(self):
+        raise AssertionError("the server read a client's data (len)")
+
+    def __getitem__(self, index):
+        raise AssertionError("the server read a client's data (indexing)")
+
+
+def test_fedtarget_dreams_from_the_global_model_alone_and_every_later_local_step_distils_on_them(
+        tiny_data_dir, monkeypatch):
+    synthesized, real_synthesize = [], deepinversion.synthesize
+
+    def synthesize(model, teachers, **kwargs):
+        synthesized.append((model, teachers, kwargs))
+        return real_synthesize(model, teachers, **kwargs)
+    monkeypatch.setattr(deepinversion, "synthesize", synthesize)
+    targets, real_loss = [], replay.distillation_loss
+
+    def distillation_loss(student_logits, teacher_logits, temperature, weight=None):
+        targets.append(teacher_logits)
+        return real_loss(student_logits, teacher_logits, temperature, weight)
+    monkeypatch.setattr(replay, "distillation_loss", distillation_loss)
+    terms, real_distillation = [], baselines.FedTarget.distillation
+
+    def distillation(self, client):         # what each local step adds to its loss
+        kd = real_distillation(self, client)
+
+        def extra_loss(*args):
+            value = kd(*args)
+            terms.append((self.stage, float(value.detach()), value.requires_grad))
+            return value
+        return extra_loss
+    monkeypatch.setattr(baselines.FedTarget, "distillation", distillation)
+    config, clients, server, batches = build_with(tiny_data_dir, "fedtarget", "--replay-images", "4",
+                                                  "--replay-iterations", "3")
+    stage(server, 0, batches, clients, config, rounds=config["rounds"])
+    assert not synthesized and not terms                            # stage 0 is FedAvg's
+    weights, bn = server.weights.clone(), {n: b.clone() for n, b in server.bn.items()}
+    held = {}
+    for c in clients:                                               # no client data may be read while dreaming
+        held[c.cid] = {k: getattr(c, k) for k in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")}
+        for k in held[c.cid]:
+            setattr(c, k, Tripwire())
+    server.begin_stage(1)
+    for c in clients:
+        for k, v in held[c.cid].items():
+            setattr(c, k, v)
+    # What DeepInversion was given: the model and the global model's weights, BN statistics and the
+    # label counts batch 0 uploaded, nothing else; replay's budget: replay-images per client of a batch.
+    (model, (teacher,), kwargs), = synthesized
+    assert model is server.model
+    assert torch.equal(server.layout.flatten(teacher.weights), weights)
+    assert all(torch.equal(teacher.bn_stats[n], bn[n]) for n in bn)
+    assert torch.equal(teacher.label_counts, sum(clients[c].label_counts for c in batches[0]))
+    assert kwargs["num_images"] == config["replay_images"] * config["clients_per_batch"]
+    assert kwargs["iterations"] == config["replay_iterations"]
+    images, logits = server.dreams
+    assert len(images) == len(logits) == kwargs["num_images"]
+    for r in range(config["rounds"]):
+        server.train_round(batches[1], clients, r / (config["rounds"] - 1), config["local_steps"],
+                           config["batch_size"], config["lr"])
+    # every local step of stage 1 added a KD term that trains (positive, with a gradient), toward the
+    # previous model's logits on the server's dreams
+    assert len(terms) == len(targets) == config["rounds"] * len(batches[1]) * config["local_steps"]
+    assert all(stage == 1 and value > 0 and trains for stage, value, trains in terms)
+    assert all((target[:, None] == logits[None]).all(-1).any(1).all() for target in targets)
+
+
+def test_fedtarget_with_no_weight_is_fedavg_bit_for_bit(tiny_data_dir):
+    trained = {}
+    for name, method, weight in [("fedavg", "fedavg", "1"), ("off", "fedtarget", "0"), ("on", "fedtarget", "1")]:
+        config, clients, server, batches = build_with(tiny_data_dir, method, "--lwf-weight", weight,
+                                                      "--replay-images", "4", "--replay-iterations", "3")
+        onboard(config, clients, server, batches)
+        trained[name] = server.weights
+    assert torch.equal(trained["off"], trained["fedavg"])
+    assert not torch.equal(trained["on"], trained["fedavg"])        # the control: with a weight, it is not
+
+
+@pytest.mark.parametrize("method", ["frozen-adapters", "fedtarget"])
+def test_issue_34s_baselines_run_through_train_run(tiny_data_dir, method):
+    config, _ = cli.resolve_config(TINY + ["--data-dir", str(tiny_data_dir), "--method", method,
+                                           "--replay-images", "4", "--replay-iterations", "3"])
+    results = train.run(config, torch.device("cpu"), servers=baselines.SERVERS)
+    assert len(results["accuracy"]) == 2 and all(a is not None for a in results["accuracy"][1])
+    assert all(counts_of_test_images(row, results["test_sizes"]) for row in results["accuracy"])
+    assert results["metrics"]["pa"] is not None and results["replay"] == []
+    if method == "frozen-adapters":         # nothing batch 0 reads is written after its stage
+        assert results["metrics"]["ri"] == 0.0
+
+
 # --- resume ---------------------------------------------------------------------------------------
 
 CHECKPOINTED = TINY + ["--rounds", "4", "--checkpoint-every", "3"]
 
 
-@pytest.mark.parametrize("method", ["pfedhn-frozen", "pfedhn-pc", "fedrep", "ditto", "fedlwf"])
+@pytest.mark.parametrize("method", ["pfedhn-frozen", "pfedhn-pc", "fedrep", "ditto", "fedlwf", "fedtarget",
+                                    "frozen-adapters"])
 def test_killed_mid_stage_1_then_resumed_equals_uninterrupted(tiny_data_dir, tmp_path, method):
     """Stopped after round 6 of 8 (mid stage 1, where each method's stage-1 state matters: the embedding
     optimiser, the heads, the personal models, the teacher), then resumed: the same results.json."""
@@ -239,6 +399,9 @@ def test_new_methods_refuse_the_flower_engine():
     for method in cli.LOCAL_ENGINE_ONLY:
         with pytest.raises(cli.CliError, match=f"cannot run {method}|needs Flower"):
             cli.check_flower(method)
+    for method in cli.NOT_TRIED_ON_FLOWER:
+        with pytest.raises(cli.CliError, match=f"not been tried with {method}|needs Flower"):
+            cli.check_flower(method)
 
 
 def all_finite(value):
@@ -251,7 +414,8 @@ def all_finite(value):
     return True
 
 
-@pytest.mark.parametrize("method", ["pfedhn-frozen", "pfedhn-pc", "fedrep", "fedrep-frozen", "ditto", "fedlwf"])
+@pytest.mark.parametrize("method", ["pfedhn-frozen", "pfedhn-pc", "fedrep", "fedrep-frozen", "ditto", "fedlwf",
+                                    "fedtarget", "frozen-adapters"])
 def test_a_diverged_local_update_is_dropped_and_counted(tiny_data_dir, monkeypatch, method):
     real, calls = fl.Client.local_train, []
 

@@ -62,7 +62,7 @@ def test_a_baseline_needs_the_shells_registry():
                                                         servers=baselines.SERVERS)
     assert type(server) is baselines.FedAvg and sorted(sum(batches, [])) == [0, 1, 2, 3]
     assert set(baselines.SERVERS) == {"local", "fedavg", "fedavg-ft", "fedrep", "fedrep-frozen", "ditto", "fedlwf",
-                                      "pfedhn-frozen", "pfedhn-pc"}
+                                      "fedtarget", "frozen-adapters", "pfedhn-frozen", "pfedhn-pc"}
 
 
 # (function, its keyword, the run's setting it mirrors): a student who calls a core function from a notebook
