@@ -11,12 +11,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
-import deepinversion  # noqa: E402
 import federated  # noqa: E402
 from shell import cli  # noqa: E402
 import replay  # noqa: E402
 import train  # noqa: E402
-from test_masks import make_server, run_stage, FakeClient  # noqa: E402
+from test_masks import make_server, run_stage  # noqa: E402
 
 
 def two_stage_server():

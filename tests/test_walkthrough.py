@@ -1,6 +1,5 @@
 """docs/walkthrough.md cannot rot: every command it shows runs (at toy size) and shows what it says to look for.
 And PA measured inside one run equals PA from a separate `local` run, as the guide and compare.py promise."""
-import json
 import re
 import shlex
 import sys

@@ -1,0 +1,222 @@
+"""The shell's command line (shell/cli.py, shell/runner.py): every method end to end on tiny generated data and
+the results.json it writes, presets and flags, bad input (one line, exit 2), threads, a late rise warned of."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train  # noqa: E402
+from conftest import counts_of_test_images  # noqa: E402
+from shell import cli, compare  # noqa: E402
+from test_train import REPLAY_TINY, REPO, run_tiny  # noqa: E402
+
+SCHEMA = {"config", "batches", "accuracy", "val_accuracy", "metrics", "val_metrics", "neurons", "test_sizes", "time_s", "device", "replay_s",
+          "local_accuracy", "local_s",
+          "replay", "faults"}
+
+
+def variant_args(name):
+    v = compare.variant_config(name)
+    return (["--method", v["method"]] + ["--no-replay"] * v["no_replay"] + ["--no-masks"] * v["no_masks"]
+            + (["--adapter-budget", str(v["adapter_budget"])] if "adapter_budget" in v else [])
+            + (["--replay", v["replay"]] if "replay" in v else [])
+            + (["--replay-control", v["replay_control"]] if "replay_control" in v else []) + REPLAY_TINY)
+
+
+@pytest.mark.parametrize("name", sorted(compare.VARIANTS))
+def test_every_method_runs_two_stages_and_writes_the_same_schema(tiny_data_dir, tmp_path, name):
+    run_tiny(tiny_data_dir, tmp_path / name, *variant_args(name))
+    results = json.loads((tmp_path / name / "results.json").read_text())
+    assert set(results) == SCHEMA
+    for plot in ("accuracy_matrix.png", "batch_accuracy.png"):    # every run draws its own plots
+        assert (tmp_path / name / plot).stat().st_size > 0
+    assert results["config"]["method"] == compare.variant_config(name)["method"] and results["config"]["rounds"] == 4
+    batches = results["batches"]
+    assert sorted(c for b in batches for c in b) == [0, 1, 2, 3] and len(batches) == 2
+    accuracy = results["accuracy"]
+    assert len(accuracy) == 2 and all(len(row) == 4 for row in accuracy)
+    for cid in batches[1]:
+        assert accuracy[0][cid] is None                 # batch 1 had not joined after stage 0
+    for row in accuracy:
+        assert counts_of_test_images(row, results["test_sizes"])
+    assert all(a is not None for a in accuracy[1]) and counts_of_test_images(accuracy[1], results["test_sizes"])
+    m = results["metrics"]
+    assert set(m) == {"mean_acc", "weighted_acc", "ri", "ri_per_batch", "pa", "pa_per_batch", "batch_acc"}
+    assert len(m["ri_per_batch"]) == 1 and len(m["pa_per_batch"]) == 1
+    # PA: batch 1 after its stage against the same clients trained alone in the same run
+    local = results["local_accuracy"][1]
+    assert results["local_accuracy"][0] is None and all((local[c] is None) == (c not in batches[1]) for c in range(4))
+    assert m["pa"] == pytest.approx(sum(accuracy[1][c] - local[c] for c in batches[1]) / len(batches[1]))
+    expected_ri = sum(accuracy[1][c] - accuracy[0][c] for c in batches[0]) / len(batches[0])
+    assert m["ri"] == pytest.approx(expected_ri)
+    assert len(results["time_s"]) == 2
+    replays = name in ("pfeddsh", "pfeddsh-no-masks", "pfeddsh-paper", "pfeddsh-paper-replay", "pfeddsh-noise",
+                       "pfeddsh-own")
+    assert len(results["replay"]) == len(results["replay_s"]) == (1 if replays else 0)
+    # Batch 0 cannot change after its stage where nothing it reads is written: masks without replay,
+    # a hypernetwork or a body frozen after batch 0, personal models nobody else trains, or clients alone.
+    if name in ("pfeddsh-no-replay", "pfedhn-frozen", "fedrep-frozen", "frozen-adapters", "ditto", "local"):
+        assert m["ri"] == 0.0
+    has_masks = name in ("pfeddsh", "pfeddsh-no-replay", "pfeddsh-paper", "pfeddsh-paper-replay", "pfeddsh-noise",
+                         "pfeddsh-own")
+    assert (results["neurons"] is not None) == has_masks
+    if has_masks:
+        assert [set(n) >= {"used", "owned", "reuse"} for n in results["neurons"]] == [True, True]
+
+
+def test_replay_run_writes_synthetic_grid_and_latency(tiny_data_dir, tmp_path):
+    results = run_tiny(tiny_data_dir, tmp_path, "--method", "pfeddsh", "--replay-images", "8",
+                       "--replay-iterations", "5", "--replay-steps", "3", "--classes-per-client", "6")
+    assert (tmp_path / "synthetic_batch1.png").stat().st_size > 0
+    assert len(results["replay_s"]) == 1 and results["replay_s"][0] > 0
+    report = results["replay"][0]
+    assert report["accepted"] + report["rejected"] + report["skipped"] == len(results["batches"][0])
+    assert report["tried"], "6 of 10 classes each: the two batches share a class"
+    # the new clients that share a class with a tried client dreamed, and each tried earlier client its own
+    # dreams (the first time it is tried)
+    assert len(report["tried"]) < len(report["bn_loss_start"]) <= len(results["batches"][1]) + len(report["tried"])
+    # the share of dreams their own teacher reads as dreamed: 8 dreams from each of 2 clients
+    assert report["teacher_reads"] in {k / 16 for k in range(17)}
+
+
+def test_refuses_to_overwrite_another_runs_results(tiny_data_dir, tmp_path):
+    run_tiny(tiny_data_dir, tmp_path, "--rounds", "1", "--no-replay")
+    with pytest.raises(cli.CliError, match="already exists"):
+        run_tiny(tiny_data_dir, tmp_path, "--rounds", "1", "--no-replay")
+
+
+def train_py(*args, cwd):
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+
+
+BAD_INPUT = {
+    "unknown dataset": (["--dataset", "mnist"], "unknown dataset"),
+    "no data offline": (["--dataset", "cifar10", "--data-dir", "{empty}"], "not found"),
+    "too many clients": (["--clients-per-batch", "400"], "more than the data supports"),
+    "too many classes": (["--classes-per-client", "11"], "more than cifar10 has"),
+    "non-positive count": (["--rounds", "0"], "--rounds must be a positive integer"),
+    "negative lr": (["--lr", "-1"], "--lr must be positive"),
+    "not a number": (["--batches", "two"], "invalid int value"),
+    "unknown method": (["--method", "nope"], "unknown method"),
+    "ablation of a baseline": (["--method", "fedavg", "--no-masks"], "--no-masks is an option of pfeddsh"),
+    "adapter budget of a whole model": (["--adapter-budget", "1"], "--adapter-budget must be in [0, 1)"),
+    "gate start not a number": (["--gate-start", "nan"], "--gate-start must be a finite number"),
+    "unknown method in --methods": (["--methods", "fedavg,fedprox"], "unknown method 'fedprox' in --methods"),
+    "--methods with --method": (["--methods", "fedavg", "--method", "pfedhn"], "--method does not go with"),
+    "bad --seeds": (["--methods", "fedavg", "--seeds", "0,x"], "--seeds must be comma-separated integers"),
+    "cuda without cuda": (["--device", "cuda"], "CUDA is not available"),
+    "--out is a file": (["--out", "{file}"], "is a file, not a folder"),
+    "--out under a file": (["--out", "{file}/run"], "is a file, not a folder"),
+    "negative seed": (["--seed", "-5"], "--seed must be an integer in 0 .. 4294967295"),
+    "huge seed": (["--seed", "99999999999999999999"], "--seed must be an integer in 0 .. 4294967295"),
+    "negative seed in --seeds": (["--methods", "fedavg", "--seeds", "0,-1"], "--seeds must be an integer in"),
+    "model too large for memory": (["--width", "100000"], "this run needs at least"),
+    "batch too large for memory": (["--batch-size", "10000000000"], "the largest part is client training"),
+    "infinite lr": (["--lr", "inf"], "--lr must be positive and finite"),
+    "more clients than test images": (["--batches", "100000000"], "more than the data supports"),
+    "negative --bn-noise": (["--bn-noise", "-0.1"], "--bn-noise must be >= 0 and finite"),
+    "--bn-noise not a number": (["--bn-noise", "nan"], "--bn-noise must be >= 0 and finite"),
+    "negative --replay-bn-weight": (["--replay-bn-weight", "-1"], "--replay-bn-weight must be >= 0 and finite"),
+    "--replay-confirm-alpha of 1": (["--replay-confirm-alpha", "1"], "--replay-confirm-alpha must be between 0 and 1"),
+    "--replay-confirm-alpha nan": (["--replay-confirm-alpha", "nan"], "--replay-confirm-alpha must be between 0 and 1"),
+    "--bn-noise without replay": (["--bn-noise", "0.1", "--no-replay"], "--bn-noise is about replay"),
+    "--privacy-audit of a baseline": (["--privacy-audit", "--method", "fedavg"], "--privacy-audit is about replay"),
+    "--replay paper without replay": (["--replay", "paper", "--no-replay"], "--replay paper is about replay"),
+    "a control of a baseline": (["--replay-control", "noise", "--method", "pfedhn"], "--replay-control noise is about"),
+    "an unknown control": (["--replay-control", "shuffle"], "invalid choice"),
+    "an audit of noise": (["--replay-control", "noise", "--privacy-audit"], "a --replay-control run has none"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_bad_input_exits_2_with_one_line(case, tiny_data_dir, tmp_path):
+    args, expected = BAD_INPUT[case]
+    if case == "cuda without cuda":
+        import torch
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "a_file").write_text("not a folder")
+    args = [a.replace("{empty}", str(empty)).replace("{file}", str(tmp_path / "a_file")) for a in args]
+    base = ["--data-dir", str(tiny_data_dir)] if "--data-dir" not in args else []
+    out = ["--out", str(tmp_path / "out")] if "--out" not in args else []
+    done = train_py(*base, *args, *out, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert expected in lines[0] and "Traceback" not in done.stderr
+
+
+def test_auto_preset_follows_the_device(monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config, _ = cli.resolve_config([])
+    assert (config["preset"], config["preset_auto"], config["width"], config["rounds"]) == \
+        ("cpu-demo", True, 16, 20)
+    line = cli.describe_protocol(config)
+    assert "protocol cpu-demo" in line and "--preset full" in line
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    config, _ = cli.resolve_config([])
+    assert (config["preset"], config["width"], config["rounds"]) == ("full", 64, 300)
+    assert "--preset cpu-demo" in cli.describe_protocol(config)
+    config, _ = cli.resolve_config(["--device", "cpu"])             # CUDA there, but not asked for
+    assert config["preset"] == "cpu-demo"
+
+
+def test_explicit_preset_and_flags_win_over_auto(monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    config, _ = cli.resolve_config(["--preset", "cpu-demo", "--rounds", "7"])
+    assert (config["preset"], config["preset_auto"], config["width"], config["rounds"]) == ("cpu-demo", False, 16, 7)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config, _ = cli.resolve_config(["--preset", "paper", "--width", "8"])
+    assert (config["preset"], config["width"], config["rounds"]) == ("full", 8, 300)   # paper: full's old name
+    assert {k: v for k, v in config.items() if k in train.DEFAULTS and k != "width"} == \
+        {k: v for k, v in train.DEFAULTS.items() if k != "width"}
+
+
+def test_help_shows_every_default_and_the_presets(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")          # one line per option, whatever the terminal
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "(default 64; cpu-demo 16)" in text and "(default 300; cpu-demo 20)" in text
+    assert "cpu-demo: a few minutes on a 2-core CPU: --width 16" in text
+    for action in cli.build_parser()._actions:          # every option with a default says it
+        if action.dest in train.DEFAULTS:
+            assert "default" in action.help, action.dest
+
+
+def test_threads_flag_is_checked_recorded_and_restored(tiny_data_dir, tmp_path):
+    with pytest.raises(cli.CliError, match="--threads must be a positive integer"):
+        cli.resolve_config(["--threads", "0"])
+    before = torch.get_num_threads()
+    results = run_tiny(tiny_data_dir, tmp_path, "--method", "local", "--threads", "1", "--rounds", "1")
+    assert results["config"]["threads"] == 1 and torch.get_num_threads() == before
+    assert cli.default_threads() == max(1, len(os.sched_getaffinity(0)) - 1)
+
+
+def test_deterministic_switches_cuda_kernels_both_ways():
+    try:
+        cli.use_kernels(True)
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert not torch.backends.cuda.matmul.allow_tf32 and torch.are_deterministic_algorithms_enabled()
+        cli.use_kernels(False)
+        assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        cli.use_kernels(False)
+
+
+def test_a_stage_whose_last_rounds_get_worse_is_not_ended_silently():
+    from shell import runner
+    assert runner.late_rise([1.2, 0.7, 0.55, 0.5, 0.52, 0.9, 1.1], stage=1).startswith("warning: stage 1")
+    assert runner.late_rise([1.2, 0.7, 0.55, 0.5, 0.52, 0.58, 0.49], stage=1) is None     # noise, not a fall
+    assert runner.late_rise([0.5, 2.0], stage=0) is None                                   # too short to tell
