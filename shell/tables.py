@@ -1,0 +1,113 @@
+"""The results tables of README.md and docs/results.md, rebuilt from the runs committed under docs/runs/ (ours).
+
+    python -m shell.tables            # rewrite every marked table from its runs
+    python -m shell.tables --check    # exit 1 if any table differs from what its runs give
+
+A table is marked in the markdown by the line `<!-- table KIND FOLDER [FOLDER ...] -->` above it and
+`<!-- /table -->` below; FOLDER holds one <method>-s<seed>/results.json per run (what `--methods ... --out`
+writes, checkpoints left out). KIND is one of TABLES. No number in a marked table is typed by hand.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from shell import compare
+
+REPO = Path(__file__).resolve().parents[1]
+DOCUMENTS = ["README.md", "docs/results.md"]
+
+
+def load_runs(folder):
+    """{method: [results.json, ...] by seed} of every <method>-s<seed> run in folder."""
+    runs = {}
+    for path in sorted(Path(folder).glob("*-s*/results.json")):
+        method = path.parent.name.rsplit("-s", 1)[0]
+        runs.setdefault(method, []).append(json.loads(path.read_text()))
+    for results in runs.values():
+        results.sort(key=lambda r: r["config"]["seed"])
+    if not runs:
+        raise SystemExit(f"no <method>-s<seed>/results.json in {folder}")
+    return runs
+
+
+def signed(x):
+    """+1.23 / −1.23 (a typographic minus) / 0 for exactly nothing (RI without replay, PA of local)."""
+    return "0" if x == 0 else f"{x:+.2f}".replace("-", "−")
+
+
+def interval(values):
+    if values is None:
+        return "–"
+    mean, low, high = values
+    return f"{signed(mean)} [{signed(low)}, {signed(high)}]"
+
+
+def headline(runs, reference="pfeddsh"):
+    """Per method: mean accuracy ± std over seeds, mean PA and RI, and `reference` minus it (paired by seed)."""
+    table = compare.summarize(runs)
+    order = [reference] + sorted((m for m in runs if m not in (reference, "local")), key=lambda m: -np.mean(
+        table[m]["mean_acc"])) + (["local"] if "local" in runs else [])
+    lines = ["| method | mean acc | PA | RI | pfeddsh minus it (paired 95 % interval) |", "|---|---|---|---|---|"]
+    ours = {r["config"]["seed"]: 100 * r["metrics"]["mean_acc"] for r in runs[reference]}
+    for method in order:
+        col = table[method]
+        accuracy = compare.cell(col["mean_acc"])
+        pa = signed(float(np.mean(col["pa"]))) if col["pa"] else "–"
+        ri = signed(float(np.mean(col["ri"])))
+        if method == reference:
+            lines.append(f"| **{method}** | **{accuracy}** | {pa} | {ri} | – |")
+            continue
+        pairs = [(ours[r["config"]["seed"]], 100 * r["metrics"]["mean_acc"]) for r in runs[method]
+                 if r["config"]["seed"] in ours]
+        difference = compare.paired_interval([a for a, _ in pairs], [b for _, b in pairs])
+        lines.append(f"| {method} | {accuracy} | {pa} | {ri} | {interval(difference)} |")
+    return lines
+
+
+TABLES = {"headline": headline}
+
+
+def rebuild(text, root=REPO):
+    """The markdown with every marked table rebuilt from its runs."""
+    out, lines, k = [], text.splitlines(), 0
+    while k < len(lines):
+        line = lines[k]
+        out.append(line)
+        k += 1
+        if not line.startswith("<!-- table "):
+            continue
+        kind, *folders = line[len("<!-- table "):].removesuffix("-->").split()
+        runs = {}
+        for folder in folders:
+            runs.update(load_runs(root / folder))
+        out += TABLES[kind](runs)
+        while k < len(lines) and lines[k] != "<!-- /table -->":
+            k += 1
+        if k == len(lines):
+            raise SystemExit(f"a table marked '{line}' has no '<!-- /table -->' below it")
+    return "\n".join(out) + ("\n" if text.endswith("\n") else "")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table differs from its runs")
+    args = p.parse_args(argv)
+    differs = []
+    for name in DOCUMENTS:
+        path = REPO / name
+        text = path.read_text()
+        new = rebuild(text)
+        if new != text:
+            differs.append(name)
+            if not args.check:
+                path.write_text(new)
+    verb = "differ from their runs" if args.check else "rebuilt"
+    print(f"{', '.join(differs)}: {verb}" if differs else "every marked table is what its runs give")
+    return 1 if differs and args.check else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
