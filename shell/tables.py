@@ -67,7 +67,12 @@ def headline(runs, reference="pfeddsh"):
     return lines
 
 
-TABLES = {"headline": headline}
+def replay_arms(runs):
+    """Each replay arm's share of RI and pfeddsh minus the arm on RI, paired by seed (compare.replay_arms)."""
+    return compare.replay_arms(runs)[3:]
+
+
+TABLES = {"headline": headline, "replay-arms": replay_arms}
 
 
 def rebuild(text, root=REPO):
