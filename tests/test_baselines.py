@@ -216,3 +216,15 @@ def test_paired_interval_is_students_t_over_seeds():
     half = 4.303 * 1.0 / 3 ** 0.5                                                   # t(2) x sd / sqrt(n)
     assert mean == pytest.approx(2.0) and low == pytest.approx(2.0 - half) and high == pytest.approx(2.0 + half)
     assert compare.paired_interval([1.0], [0.0]) is None
+
+
+def test_a_tuning_grid_grows_past_the_end_its_best_value_sits_at():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import tune_baselines
+    grid = [0.003, 0.01, 0.03]
+    assert tune_baselines.extend(grid, {0.003: 70.0, 0.01: 69.0, 0.03: 60.0}, 3.0) == [0.001, 0.003, 0.01, 0.03]
+    assert tune_baselines.extend(grid, {0.003: 60.0, 0.01: 69.0, 0.03: 70.0}, 3.0) == [0.003, 0.01, 0.03, 0.09]
+    assert tune_baselines.extend(grid, {0.003: 60.0, 0.01: 71.0, 0.03: 70.0}, 3.0) == grid
+    import train
+    for method, (flag, values, _) in tune_baselines.KNOBS.items():   # every grid is centred on the run's default
+        assert sorted(values)[len(values) // 2] == train.DEFAULTS[flag.lstrip("-").replace("-", "_")], method
