@@ -49,6 +49,7 @@ class Client:
         self.generator = client_generator(seed, cid, self.x_train.device)
         # --amp: training and evaluation under bf16 autocast (hypernet.autocast: no context at all when off).
         self.amp = amp
+        self.steps_trained = 0      # ours: the local SGD steps it has taken, the compute a method used (results.json)
 
     def local_train(self, flat_weights, bn_stats, steps, minibatch_size, lr, momentum=0.9, weight_decay=5e-5,
                     generator=None, trainable=None, extra_loss=None):
@@ -63,6 +64,7 @@ class Client:
           * extra_loss(weights, x, logits) -> scalar added to the cross-entropy (Ditto's proximal pull,
             LwF's distillation); x is the augmented, normalised minibatch the logits came from."""
         generator = generator if generator is not None else self.generator
+        self.steps_trained += steps
         trains = (lambda name: True) if trainable is None else (lambda name: name in trainable)
         weights = {n: w.detach().clone().requires_grad_(trains(n)) for n, w in self.unflatten(flat_weights).items()}
         bn_stats = {n: b.clone() for n, b in bn_stats.items()}

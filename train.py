@@ -219,6 +219,7 @@ def local_reference(clients, batches, t, state, config):  # ours
         return None
     if config["method"] == "local":         # the run is its own reference
         return [a if cid in batches[t] else None for cid, a in enumerate(state.accuracy[t])]
+    spent = [c.steps_trained for c in clients]         # the reference's steps are not the method's
     model = clients[0].model
     start, fresh_bn = clients[0].flatten(dict(model.named_parameters())).detach(), hn.bn_stats_init(model)
     weights, bn_stats = {cid: start.clone() for cid in batches[t]}, {cid: fresh_bn for cid in batches[t]}
@@ -230,6 +231,8 @@ def local_reference(clients, batches, t, state, config):  # ours
             if fl.is_finite_update(update):     # a diverged step is dropped, as `local` drops it
                 weights[cid], bn_stats[cid] = weights[cid] + update.delta, update.bn_stats
     accuracy = {cid: clients[cid].evaluate(weights[cid], bn_stats[cid], "test")[0] for cid in batches[t]}
+    for client, steps in zip(clients, spent):
+        client.steps_trained = steps
     return [accuracy.get(cid) for cid in range(len(clients))]
 
 
@@ -273,7 +276,8 @@ def results(config, batches, state, clients, device, faults):
             "local_accuracy": state.local_accuracy, "local_s": state.local_seconds,
             "neurons": state.neurons if state.neurons[-1] is not None else None, "test_sizes": test_sizes,
             "time_s": state.stage_seconds, "device": str(device), "replay_s": [r["replay_s"] for r in state.replays],
-            "replay": state.replays, "faults": faults}
+            "replay": state.replays, "faults": faults,
+            "local_steps": sum(c.steps_trained for c in clients)}
 
 
 def run(config, device, hooks=None, pa_reference=True, servers=None):

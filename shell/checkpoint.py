@@ -37,6 +37,7 @@ def capture(config, device, server, clients, rng, onboarding):
     return {"format": FORMAT, "config": dict(config), "device": str(device), "server": server_state(server),
             "rng": {"rounds": rng.bit_generator.state, "clients": [c.generator.get_state() for c in clients],
                     "torch": torch.get_rng_state()},
+            "steps_trained": [c.steps_trained for c in clients],
             "onboarding": asdict(onboarding)}
 
 
@@ -85,6 +86,8 @@ def restore(state, server, clients, onboarding_cls):
     load_server_state(server, state["server"])
     for client, g in zip(clients, state["rng"]["clients"], strict=True):
         client.generator.set_state(g.cpu())
+    for client, steps in zip(clients, state.get("steps_trained", [0] * len(clients))):   # none before it was kept
+        client.steps_trained = steps
     torch.set_rng_state(state["rng"]["torch"].cpu())
     rng = np.random.default_rng()
     rng.bit_generator.state = state["rng"]["rounds"]

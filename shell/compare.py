@@ -69,7 +69,8 @@ def summarize(runs):
     local = {r["config"]["seed"]: r for r in runs.get("local", [])}
     table = {}
     for name, seeds in runs.items():
-        columns = {"mean_acc": [], "weighted_acc": [], "pa": [], "ri": [], "units": [], "time_min": []}
+        columns = {"mean_acc": [], "weighted_acc": [], "pa": [], "ri": [], "units": [], "time_min": [],
+                   "local_steps": []}
         for r in seeds:
             m = r["metrics"]
             columns["mean_acc"].append(100 * m["mean_acc"])
@@ -81,6 +82,8 @@ def summarize(runs):
             if hypernet_units(r) is not None:
                 columns["units"].append(hypernet_units(r))
             columns["time_min"].append(sum(r["time_s"]) / 60)
+            if r.get("local_steps") is not None:     # results.json from before it was counted has none
+                columns["local_steps"].append(r["local_steps"])
         table[name] = columns
     return table
 
@@ -119,8 +122,9 @@ def markdown(runs, command):
         "",
         f"    {command}",
         "",
-        "| method | mean acc | weighted acc | PA (t > 0) | RI | hypernet units owned at the end | wall time (min) |",
-        "|---|---|---|---|---|---|---|",
+        "| method | mean acc | weighted acc | PA (t > 0) | RI | hypernet units owned at the end | wall time (min) "
+        "| local steps |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, col in table.items():
         # a method that has fewer seeds than the others (an unfinished comparison) says so
@@ -128,7 +132,8 @@ def markdown(runs, command):
             name = f"{name} (seeds {', '.join(str(r['config']['seed']) for r in runs[name])})"
         lines.append(f"| {name} | {cell(col['mean_acc'])} | {cell(col['weighted_acc'])} | "
                      f"{cell(col['pa'], signed=True)} | {cell(col['ri'], signed=True)} | "
-                     f"{cell(col['units'])} | {cell(col['time_min'], digits=1)} |")
+                     f"{cell(col['units'])} | {cell(col['time_min'], digits=1)} | "
+                     f"{cell(col['local_steps'], digits=0)} |")
     lines += ["", "Each batch's accuracy (%) after its own stage and at the end, and replay (seconds per "
               "onboarded batch; earlier clients whose replay update was accepted, per seed):", ""]
     num_batches = c["batches"]

@@ -262,6 +262,7 @@ class RemoteClient:
 
     def __init__(self, cid, nodes):
         self.cid, self.nodes = cid, nodes
+        self.steps_trained = 0      # the steps asked of its node (results.json's local_steps)
 
     def _info(self, key, default):
         return self.nodes.info.get(self.cid, {}).get(key, default)
@@ -282,6 +283,7 @@ class RemoteClient:
 
     def local_train(self, flat_weights, bn_stats, steps, minibatch_size, lr):
         self._ready()
+        self.steps_trained += steps
         request = (self.cid, "train", {"weights": to_record({"flat": flat_weights}), "bn": to_record(bn_stats),
                                        "config": ConfigRecord({"steps": steps, "batch-size": minibatch_size, "lr": lr})})
         pending = PendingUpdate(self.nodes, request, flat_weights.detach(), bn_stats)

@@ -17,7 +17,7 @@ from test_train import REPLAY_TINY, REPO, run_tiny  # noqa: E402
 
 SCHEMA = {"config", "batches", "accuracy", "val_accuracy", "metrics", "val_metrics", "neurons", "test_sizes", "time_s", "device", "replay_s",
           "local_accuracy", "local_s",
-          "replay", "faults"}
+          "replay", "faults", "local_steps"}
 
 
 def variant_args(name):

@@ -86,3 +86,10 @@ def test_amp_trains_in_bf16_and_a_whole_run_works_on_cpu(tiny_data_dir, tmp_path
     assert counts_of_test_images(results["accuracy"][-1], results["test_sizes"])
 
 
+def test_local_steps_count_what_the_method_trained_and_not_pas_reference(tiny_data_dir, tmp_path):
+    """2 batches x 4 rounds x 2 clients x 3 steps for pfeddsh (PA's reference trains as much again, uncounted);
+    Ditto trains a personal model beside the global one in every round: twice that."""
+    expected = 2 * 4 * 2 * 3
+    assert run_tiny(tiny_data_dir, tmp_path / "a", "--no-replay")["local_steps"] == expected
+    assert run_tiny(tiny_data_dir, tmp_path / "b", "--method", "ditto")["local_steps"] == 2 * expected
+
