@@ -16,6 +16,7 @@ what the same client reaches with `local` (same seed, so the same split and the 
 steps). PA <= 0 is the failure signature "new clients fail to outperform local training".
 """
 import json
+import math
 import os
 
 import numpy as np
@@ -197,20 +198,54 @@ def replay_arms(runs):
     return lines
 
 
-def versus(runs, reference="pfeddsh"):
-    """Final mean accuracy of `reference` minus each other method's, paired by seed, with its 95 % t interval."""
+def t_pvalue(d):
+    """Two-sided p-value of a paired t test that the differences d have mean 0 (Student's t, len(d) - 1 degrees
+    of freedom; its density integrated by Simpson's rule, so no SciPy is needed). None under two values."""
+    d = np.asarray(d, dtype=float)
+    if len(d) < 2:
+        return None
+    if d.std(ddof=1) == 0:
+        return 0.0 if d.mean() != 0 else 1.0
+    t, nu = abs(d.mean()) / (d.std(ddof=1) / np.sqrt(len(d))), len(d) - 1
+    x = np.linspace(0.0, t, 20001)
+    density = np.exp(math.lgamma((nu + 1) / 2) - math.lgamma(nu / 2)) / math.sqrt(nu * math.pi) \
+        * (1 + x ** 2 / nu) ** (-(nu + 1) / 2)
+    h = x[1] - x[0]
+    inside = h / 3 * (density[0] + density[-1] + 4 * density[1:-1:2].sum() + 2 * density[2:-1:2].sum())
+    return float(max(0.0, 1 - 2 * inside))
+
+
+def holm(pvalues, alpha=0.05):
+    """{name: rejected?} by Holm's step-down over {name: p}: the k-th smallest p must be below alpha / (m - k)."""
+    rejected, m = {name: False for name in pvalues}, len(pvalues)
+    for k, name in enumerate(sorted(pvalues, key=pvalues.get)):
+        if pvalues[name] > alpha / (m - k):
+            break
+        rejected[name] = True
+    return rejected
+
+
+def versus(runs, reference="pfeddsh", alpha=0.05):
+    """Final mean accuracy of `reference` minus each other method's, paired by seed, with its 95 % t interval,
+    the paired t test's p-value and Holm's verdict over all the methods compared (family-wise alpha)."""
     if reference not in runs:
         return []
     ours = {r["config"]["seed"]: 100 * r["metrics"]["mean_acc"] for r in runs[reference]}
-    lines = ["", f"Final mean accuracy, {reference} minus each method (points, paired by seed, 95 % t interval; "
-                 "an interval above 0: the method loses):", "",
-             "| method | seeds | difference | 95 % interval |", "|---|---|---|---|"]
+    rows, pvalues = [], {}
     for name, seeds_results in runs.items():
         pairs = [(ours[r["config"]["seed"]], 100 * r["metrics"]["mean_acc"]) for r in seeds_results
                  if name != reference and r["config"]["seed"] in ours]
         interval = paired_interval([a for a, _ in pairs], [b for _, b in pairs])
         if interval:
-            lines.append(f"| {name} | {len(pairs)} | {interval[0]:+.2f} | [{interval[1]:+.2f}, {interval[2]:+.2f}] |")
+            pvalues[name] = t_pvalue([a - b for a, b in pairs])
+            rows.append((name, len(pairs), interval))
+    verdicts = holm(pvalues, alpha)
+    lines = ["", f"Final mean accuracy, {reference} minus each method (points, paired by seed, 95 % t interval; "
+                 f"p: two-sided paired t test; Holm: step-down over the {len(rows)} methods at {alpha:g} family-wise):",
+             "", "| method | seeds | difference | 95 % interval | p | Holm |", "|---|---|---|---|---|---|"]
+    for name, n, (mean, low, high) in rows:
+        verdict = (f"{reference} above" if mean > 0 else f"{reference} below") if verdicts[name] else "not shown"
+        lines.append(f"| {name} | {n} | {mean:+.2f} | [{low:+.2f}, {high:+.2f}] | {pvalues[name]:.3f} | {verdict} |")
     return lines
 
 

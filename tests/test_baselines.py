@@ -206,7 +206,9 @@ def test_comparison_gives_pfeddsh_minus_each_method_paired_by_seed():
     lines = compare.versus(runs)
     row, = [line for line in lines if line.startswith("| fedavg |")]
     mean, low, high = compare.paired_interval([80, 70, 75], [70, 62, 64])
-    assert row == f"| fedavg | 3 | {mean:+.2f} | [{low:+.2f}, {high:+.2f}] |" and abs(mean - 29 / 3) < 1e-9
+    p = compare.t_pvalue([10, 8, 11])
+    assert row == f"| fedavg | 3 | {mean:+.2f} | [{low:+.2f}, {high:+.2f}] | {p:.3f} | pfeddsh above |"
+    assert abs(mean - 29 / 3) < 1e-9 and p < 0.05
     assert not any(line.startswith("| ditto |") or line.startswith("| pfeddsh |") for line in lines)
     assert compare.versus({"fedavg": runs["fedavg"]}) == []
 
