@@ -72,7 +72,20 @@ def replay_arms(runs):
     return compare.replay_arms(runs)[3:]
 
 
-TABLES = {"headline": headline, "replay-arms": replay_arms}
+def replay_cost(runs):
+    """Per replay arm: seconds per replay (mean over every replay of every seed) and updates kept of those tried."""
+    lines = ["| arm | s per replay | kept / tried | client queries per replay |", "|---|---|---|---|"]
+    for arm in compare.REPLAY_ARMS:
+        replays = [x for r in runs.get(arm, []) for x in r["replay"]]
+        if replays:
+            kept, tried = sum(len(x["kept"]) for x in replays), sum(len(x["tried"]) for x in replays)
+            seconds = np.mean([x["replay_s"] for x in replays])
+            queries = np.mean([x.get("client_queries", 0) for x in replays])
+            lines.append(f"| {arm} | {seconds:.1f} | {kept} / {tried} | {queries:.1f} |")
+    return lines
+
+
+TABLES = {"headline": headline, "replay-arms": replay_arms, "replay-cost": replay_cost}
 
 
 def rebuild(text, root=REPO):
