@@ -311,7 +311,7 @@ def server_memory(server):
 
 def checkpoint_bytes(config, device, server, num_clients):
     """Size of the checkpoint train.py would write (checkpoint.capture) for this server."""
-    clients = [SimpleNamespace(generator=torch.Generator()) for _ in range(num_clients)]
+    clients = [SimpleNamespace(generator=torch.Generator(), steps_trained=0) for _ in range(num_clients)]
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, checkpoint.FILENAME)
         checkpoint.save(path, checkpoint.capture(config, device, server, clients, np.random.default_rng(0),

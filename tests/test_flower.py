@@ -203,15 +203,15 @@ def test_a_supernode_killed_mid_run_counts_as_dropped(tiny_data_dir, tmp_path):
     """Batch 1's node dies once every node has answered who it is (batch 0 is training): its update in stage
     1 never comes (a dropped update, a round without a server step), its evaluation is NaN, the run ends.
 
-    The kill waits on the nodes' own logs, which are unbuffered; batch 0's client trains 40 local steps, so
-    stage 0 lasts seconds after the kill (the late node is asked nothing before stage 1) even on busy cores."""
+    The kill waits on the nodes' own logs, which are unbuffered: stage 0 lasts seconds after batch 0's node
+    receives its training (every message starts a ClientApp process of its own), and the late node is asked
+    nothing before stage 1; the test checks that it was not."""
     needs_flower()
     import data
     _, (late,) = data.assign_batches(2, 2, 0)
     early = 1 - late
     out = tmp_path / "run"
-    args = DEPLOYED + ["--data-dir", "/nowhere", "--out", str(out), "--node-timeout", "20"]
-    args[args.index("--local-steps") + 1] = "40"
+    args = DEPLOYED + ["--data-dir", "/nowhere", "--out", str(out), "--node-timeout", "30"]
     with federation(tmp_path, 2, tiny_data_dir) as (env, nodes, logs):
         run = flwr_run(env, args, timeout=240)
         deadline = time.time() + 180
@@ -225,8 +225,9 @@ def test_a_supernode_killed_mid_run_counts_as_dropped(tiny_data_dir, tmp_path):
         output = finish(run, 240)
     assert (out / "results.json").exists(), output[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert results["faults"]["dropped_updates"] == 1 and results["faults"]["skipped_rounds"] == 1
-    assert results["faults"]["unanswered_messages"] == 2            # its training and its evaluation
+    faults = results["faults"]
+    assert faults["dropped_updates"] == 1 and faults["skipped_rounds"] == 1, (faults, output[-3000:])
+    assert faults["unanswered_messages"] == 2, faults            # its training and its evaluation
     final = results["accuracy"][1]
     early_right = final[early] * results["test_sizes"][early]            # a count of its test images
     assert final[late] != final[late] and abs(early_right - round(early_right)) < 1e-6    # NaN, and a real number
