@@ -247,21 +247,16 @@ class Server:
         1/2 ||generated - (generated + delta)||^2, so a step pulls the generated weights toward the trained ones.
         """
         gates = self.hypernet.gates
-        kept = self.finite(updates)             # a diverged client is dropped
+        kept = keep_finite(updates, self.faults)        # a diverged client is dropped
         if not kept:
             return float("nan")
         kept_ids = [client_ids[k] for k in kept]
         deltas = torch.stack([updates[k].delta for k in kept])
         params = dict(self.params, **({"gates.embeddings": gates.embeddings} if gates is not None else {}))
-        # The VJP, averaged over the kept clients (deltas / -n is bitwise -deltas / n, with one pass less).
-        vjp = torch.autograd.grad(generated[kept], list(params.values()), grad_outputs=deltas / -len(kept),
-                                  allow_unused=True)
-        grads = {name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(params.items(), vjp)}
+        grads = pull_toward(generated[kept], deltas, params)
         if gates is not None:           # HAT learns the batch's gate from the same gradient (masks.py)
             gates.step(grads.pop("gates.embeddings"), self.stage, self.gate_scale, self.sparsity)
-        norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads.values())).item()   # one host round trip
-        clip = min(1.0, self.grad_clip / (norm + 1e-12))
-        grads = {name: g * clip for name, g in grads.items()}
+        grads = clipped(grads, self.grad_clip)
         # The step moves only what this stage may write, and only the embeddings of the kept clients.
         free = dict(self.free)
         rows = torch.zeros_like(self.hypernet.client_embeddings)
@@ -276,13 +271,6 @@ class Server:
             self.label_counts[client_ids[k]] = updates[k].label_counts
         return float(np.mean([updates[k].loss for k in kept]))
 
-    def finite(self, updates):  # ours
-        """The indices of the updates with no NaN or Inf; the others are counted as faults (results.json)."""
-        kept = [k for k, u in enumerate(updates) if is_finite_update(u)]
-        self.faults["dropped_updates"] += len(updates) - len(kept)
-        self.faults["skipped_rounds"] += not kept
-        return kept
-
     def end_stage(self, t):
         """Freeze batch t's sub-hypernetwork; returns the neuron accounting (None without masks)."""
         self.gate_scale = 1.0
@@ -294,6 +282,31 @@ class Server:
 def no_faults():
     """The fault counters every server (and every baseline) reports in results.json, all zero."""
     return {"dropped_updates": 0, "skipped_rounds": 0, "dropped_replays": 0}
+
+
+def pull_toward(generated, deltas, params):
+    """pFedHN's gradient of {name: parameter} from the clients' deltas: the vector-Jacobian product
+    d(generated)/d(params)^T (-delta), averaged over the clients (deltas / -n is bitwise -deltas / n, with one
+    pass less). A parameter the generated weights do not depend on gets a zero gradient."""
+    vjp = torch.autograd.grad(generated, list(params.values()), grad_outputs=deltas / -len(deltas),
+                              allow_unused=True)
+    return {name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(params.items(), vjp)}
+
+
+def clipped(grads, max_norm):
+    """The gradients scaled together so that their joint L2 norm is at most max_norm."""
+    norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads.values())).item()   # one host round trip
+    clip = min(1.0, max_norm / (norm + 1e-12))
+    return {name: g * clip for name, g in grads.items()}
+
+
+def keep_finite(updates, faults):  # ours
+    """The indices of the round's updates with no NaN or Inf; the others are counted in `faults` (dropped
+    updates, and a skipped round when none is left). Every server and baseline screens a round this way."""
+    kept = [k for k, u in enumerate(updates) if is_finite_update(u)]
+    faults["dropped_updates"] += len(updates) - len(kept)
+    faults["skipped_rounds"] += not kept
+    return kept
 
 
 def is_finite_update(update):

@@ -24,7 +24,7 @@ ENGINEERING = {
     "hypernet.py": ["autocast"],
     "masks.py": ["compact_masks", "ServerOptimizer.state_dict", "ServerOptimizer.load_state_dict"],
     "replay.py": ["run_replay", "backward_transfer.counted"],
-    "federated.py": ["no_faults", "is_finite_update", "Server.finite", "Server.state_dict", "Server.load_state_dict"],
+    "federated.py": ["no_faults", "keep_finite", "is_finite_update", "Server.state_dict", "Server.load_state_dict"],
     "train.py": ["Hooks"],
 }
 PATTERNS = re.compile(r"faults|\bamp\b|autocast|stage_elapsed|state\.round\b|DataError\(|finite")

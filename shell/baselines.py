@@ -108,10 +108,8 @@ class FedAvg:
 
     def average(self, client_ids, clients, updates):
         """FedAvg's server step from the round's updates; returns their mean local loss (NaN if none kept)."""
-        kept = [(cid, u) for cid, u in zip(client_ids, updates) if fl.is_finite_update(u)]
-        self.faults["dropped_updates"] += len(updates) - len(kept)
+        kept = [(client_ids[k], updates[k]) for k in fl.keep_finite(updates, self.faults)]
         if not kept:
-            self.faults["skipped_rounds"] += 1
             return float("nan")
         # FedAvg weighs each client by its number of training images.
         sizes = torch.tensor([float(len(clients[cid].y_train)) for cid, _ in kept], device=self.weights.device)
@@ -283,11 +281,8 @@ class FedRep(FedAvg):
         body_updates = [without_head(u, self.head_index) for u in updates]
         if not self.body_frozen():
             return self.average(client_ids, clients, body_updates)
-        kept = [u for u in updates if fl.is_finite_update(u)]
-        self.faults["dropped_updates"] += len(updates) - len(kept)
-        if not kept:
-            self.faults["skipped_rounds"] += 1
-        return float(np.mean([u.loss for u in kept])) if kept else float("nan")
+        kept = fl.keep_finite(updates, self.faults)
+        return float(np.mean([updates[k].loss for k in kept])) if kept else float("nan")
 
     def evaluate(self, client):
         return client.accuracy(self.model_of(client.cid), self.bn)
@@ -491,17 +486,11 @@ class FrozenAdapters(FedAvg):  # ours
     def update(self, client_ids, generated, updates):
         """federated.Server.update on these parameters alone: the VJP pulls each generated model toward the
         one its client trained, clipped; the step writes batch t's adapter and the kept clients' rows only."""
-        kept = [k for k, u in enumerate(updates) if fl.is_finite_update(u)]
-        self.faults["dropped_updates"] += len(updates) - len(kept)
+        kept = fl.keep_finite(updates, self.faults)
         if not kept:
-            self.faults["skipped_rounds"] += 1
             return float("nan")
         deltas = torch.stack([updates[k].delta for k in kept])
-        vjp = torch.autograd.grad(generated[kept], list(self.params.values()), grad_outputs=deltas / -len(kept),
-                                  allow_unused=True)
-        grads = {name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(self.params.items(), vjp)}
-        norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads.values())).item()
-        clip = min(1.0, self.grad_clip / (norm + 1e-12))
+        grads = fl.clipped(fl.pull_toward(generated[kept], deltas, self.params), self.grad_clip)
         rows = torch.zeros(len(self.batch_of), 1, device=self.weights.device)
         rows[[client_ids[k] for k in kept]] = 1.0
         free = {}
@@ -511,7 +500,7 @@ class FrozenAdapters(FedAvg):  # ours
                 free[name][self.stage] = 1.0
             else:
                 free[name] = rows.expand_as(p)
-        self.optimizer.step({name: g * clip for name, g in grads.items()}, free)
+        self.optimizer.step(grads, free)
         for k in kept:
             self.bn_stats[client_ids[k]] = updates[k].bn_stats
         return float(np.mean([updates[k].loss for k in kept]))
