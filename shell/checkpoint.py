@@ -8,6 +8,7 @@ everything random, so on the CPU a resumed run gives the same results.json as an
     stage and s, every client's BN statistics and label counts, the fault counters;
   * the random state: the numpy Generator that samples each round's clients, every client's torch
     Generator (minibatches and augmentation), the torch global RNG (DeepInversion seeds its own);
+  * every client's count of the local steps it took (results.json's local_steps);
   * federated.OnboardingState: stage and round, accuracy matrix so far, neurons, stage times, replay reports
     (without the images, which are written to synthetic_batch{t}.png when replay runs);
   * the configuration and the device, to refuse resuming a different run.
