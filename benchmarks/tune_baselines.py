@@ -57,6 +57,8 @@ def run(method, flag, value, seed, args):
         print(" ".join(command[1:]))
         return float("nan")
     if not (out / "results.json").exists():
+        if (out / "checkpoint.pt").exists():        # a run stopped part-way (a session's end) continues
+            command.append("--resume")
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         done = subprocess.run(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if done.returncode != 0:

@@ -94,6 +94,9 @@ def build_parser():
                         "pfeddsh-no-masks; each runs into <out>/<method>-s<seed>, then <out>/comparison.md "
                         "(default: none, a single run)")
     a("--seeds", help="comparison: comma-separated seeds (default: --seed)")
+    a("--per-method", action="append", metavar="METHOD:FLAG=VALUE",
+      help="comparison: a training setting for one method only, e.g. ditto:ditto-lambda=0.003 (repeatable; the "
+           "data, the clients and the seeds stay shared; the other methods keep the command's value)")
     a("--device", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
     a("--out", help="output folder (default runs/<method>-<dataset>-s<seed>)")
     a("--preset", choices=["auto"] + list(PRESETS) + list(PRESET_ALIASES),
@@ -200,6 +203,8 @@ def resolve_config(argv):
     comparison = None
     if args.methods is not None or args.seeds is not None:
         comparison = parse_comparison(args, config)
+    elif args.per_method:
+        raise CliError("--per-method goes with --methods (a setting of a single run is its own flag)")
     return config, comparison
 
 
@@ -244,7 +249,36 @@ def parse_comparison(args, config):
     if config["engine"] == "flower":
         for name in names:
             check_flower(compare.variant_config(name)["method"])
-    return names, seeds
+    return names, seeds, parse_per_method(args.per_method or [], names, config)
+
+
+# What every method of a comparison must share, so that its runs are paired: the data, the clients, the seed.
+SHARED_SETTINGS = {"dataset", "data_dir", "batches", "clients_per_batch", "classes_per_client", "partition", "alpha",
+                   "val_fraction", "seed", "method", "no_replay", "no_masks"} | checkpoint.RUN_ONLY_KEYS
+
+
+def parse_per_method(items, names, config):
+    """--per-method METHOD:FLAG=VALUE ... -> {method: {setting: value}}, each value typed as its flag's."""
+    settings = {}
+    for item in items:
+        name, _, assignment = item.partition(":")
+        flag, equals, value = assignment.partition("=")
+        flag = flag.strip().removeprefix("--")
+        key = flag.replace("-", "_")
+        if not equals or not name or not flag:
+            raise CliError(f"--per-method takes METHOD:FLAG=VALUE (e.g. ditto:ditto-lambda=0.003), got '{item}'")
+        if name not in names:
+            raise CliError(f"--per-method {item}: '{name}' is not in this comparison ({', '.join(names)})")
+        if key not in DEFAULTS:
+            raise CliError(f"--per-method {item}: unknown setting '--{flag}'")
+        if key in SHARED_SETTINGS:
+            raise CliError(f"--per-method {item}: --{flag} is shared by every method of a comparison")
+        if key in settings.get(name, {}):
+            raise CliError(f"--per-method sets --{flag} of {name} twice")
+        parsed = getattr(build_parser().parse_args([f"--{flag}", value]), key)
+        settings.setdefault(name, {})[key] = parsed
+        validate(dict(config, **compare.variant_config(name), **settings[name]))
+    return settings
 
 
 def validate(c):
@@ -385,13 +419,13 @@ def use_threads(threads):
     return torch.get_num_threads()
 
 
-def run_comparison(config, names, seeds, caught, argv, grid=None):
-    """Every (method, seed) into <out>/<method>-s<seed>, then the report (compare.py)."""
+def run_comparison(config, names, seeds, per_method, caught, argv, grid=None):
+    """Every (method, seed) into <out>/<method>-s<seed> (with its --per-method settings), then the report."""
     out = config["out"] or os.path.join("runs", f"compare-{config['dataset']}")
     runs = {}
     for name in names:
         for seed in seeds:
-            run_config = dict(config, **compare.variant_config(name), seed=seed,
+            run_config = dict(config, **compare.variant_config(name), **per_method.get(name, {}), seed=seed,
                               out=os.path.join(out, f"{name}-s{seed}"))
             results_path = os.path.join(run_config["out"], "results.json")
             if os.path.exists(results_path) and not config["overwrite"]:

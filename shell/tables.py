@@ -45,14 +45,20 @@ def interval(values):
     return f"{signed(mean)} [{signed(low)}, {signed(high)}]"
 
 
+def method_order(runs, reference="pfeddsh"):
+    """reference first, then the others by final mean accuracy (best first), local last."""
+    others = [m for m in runs if m not in (reference, "local")]
+    mean = {m: np.mean([r["metrics"]["mean_acc"] for r in runs[m]]) for m in others}
+    return ([reference] if reference in runs else []) + sorted(others, key=lambda m: -mean[m]) \
+        + (["local"] if "local" in runs else [])
+
+
 def headline(runs, reference="pfeddsh"):
     """Per method: mean accuracy ± std over seeds, mean PA and RI, and `reference` minus it (paired by seed)."""
     table = compare.summarize(runs)
-    order = [reference] + sorted((m for m in runs if m not in (reference, "local")), key=lambda m: -np.mean(
-        table[m]["mean_acc"])) + (["local"] if "local" in runs else [])
     lines = ["| method | mean acc | PA | RI | pfeddsh minus it (paired 95 % interval) |", "|---|---|---|---|---|"]
     ours = {r["config"]["seed"]: 100 * r["metrics"]["mean_acc"] for r in runs[reference]}
-    for method in order:
+    for method in method_order(runs, reference):
         col = table[method]
         accuracy = compare.cell(col["mean_acc"])
         pa = signed(float(np.mean(col["pa"]))) if col["pa"] else "–"
@@ -85,7 +91,43 @@ def replay_cost(runs):
     return lines
 
 
-TABLES = {"headline": headline, "replay-arms": replay_arms, "replay-cost": replay_cost}
+def per_batch(runs):
+    """Per method and batch t: accuracy of batch t's clients right after its own stage (t) and at the end,
+    mean over seeds: what a batch gets on arrival and what it keeps."""
+    num_batches = len(next(iter(runs.values()))[0]["metrics"]["batch_acc"])
+    header = [f"batch {t}: own stage / end" for t in range(num_batches)]
+    lines = ["| method | " + " | ".join(header) + " |", "|---" * (num_batches + 1) + "|"]
+    for method in method_order(runs):
+        cells = []
+        for t in range(num_batches):
+            own = np.mean([100 * r["metrics"]["batch_acc"][t][t] for r in runs[method]])
+            end = np.mean([100 * r["metrics"]["batch_acc"][-1][t] for r in runs[method]])
+            cells.append(f"{own:.1f} / {end:.1f}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def compute(runs, reference="pfeddsh"):
+    """Per method: wall time of a whole run (minutes, one thread, mean ± std over seeds), its time relative to
+    `reference`, and the SGD steps its clients took (PA's reference run excluded)."""
+    table = compare.summarize(runs)
+    ours = np.mean(table[reference]["time_min"]) if reference in table else None
+    lines = ["| method | minutes per run | x pfeddsh's time | local SGD steps |", "|---|---|---|---|"]
+    for method in method_order(runs, reference):
+        col = table[method]
+        ratio = f"{np.mean(col['time_min']) / ours:.2f}" if ours else "–"
+        steps = f"{np.mean(col['local_steps']):.0f}" if col["local_steps"] else "–"
+        lines.append(f"| {method} | {compare.cell(col['time_min'], digits=1)} | {ratio} | {steps} |")
+    return lines
+
+
+def holm(runs):
+    """pfeddsh minus each method on final mean accuracy: paired interval, p and Holm's verdict (compare.versus)."""
+    return compare.versus(runs)[3:]
+
+
+TABLES = {"headline": headline, "replay-arms": replay_arms, "replay-cost": replay_cost, "per-batch": per_batch,
+          "compute": compute, "holm": holm}
 
 
 def rebuild(text, root=REPO):

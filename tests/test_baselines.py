@@ -230,3 +230,20 @@ def test_a_tuning_grid_grows_past_the_end_its_best_value_sits_at():
     import train
     for method, (flag, values, _) in tune_baselines.KNOBS.items():   # every grid is centred on the run's default
         assert sorted(values)[len(values) // 2] == train.DEFAULTS[flag.lstrip("-").replace("-", "_")], method
+
+
+def test_per_method_sets_one_methods_setting_and_keeps_the_others_runs(tiny_data_dir, tmp_path):
+    argv = TINY + ["--data-dir", str(tiny_data_dir), "--methods", "fedavg,ditto", "--seeds", "0",
+                   "--out", str(tmp_path)]
+    runs = cli.main(argv + ["--per-method", "ditto:ditto-lambda=0.5"])
+    assert runs["ditto"][0]["config"]["ditto_lambda"] == 0.5
+    default = train.DEFAULTS["ditto_lambda"]
+    assert runs["fedavg"][0]["config"]["ditto_lambda"] == runs["local"][0]["config"]["ditto_lambda"] == default
+    # Another value for ditto alone: local's and fedavg's runs are still the same runs, reused; ditto's is not.
+    with pytest.raises(cli.CliError, match="ditto-s0/results.json was made with other settings"):
+        cli.main(argv + ["--per-method", "ditto:ditto-lambda=0.25"])
+    # The value changes what ditto trains (its proximal weight), so the two runs differ.
+    (tmp_path / "ditto-s0" / "results.json").unlink()
+    (tmp_path / "ditto-s0" / "checkpoint.pt").unlink(missing_ok=True)
+    other = cli.main(argv + ["--per-method", "ditto:ditto-lambda=0.001"])
+    assert other["fedavg"][0] == runs["fedavg"][0] and other["ditto"][0]["accuracy"] != runs["ditto"][0]["accuracy"]

@@ -131,6 +131,15 @@ BAD_INPUT = {
     "a control of a baseline": (["--replay-control", "noise", "--method", "pfedhn"], "--replay-control noise is about"),
     "an unknown control": (["--replay-control", "shuffle"], "invalid choice"),
     "an audit of noise": (["--replay-control", "noise", "--privacy-audit"], "a --replay-control run has none"),
+    "--per-method without --methods": (["--per-method", "ditto:ditto-lambda=0.1"], "--per-method goes with --methods"),
+    "--per-method of a method not compared": (["--methods", "fedavg", "--per-method", "ditto:lr=0.1"],
+                                              "'ditto' is not in this comparison"),
+    "--per-method of the data": (["--methods", "ditto", "--per-method", "ditto:alpha=0.1"],
+                                 "--alpha is shared by every method"),
+    "--per-method unknown flag": (["--methods", "ditto", "--per-method", "ditto:lamda=0.1"], "unknown setting"),
+    "--per-method bad value": (["--methods", "ditto", "--per-method", "ditto:lr=-1"], "--lr must be positive"),
+    "--per-method not a number": (["--methods", "ditto", "--per-method", "ditto:lr=fast"], "invalid float value"),
+    "--per-method without =": (["--methods", "ditto", "--per-method", "ditto:lr"], "takes METHOD:FLAG=VALUE"),
 }
 
 

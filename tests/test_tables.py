@@ -27,3 +27,31 @@ def test_a_run_that_changes_changes_its_table(tmp_path):
     path.write_text(json.dumps(results))
     rebuilt = tables.rebuild(text, root=tmp_path)
     assert rebuilt != text and "| local | 73.10 ± " in rebuilt
+
+
+def fake_run(method, seed, mean_acc, batch_acc, minutes=1.0, steps=100):
+    return {"config": {"seed": seed, "method": method},
+            "metrics": {"mean_acc": mean_acc, "weighted_acc": mean_acc, "ri": 0.0, "batch_acc": batch_acc},
+            "time_s": [30.0 * minutes, 30.0 * minutes], "local_steps": steps}
+
+
+def test_per_batch_reads_each_batch_on_arrival_and_at_the_end():
+    # batch 0 scores 0.5 after its own stage and 0.7 at the end; batch 1 arrives at 0.9 and ends there
+    runs = {"pfeddsh": [fake_run("pfeddsh", s, 0.8, [[0.5, None], [0.7, 0.9]]) for s in (1, 2)],
+            "fedavg": [fake_run("fedavg", s, 0.6, [[0.6, None], [0.4, 0.8]]) for s in (1, 2)]}
+    lines = tables.per_batch(runs)
+    assert lines[2] == "| pfeddsh | 50.0 / 70.0 | 90.0 / 90.0 |"
+    assert lines[3] == "| fedavg | 60.0 / 40.0 | 80.0 / 80.0 |"
+
+
+def test_compute_and_holm_read_time_steps_and_paired_differences():
+    seeds = range(5)
+    runs = {"pfeddsh": [fake_run("pfeddsh", s, 0.80 + 0.01 * s, [[0.5]], minutes=2.0, steps=300) for s in seeds],
+            "ahead": [fake_run("ahead", s, 0.70 + 0.01 * s + 0.001 * (s % 2), [[0.5]], minutes=1.0, steps=150)
+                      for s in seeds],
+            "level": [fake_run("level", s, 0.80 + 0.01 * s + 0.02 * (-1) ** s, [[0.5]]) for s in seeds]}
+    compute = tables.compute(runs)
+    assert compute[2] == "| pfeddsh | 2.0 ± 0.0 | 1.00 | 300 |"   # pfeddsh first, the rest by accuracy
+    assert compute[3:] == ["| level | 1.0 ± 0.0 | 0.50 | 100 |", "| ahead | 1.0 ± 0.0 | 0.50 | 150 |"]
+    verdicts = {line.split(" | ")[0].strip("| "): line.split(" | ")[-1].strip(" |") for line in tables.holm(runs)[2:]}
+    assert verdicts == {"ahead": "pfeddsh above", "level": "not shown"}
