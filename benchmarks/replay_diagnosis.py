@@ -24,7 +24,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
-import deepinversion  # noqa: E402
 import replay as replay_module  # noqa: E402
 from shell import runner  # noqa: E402
 import train  # noqa: E402

@@ -13,7 +13,6 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import federated as fl  # noqa: E402
-import train  # noqa: E402
 from conftest import counts_of_test_images  # noqa: E402
 from shell import cli  # noqa: E402
 import replay  # noqa: E402

@@ -11,9 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 import data  # noqa: E402
-import federated as fl  # noqa: E402
 from shell import privacy  # noqa: E402
-import train  # noqa: E402
 from shell import cli  # noqa: E402
 from conftest import make_tiny_dataset  # noqa: E402
 from test_checkpoint import comparable, final_hypernet  # noqa: E402

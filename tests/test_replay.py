@@ -344,7 +344,6 @@ def test_replay_benchmarks_run_on_a_finished_run_and_read_no_test_data(tiny_data
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import replay_diagnosis
     import replay_thirds
-    import train
     from test_privacy import TINY
     cli.main(TINY + ["--no-replay", "--data-dir", str(tiny_data_dir), "--out", str(tmp_path)])
     settings = [(10.0, None, None, None, None), (0.1, 3e-2, 6, 0.0, 1)]
