@@ -217,7 +217,8 @@ def describe_protocol(config):
         why = f"chosen by --preset auto: {why}"
     else:
         why = f"--preset {name}"
-    ours = "" if config["adapter_budget"] == 0 or config["method"] != "pfeddsh" else " with our adapters"
+    ours = "" if config["adapter_budget"] == 0 or config["method"] not in ("pfeddsh", "frozen-adapters") \
+        else " with our adapters"
     return (f"protocol {name} ({why}){ours}: ResNet-18 width {config['width']}, {config['clients_per_batch']} clients "
             f"per batch, {config['rounds']} rounds x "
             f"{min(config['clients_per_round'], config['clients_per_batch'])} clients x "

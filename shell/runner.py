@@ -234,12 +234,17 @@ class Shell(train.Hooks):
         if len(self.clock["rounds"]) == 2:
             first, round_s = self.clock["rounds"]
             rounds_left = config["batches"] * config["rounds"] - (state.stage * config["rounds"] + state.round)
+            later_stages = range(max(state.stage, 1), config["batches"])
             replays = config["method"] == "pfeddsh" and not config["no_replay"]
-            replay_stages = range(max(state.stage, 1), config["batches"]) if replays else []
+            replay_stages = later_stages if replays else []
+            # fedtarget dreams once per later stage, and its later rounds also train on the dreams (about twice)
+            dreams = config["method"] == "fedtarget" and config["lwf_weight"] > 0
+            dream_stages = later_stages if dreams else []
+            dream_rounds = config["rounds"] * len(dream_stages) - (state.round if state.stage >= 1 and dreams else 0)
             # PA's reference trains each later batch's clients alone: about a round's local training per round
-            reference_rounds = config["rounds"] * len(range(max(state.stage, 1), config["batches"])) * self.pa_reference
-            total = now - self.clock["start"] + estimate_seconds(config, round_s, rounds_left + reference_rounds,
-                                                                 replay_stages)
+            reference_rounds = config["rounds"] * len(later_stages) * self.pa_reference
+            total = now - self.clock["start"] + estimate_seconds(
+                config, round_s, rounds_left + reference_rounds + dream_rounds, replay_stages, dream_stages)
             self.write(f"rounds take {round_s:.1f} s (the first {first:.1f} s): this run should take about "
                        f"{duration(total)} in all" + (", replay included" if replay_stages else ""))
 
@@ -342,9 +347,10 @@ def header(config, device, server, batches, model, state):
             f"{len(batches)} batches | ResNet-18 width {config['width']}: {hn.count_parameters(model) / 1e6:.2f} M weights")
     if hypernet is not None:
         line += f", hypernetwork {hn.count_parameters(hypernet) / 1e6:.2f} M parameters"
-    if hypernet is not None and hypernet.adapters is not None:
-        cost, offsets, weights = hypernet.adapters.per_batch_cost(), hypernet.client_offsets.shape[1], hypernet.num_weights
-        line += (f", adapters of rank {hypernet.adapters.rank}: {cost / 1e3:.1f} k per batch ({cost / weights:.1%} "
+    adapted = hypernet if hypernet is not None else getattr(server, "adapted", None)    # frozen-adapters' own
+    if adapted is not None and adapted.adapters is not None:
+        cost, offsets, weights = adapted.adapters.per_batch_cost(), adapted.client_offsets.shape[1], hn.count_parameters(model)
+        line += (f", adapters of rank {adapted.adapters.rank}: {cost / 1e3:.1f} k per batch ({cost / weights:.1%} "
                  f"of the model) + {offsets / 1e3:.1f} k per client ({offsets / weights:.1%})")
     if state is not None:
         line += f" | resumed at stage {state.stage} round {state.round}"
@@ -501,16 +507,18 @@ def audit_line(figures, t):
             f"{px['closer_than_chance']:.0%}, feature {ft['closer_than_chance']:.0%} (chance 5%)")
 
 
-def estimate_seconds(config, round_s, rounds_left, replay_stages):
+def estimate_seconds(config, round_s, rounds_left, replay_stages, dream_stages=()):
     """Rough length of what is left, from one timed round: the rounds, plus replay after each stage in
-    `replay_stages`, counted in image passes against a round's. The factor 1.5 is the cpu-demo protocol's
-    on a 2-core AMD EPYC CPU (replay about 30 s next to rounds of about 1.3 s); elsewhere it is rough."""
+    `replay_stages` and fedtarget's dreaming before each stage in `dream_stages`, counted in image passes
+    against a round's. The factor 1.5 is the cpu-demo protocol's on a 2-core AMD EPYC CPU (replay about
+    30 s next to rounds of about 1.3 s); elsewhere it is rough."""
     c = config
     round_images = min(c["clients_per_round"], c["clients_per_batch"]) * c["local_steps"] * c["batch_size"]
     replay_images = sum(c["clients_per_batch"] * c["replay_images"] * (c["replay_iterations"]
                                                                        + t * c["replay_steps"])
                         for t in replay_stages)
-    return round_s * (rounds_left + 1.5 * replay_images / round_images)
+    dream_images = len(dream_stages) * c["clients_per_batch"] * c["replay_images"] * c["replay_iterations"]
+    return round_s * (rounds_left + 1.5 * (replay_images + dream_images) / round_images)
 
 
 def duration(seconds):

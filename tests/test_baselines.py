@@ -247,3 +247,17 @@ def test_per_method_sets_one_methods_setting_and_keeps_the_others_runs(tiny_data
     (tmp_path / "ditto-s0" / "checkpoint.pt").unlink(missing_ok=True)
     other = cli.main(argv + ["--per-method", "ditto:ditto-lambda=0.001"])
     assert other["fedavg"][0] == runs["fedavg"][0] and other["ditto"][0]["accuracy"] != runs["ditto"][0]["accuracy"]
+
+
+def test_frozen_adapters_header_shows_pfeddshs_adapter_budget_and_fedtargets_estimate_counts_its_dreams(
+        tiny_data_dir):
+    from shell import runner
+    ends = {}
+    for method in ("pfeddsh", "frozen-adapters"):
+        config, clients, server, batches = build(tiny_data_dir, method)
+        model = train.build(config, torch.device("cpu"), servers=baselines.SERVERS)[-1]
+        ends[method] = runner.header(config, "cpu", server, batches, model, None).split("adapters of rank")[1]
+    assert ends["pfeddsh"] == ends["frozen-adapters"]
+    config, *_ = build(tiny_data_dir, "fedtarget")
+    rounds_only = runner.estimate_seconds(config, 1.0, 10, [])
+    assert runner.estimate_seconds(config, 1.0, 10, [], dream_stages=[1]) > rounds_only == 10
