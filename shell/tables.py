@@ -5,7 +5,7 @@
 
 A table is marked in the markdown by the line `<!-- table KIND FOLDER [FOLDER ...] -->` above it and
 `<!-- /table -->` below; FOLDER holds one <method>-s<seed>/results.json per run (what `--methods ... --out`
-writes, checkpoints left out). KIND is one of TABLES. No number in a marked table is typed by hand.
+writes, checkpoints left out). KIND is one of TABLES, or `tuning` (a folder of benchmarks/tune_baselines.py). No number in a marked table is typed by hand.
 """
 import argparse
 import json
@@ -126,6 +126,31 @@ def holm(runs):
     return compare.versus(runs)[3:]
 
 
+def tuning(folder):
+    """Per baseline (a subfolder <method>/<knob>-<value>-s<seed>/ each, benchmarks/tune_baselines.py): every
+    value of its knob with its final mean validation accuracy over the development seeds, the chosen (the
+    best; the smaller value on a tie, as the tuning picks it) in bold."""
+    lines = ["| baseline | knob | value: mean validation accuracy (chosen in bold) | seeds |", "|---|---|---|---|"]
+    for method_dir in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
+        scores, seeds, flag = {}, set(), None
+        for path in method_dir.glob("*-s*/results.json"):
+            flag = path.parent.name.rsplit("-s", 1)[0].rsplit("-", 1)[0]
+            results = json.loads(path.read_text())
+            value = results["config"][flag.replace("-", "_")]
+            scores.setdefault(value, []).append(100 * results["val_metrics"]["mean_acc"])
+            seeds.add(results["config"]["seed"])
+        if not scores:
+            continue
+        mean = {v: float(np.mean(a)) for v, a in sorted(scores.items())}
+        chosen = max(mean, key=mean.get)
+        cells = [f"**{v:g}: {a:.2f}**" if v == chosen else f"{v:g}: {a:.2f}" for v, a in mean.items()]
+        lines.append(f"| {method_dir.name} | `--{flag}` | {' · '.join(cells)} | {', '.join(map(str, sorted(seeds)))} |")
+    return lines
+
+
+# Kinds that read their folder themselves rather than its <method>-s<seed> runs.
+FOLDER_TABLES = {"tuning": tuning}
+
 TABLES = {"headline": headline, "replay-arms": replay_arms, "replay-cost": replay_cost, "per-batch": per_batch,
           "compute": compute, "holm": holm}
 
@@ -140,10 +165,13 @@ def rebuild(text, root=REPO):
         if not line.startswith("<!-- table "):
             continue
         kind, *folders = line[len("<!-- table "):].removesuffix("-->").split()
-        runs = {}
-        for folder in folders:
-            runs.update(load_runs(root / folder))
-        out += TABLES[kind](runs)
+        if kind in FOLDER_TABLES:
+            out += FOLDER_TABLES[kind](root / folders[0])
+        else:
+            runs = {}
+            for folder in folders:
+                runs.update(load_runs(root / folder))
+            out += TABLES[kind](runs)
         while k < len(lines) and lines[k] != "<!-- /table -->":
             k += 1
         if k == len(lines):
