@@ -104,7 +104,11 @@ def main():
     choices = {method: tune(method, args) for method in args.methods.split(",")}
     if not args.dry_run:
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "choices.json"), "w") as f:
+        path = os.path.join(args.out, "choices.json")
+        if os.path.exists(path):            # another process's methods, tuned into the same folder, are kept
+            with open(path) as f:
+                choices = dict(json.load(f), **choices)
+        with open(path, "w") as f:
             json.dump(choices, f, indent=1)
 
 
