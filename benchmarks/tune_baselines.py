@@ -70,17 +70,20 @@ def run(method, flag, value, seed, args):
 def tune(method, args):
     flag, grid, factor = KNOBS[method]
     scores = {}
-    for _ in range(args.max_extensions + 1):
+    for extensions in range(args.max_extensions + 1):
         for value in grid:
             if value not in scores:
                 per_seed = [run(method, flag, value, seed, args) for seed in args.seeds]
                 scores[value] = sum(per_seed) / len(per_seed)
         if args.dry_run:
             return None
-        if extend(grid, scores, factor) == grid:
-            break
+        if extend(grid, scores, factor) == grid or extensions == args.max_extensions:
+            break       # inside its grid, or at an end after the last extension allowed (printed as such)
         grid = extend(grid, scores, factor)
     chosen = max(grid, key=lambda v: scores[v])
+    if chosen in (min(grid), max(grid)):
+        print(f"\n{method}: the best value {value_name(chosen)} is still at an end of its grid after "
+              f"{args.max_extensions} extensions")
     print(f"\n{method} ({flag}; seeds {', '.join(map(str, args.seeds))}; final mean validation accuracy, points)\n")
     print("| value | validation |\n|---|---|")
     for value in grid:
