@@ -232,6 +232,22 @@ def test_a_tuning_grid_grows_past_the_end_its_best_value_sits_at():
         assert sorted(values)[len(values) // 2] == train.DEFAULTS[flag.lstrip("-").replace("-", "_")], method
 
 
+def test_tuning_runs_every_value_it_scores_and_stops_after_the_last_extension(monkeypatch, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import argparse
+    import tune_baselines
+    ran = []
+
+    def fake_run(method, flag, value, seed, args):      # the smaller the rate, the better: never inside
+        ran.append(value)
+        return -value
+    monkeypatch.setattr(tune_baselines, "run", fake_run)
+    args = argparse.Namespace(seeds=[600, 601], max_extensions=2, dry_run=False)
+    choice = tune_baselines.tune("fedrep", args)
+    assert sorted(set(ran)) == [0.00625, 0.0125, 0.025, 0.05, 0.1] and len(ran) == 10
+    assert choice["chosen"] == 0.00625 and "still at an end" in capsys.readouterr().out
+
+
 def test_per_method_sets_one_methods_setting_and_keeps_the_others_runs(tiny_data_dir, tmp_path):
     argv = TINY + ["--data-dir", str(tiny_data_dir), "--methods", "fedavg,ditto", "--seeds", "0",
                    "--out", str(tmp_path)]
