@@ -9,6 +9,7 @@ writes, checkpoints left out). KIND is one of TABLES, or `tuning` (a folder of b
 """
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -134,7 +135,8 @@ def tuning(folder):
     for method_dir in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
         scores, seeds, flag = {}, set(), None
         for path in method_dir.glob("*-s*/results.json"):
-            flag = path.parent.name.rsplit("-s", 1)[0].rsplit("-", 1)[0]
+            # <knob>-<value>-s<seed>: the knob is letters and hyphens, the value starts with a digit (3.7037e-05)
+            flag = re.match(r"([a-z][a-z-]*?)-\d", path.parent.name).group(1)
             results = json.loads(path.read_text())
             value = results["config"][flag.replace("-", "_")]
             scores.setdefault(value, []).append(100 * results["val_metrics"]["mean_acc"])
