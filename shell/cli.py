@@ -260,7 +260,7 @@ SHARED_SETTINGS = {"dataset", "data_dir", "batches", "clients_per_batch", "class
 
 def parse_per_method(items, names, config):
     """--per-method METHOD:FLAG=VALUE ... -> {method: {setting: value}}, each value typed as its flag's."""
-    settings = {}
+    settings, parser = {}, build_parser()
     for item in items:
         name, _, assignment = item.partition(":")
         flag, equals, value = assignment.partition("=")
@@ -276,7 +276,7 @@ def parse_per_method(items, names, config):
             raise CliError(f"--per-method {item}: --{flag} is shared by every method of a comparison")
         if key in settings.get(name, {}):
             raise CliError(f"--per-method sets --{flag} of {name} twice")
-        parsed = getattr(build_parser().parse_args([f"--{flag}", value]), key)
+        parsed = getattr(parser.parse_args([f"--{flag}", value]), key)
         settings.setdefault(name, {})[key] = parsed
         validate(dict(config, **compare.variant_config(name), **settings[name]))
     return settings
