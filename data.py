@@ -52,25 +52,21 @@ class Dataset:
 
 
 def load_dataset(name: str, data_dir: str, device="cpu") -> Dataset:
-    """<data_dir>/<name>/train_*.npz, test.npz and classes.txt as tensors on the device. train.py's shell
-    writes that folder first when it is missing (shell/datasets.py: CIFAR downloaded, Tiny-ImageNet decoded)."""
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset '{name}': choose from {', '.join(DATASETS)}")
+    """<data_dir>/<name>/train_*.npz, test.npz and classes.txt as tensors on the device (the shell checks the
+    files first, and writes the folder when it is missing: shell/datasets.py)."""
     folder = Path(data_dir) / name
-    if not train_shards(folder):
-        raise DataError(f"{name} not found: no train_*.npz in {folder}: put train_*.npz/test.npz/classes.txt "
-                        "there (see README), or point --data-dir at a folder that has them, e.g. "
-                        "--data-dir ../shared/data")
-    x_tr, y_tr, x_te, y_te, classes = _read_cache(folder, DATASETS[name])
-    mean, std = _channel_stats(x_tr)
-    to_nchw = lambda x: torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(device)
+    shards = [dict(np.load(p)) for p in train_shards(folder)]
+    if not shards:
+        raise DataError(f"{name} not found: no train_*.npz in {folder}; point --data-dir at a folder that has "
+                        "it, e.g. --data-dir ../shared/data")
+    x_tr, y_tr = np.concatenate([s["x"] for s in shards]), np.concatenate([s["y"] for s in shards])
+    with np.load(folder / "test.npz") as test:
+        x_te, y_te = test["x"], test["y"]
+    classes = [c.strip() for c in (folder / "classes.txt").read_text().splitlines() if c.strip()]
+    mean, std = channel_stats(x_tr)
+    to_nchw = lambda x: torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(device)   # noqa: E731
     return Dataset(name, to_nchw(x_tr), torch.from_numpy(y_tr).to(device), to_nchw(x_te),
                    torch.from_numpy(y_te).to(device), classes, mean, std)
-
-
-def one_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:120]}" if text else type(e).__name__
 
 
 def train_shards(folder: Path) -> list[Path]:
@@ -78,38 +74,8 @@ def train_shards(folder: Path) -> list[Path]:
     return sorted(folder.glob("train_*.npz"), key=lambda p: (len(p.name), p.name))
 
 
-def _read_npz(path: Path, num_classes: int, image_shape=None):
-    try:
-        with np.load(path) as f:
-            x, y = f["x"], f["y"]
-    except Exception as e:  # zip, pickle, truncation and missing-key errors all look different
-        raise DataError(f"cannot read {path} ({one_line(e)}): replace it, or delete the folder's *.npz to rebuild")
-    if not (x.dtype == np.uint8 and x.ndim == 4 and x.shape[3] == 3 and x.shape[1] == x.shape[2] and y.dtype == np.int64
-            and y.shape == (len(x),) and (image_shape is None or x.shape[1:] == image_shape)):
-        raise DataError(f"{path} has x {x.dtype}{x.shape}, y {y.dtype}{y.shape}: expected x uint8 (N, H, H, 3) "
-                        f"NHWC{'' if image_shape is None else f' with H={image_shape[0]}'} and y int64 (N,)")
-    if len(y) and (y.min() < 0 or y.max() >= num_classes):
-        raise DataError(f"{path} has labels in [{y.min()}, {y.max()}], expected 0..{num_classes - 1}")
-    return x, y
-
-
-def _read_cache(folder: Path, num_classes: int):
-    xs, ys = zip(*[_read_npz(p, num_classes) for p in train_shards(folder)])
-    x_tr, y_tr = (np.concatenate(xs), np.concatenate(ys)) if len(xs) > 1 else (xs[0], ys[0])
-    if not (folder / "test.npz").exists():
-        raise DataError(f"{folder} has train_*.npz but no test.npz")
-    x_te, y_te = _read_npz(folder / "test.npz", num_classes, x_tr.shape[1:])
-    try:
-        classes = [c.strip() for c in (folder / "classes.txt").read_text().splitlines() if c.strip()]
-    except OSError as e:
-        raise DataError(f"cannot read {folder / 'classes.txt'}: {e.strerror or e}")
-    if len(classes) != num_classes:
-        raise DataError(f"{folder / 'classes.txt'} lists {len(classes)} classes, {folder.name} has {num_classes}")
-    return x_tr, y_tr, x_te, y_te, classes
-
-
-def _channel_stats(x_nhwc: np.ndarray):
-    # A 256-bin histogram per channel gives the exact mean/std without a float copy of the dataset.
+def channel_stats(x_nhwc: np.ndarray):
+    """Per-channel mean and std (fractions of 255), exact, from a 256-bin histogram: no float copy of the data."""
     levels = np.arange(256) / 255
     p = np.stack([np.bincount(x_nhwc[..., ch].ravel(), minlength=256) for ch in range(3)]) / (x_nhwc.size // 3)
     mean = (p * levels).sum(1)
@@ -175,47 +141,35 @@ def _drop_short_shares(S, n_tr, n_te, val_fraction):
     return first
 
 
-def partition(y_train: torch.Tensor, y_test: torch.Tensor, num_clients: int, num_classes: int, *,
-              scheme: str = "pathological", classes_per_client: int = 2, alpha: float = 0.5,
-              val_fraction: float = 0.1, seed: int = 0) -> list[ClientSplit]:
-    if num_clients < 1:
-        raise DataError(f"need at least 1 client, got {num_clients}")
-    if scheme not in ("pathological", "dirichlet"):
-        raise DataError(f"unknown partition scheme '{scheme}': choose from pathological, dirichlet")
-    if scheme == "pathological" and not 1 <= classes_per_client <= num_classes:
-        raise DataError(f"classes per client must be in 1..{num_classes}, got {classes_per_client}")
-    if scheme == "dirichlet" and not alpha > 0:
-        raise DataError(f"dirichlet alpha must be > 0, got {alpha}")
-    if not 0 <= val_fraction < 1:
-        raise DataError(f"val fraction must be in [0, 1), got {val_fraction}")
-    y_tr, y_te = y_train.cpu().numpy(), y_test.cpu().numpy()
-    n_tr = np.bincount(y_tr, minlength=num_classes)[:num_classes]
-    n_te = np.bincount(y_te, minlength=num_classes)[:num_classes]
-    rng = np.random.default_rng(seed)
-
+def shares(rng, n_tr, n_te, num_clients, scheme, classes_per_client, alpha, val_fraction):
+    """The share matrix S[c, i]: client i's share of class c's images (pathological or Dirichlet)."""
     if scheme == "pathological":
-        S = _pathological_shares(rng, num_clients, num_classes, classes_per_client)
+        S = _pathological_shares(rng, num_clients, len(n_tr), classes_per_client)
         short = _drop_short_shares(S, n_tr, n_te, val_fraction)
         if short:
             c, i, h, tr, va, te = short
-            raise DataError(
-                f"{num_clients} clients x {classes_per_client} classes is more than the data supports: class {c} "
-                f"({n_tr[c]} train, {n_te[c]} test images) is shared by {h} clients and client {i} would get "
-                f"{tr} train, {va} val and {te} test images of it (need at least 2, {int(val_fraction > 0)}, 1); "
-                "use fewer clients or classes per client")
-    else:
-        # Small alpha can leave a client with no usable class at all: redraw, as FL benchmarks do.
-        for _ in range(100):
-            S = rng.dirichlet(np.full(num_clients, float(alpha)), size=num_classes)
-            _drop_short_shares(S, n_tr, n_te, val_fraction)
-            empty = np.flatnonzero(S.sum(axis=0) == 0)
-            if not len(empty):
-                break
-        else:
-            raise DataError(f"dirichlet(alpha={alpha}) over {num_clients} clients left client {empty[0]} (and "
-                            f"{len(empty) - 1} more) without a usable class in 100 draws; use fewer clients "
-                            "or a larger alpha")
+            raise DataError(f"{num_clients} clients x {classes_per_client} classes is more than the data supports: "
+                            f"class {c} is shared by {h} clients and client {i} would get {tr} train, {va} val and "
+                            f"{te} test images of it; use fewer clients or classes per client")
+        return S
+    for _ in range(100):        # small alpha can leave a client with no usable class: redraw, as FL benchmarks do
+        S = rng.dirichlet(np.full(num_clients, float(alpha)), size=len(n_tr))
+        _drop_short_shares(S, n_tr, n_te, val_fraction)
+        if (S.sum(axis=0) > 0).all():
+            return S
+    raise DataError(f"dirichlet(alpha={alpha}) left a client without a usable class in 100 draws; use fewer "
+                    "clients or a larger alpha")
 
+
+def partition(y_train: torch.Tensor, y_test: torch.Tensor, num_clients: int, num_classes: int, *,
+              scheme: str = "pathological", classes_per_client: int = 2, alpha: float = 0.5,
+              val_fraction: float = 0.1, seed: int = 0) -> list[ClientSplit]:
+    """Every client's split. One share matrix cuts both the train and the test pool of every class, so a
+    client's train, validation and test sets have the same class mix."""
+    y_tr, y_te = y_train.cpu().numpy(), y_test.cpu().numpy()
+    n_tr, n_te = (np.bincount(y, minlength=num_classes)[:num_classes] for y in (y_tr, y_te))
+    rng = np.random.default_rng(seed)
+    S = shares(rng, n_tr, n_te, num_clients, scheme, classes_per_client, alpha, val_fraction)
     parts = [{"train": [], "val": [], "test": []} for _ in range(num_clients)]
     for c in range(num_classes):
         pool_tr = rng.permutation(np.flatnonzero(y_tr == c))
@@ -229,7 +183,7 @@ def partition(y_train: torch.Tensor, y_test: torch.Tensor, num_clients: int, num
             parts[i]["train"].append(mine[v:])
             parts[i]["test"].append(pool_te[(cut_te[i - 1] if i else 0):cut_te[i]])
     # Shuffled so that any prefix of a client's split is a fair sample of its class mix.
-    as_tensor = lambda chunks: torch.from_numpy(rng.permutation(np.concatenate(chunks)).astype(np.int64))
+    as_tensor = lambda chunks: torch.from_numpy(rng.permutation(np.concatenate(chunks)).astype(np.int64))  # noqa: E731
     return [ClientSplit(as_tensor(p["train"]), as_tensor(p["val"]), as_tensor(p["test"]),
                         [int(c) for c in np.flatnonzero(S[:, i])]) for i, p in enumerate(parts)]
 

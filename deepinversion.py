@@ -1,20 +1,14 @@
-"""DeepInversion: images dreamed from a client's generated model and its BN statistics (paper: the synthesis
-step of the "data-free replay"; docs/design.md §5).
+"""Data-free replay: DeepInversion, and the replay that uses it (paper: the "data-free replay"; docs/design.md §5).
 
-After stage t the server holds, for every new client j, only (a) the weights its hypernetwork generated
-for j, (b) the BatchNorm running statistics j uploaded and (c) j's label counts. From these it dreams a
-batch of images per client: starting from noise, optimise the pixels so that
-  - at every BN layer the batch's per-channel mean / variance of the BN *input* match j's running stats,
-  - j's model classifies them as targets drawn in proportion to j's label counts,
-  - image priors (total variation, l2) keep them smooth; random jitter and flips make them robust.
-replay.py then uses them to fine-tune what belongs to each earlier client.
+After stage t the server holds, for every new client j, only the weights it generates for j, the
+BatchNorm statistics j uploaded and j's label counts. From these it dreams images (`synthesize`): starting
+from noise, optimise the pixels so that at every BN layer the batch's per-channel mean and variance match
+j's running statistics, j's model classifies them as targets drawn in proportion to j's label counts, and
+image priors keep them smooth. Then `replay` fine-tunes each earlier client that holds one of the new
+batch's classes on the new clients' dreams of its classes next to its own dreams, through its own embedding
+row only: every batch's mask is frozen, and no earlier client is asked anything (they may be offline).
 
-Owns: the BN-statistics loss and the removable hooks that compute it, the optimisation loop (several
-clients in one vmapped computation), and save_grid for looking at the results.
-
-DeepInversion: Yin et al., "Dreaming to Distill: Data-free Knowledge Transfer via DeepInversion", CVPR
-2020 (NVlabs/DeepInversion). Two known bugs of the public script are avoided here: its hooks are never
-removed, and its "best" batch is an alias of the pixels being optimised, so it returns the last iterate.
+DeepInversion: Yin et al., "Dreaming to Distill: Data-free Knowledge Transfer via DeepInversion", CVPR 2020.
 """
 import math
 from contextlib import contextmanager
@@ -23,8 +17,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision.utils
 from torch.func import functional_call
+
+from hypernet import run_model
+from masks import ServerOptimizer
 
 REFERENCE_BATCH = 256   # the batch size DeepInversion's CIFAR-10 weights (bn 10, TV 2.5e-5) were tuned for
 
@@ -33,46 +29,41 @@ REFERENCE_BATCH = 256   # the batch size DeepInversion's CIFAR-10 weights (bn 10
 class Teacher:
     """What the server holds about one new client: never images, never labels, only counts."""
     weights: dict           # parameter name -> generated tensor
-    bn_stats: dict          # buffer name -> client's running_mean / running_var / num_batches_tracked
+    bn_stats: dict          # buffer name -> the client's running_mean / running_var / num_batches_tracked
     label_counts: torch.Tensor   # (num_classes,) int64
 
 
 @dataclass
-class SynthesisResult:
-    images: torch.Tensor    # (num_images, 3, H, W), normalised, a copy of the best iterate
+class Dreams:
+    images: torch.Tensor    # (num_images, 3, H, W), normalised: the best iterate
     labels: torch.Tensor    # (num_images,) int64
     bn_loss_start: float    # BN-statistics loss of the initial noise
-    bn_loss_end: float      # BN-statistics loss of `images`
-    history: list           # total loss per iteration
+    bn_loss_end: float      # ... and of `images`
 
+
+# --------------------------------------------------------------------------------------------------
+# 1. Synthesis
+# --------------------------------------------------------------------------------------------------
 
 def bn_statistics_loss(features, running_mean, running_var):
-    """||mu(x) - running_mean||_2 + ||var(x) - running_var||_2 over channels, x = one BN layer's input.
-
-    Biased variance: it is what BN normalises a batch with, and the reference compares it the same way.
-    """
+    """||mu(x) - running_mean||_2 + ||var(x) - running_var||_2 over channels, x = one BN layer's input
+    (biased variance: what BN normalises a batch with)."""
     mean = features.mean(dim=(0, 2, 3))
     var = features.var(dim=(0, 2, 3), unbiased=False)
     return torch.linalg.vector_norm(mean - running_mean) + torch.linalg.vector_norm(var - running_var)
 
 
 @contextmanager
-def bn_loss_hooks(model, first_bn_multiplier=1.0):
+def bn_loss_hooks(model):
     """Forward hooks on every BatchNorm2d of `model`; yields the list each forward appends its losses to.
-
-    Inside torch.func.functional_call, module.running_mean *is* the client's tensor passed in (and under
-    vmap a batched one), so one hook serves every client. The finally clause is the fix for the public
-    script, whose hooks stayed on the teacher forever.
-    """
+    Inside functional_call, module.running_mean *is* the client's tensor passed in (under vmap a batched
+    one), so one hook serves every client. The hooks are removed afterwards (the public script's are not)."""
     losses = []
 
-    def make_hook(multiplier):
-        def hook(module, inputs, output):
-            losses.append(multiplier * bn_statistics_loss(inputs[0], module.running_mean, module.running_var))
-        return hook
+    def hook(module, inputs, output):
+        losses.append(bn_statistics_loss(inputs[0], module.running_mean, module.running_var))
 
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    handles = [m.register_forward_hook(make_hook(first_bn_multiplier if i == 0 else 1.0)) for i, m in enumerate(bns)]
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     try:
         yield losses
     finally:
@@ -80,114 +71,200 @@ def bn_loss_hooks(model, first_bn_multiplier=1.0):
             h.remove()
 
 
-def teacher_forward(model, weights, bn_stats, images, losses, vmap=True):
+def teacher_forward(model, weights, bn_stats, images, losses):
     """All clients at once: images (C, N, 3, H, W), weights/bn_stats stacked on dim 0 -> logits (C, N, K), bn (C,)."""
     def one_client(w, b, x):
         losses.clear()
-        logits = functional_call(model, (w, b), (x,))
-        return logits, torch.stack(losses).sum()
-
-    if vmap:
-        return torch.func.vmap(one_client)(weights, bn_stats, images)
-    outs = [one_client({k: v[c] for k, v in weights.items()}, {k: v[c] for k, v in bn_stats.items()}, images[c])
-            for c in range(images.shape[0])]
-    return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])
+        return functional_call(model, (w, b), (x,)), torch.stack(losses).sum()
+    return torch.func.vmap(one_client)(weights, bn_stats, images)
 
 
 def draw_labels(label_counts, n, generator):
-    """n targets in proportion to the counts (largest remainder, random ties), then shuffled.
-
-    Exact proportions rather than multinomial draws: with 64 images and two classes, sampling noise
-    alone would skew a client's replay by several images.
-    """
+    """n targets in exact proportion to the counts (largest remainder, random ties), shuffled: with 64 images
+    and two classes, multinomial draws alone would skew a client's dreams by several images."""
     quota = n * label_counts.double() / label_counts.sum()
     per_class = quota.floor().long()
-    order = torch.randperm(len(quota), generator=generator)           # random tie-breaking ...
+    order = torch.randperm(len(quota), generator=generator)
     order = order[torch.argsort((quota - per_class)[order], descending=True, stable=True)]
-    per_class[order[: n - int(per_class.sum())]] += 1                  # ... among positive remainders only
+    per_class[order[: n - int(per_class.sum())]] += 1
     labels = torch.repeat_interleave(torch.arange(len(quota)), per_class)
     return labels[torch.randperm(n, generator=generator)]
 
 
 def image_priors(x):
-    """Total variation and l2 priors per client, x (C, N, 3, H, W), as in the reference scripts.
-
-    TV is the sum of four l2 norms of neighbour differences over a client's whole batch: that grows like
-    sqrt(N) while the other terms are batch means, so it is rescaled to its value at the reference batch
-    size, and tv_weight keeps its meaning at any num_images.
-    """
+    """Total variation per client, x (C, N, 3, H, W), as the reference computes it (four l2 norms of
+    neighbour differences over the whole batch), rescaled to the reference batch so tv_weight keeps its meaning."""
     diffs = [x[..., :, :-1] - x[..., :, 1:], x[..., :-1, :] - x[..., 1:, :],
              x[..., 1:, :-1] - x[..., :-1, 1:], x[..., :-1, :-1] - x[..., 1:, 1:]]
-    tv = sum(torch.linalg.vector_norm(d.flatten(1), dim=1) for d in diffs) * math.sqrt(REFERENCE_BATCH / x.shape[1])
-    l2 = torch.linalg.vector_norm(x.flatten(2), dim=2).mean(dim=1)    # mean per-image norm (ImageNet script)
-    return tv, l2
+    return sum(torch.linalg.vector_norm(d.flatten(1), dim=1) for d in diffs) * math.sqrt(REFERENCE_BATCH / x.shape[1])
 
 
-def synthesize(model, clients, *, num_images=64, iterations=200, lr=0.1, bn_weight=0.1, first_bn_multiplier=1.0,
-               tv_weight=2.5e-5, l2_weight=0.0, jitter=2, flip=True, image_size=32, seed=0, device=None,
-               progress=None, vmap=True):
-    """One batch of images per client; all clients' pixels are optimised together, in one computation.
-
-    Each client's loss depends only on its own pixels and Adam is elementwise, so the joint run is the
-    same as C separate runs (up to sharing the jitter/flip draws); `vmap=False` loops over clients instead.
-    Always fp32, also under --amp: vmapped batch norm refuses bf16 activations against the clients' fp32
-    running statistics (what CUDA autocast hands it), and matching those statistics is what synthesis is for.
-    `progress(iteration, loss)`, if given, hears every iteration; loss is the summed loss as a 0-d tensor.
-    """
-    clients = [c if isinstance(c, Teacher) else Teacher(*c) for c in clients]
-    device = torch.device(device) if device is not None else next(iter(clients[0].weights.values())).device
-    C, N, S = len(clients), num_images, image_size
-    # Frozen teachers: detached copies, so gradients can only reach the pixels.
-    weights = {k: torch.stack([c.weights[k].detach() for c in clients]).to(device) for k in clients[0].weights}
-    bn_stats = {k: torch.stack([c.bn_stats[k].detach() for c in clients]).to(device) for k in clients[0].bn_stats}
-    g = torch.Generator().manual_seed(seed)     # CPU generator: the same draws on any device
+def synthesize(model, teachers, *, num_images=64, iterations=200, lr=0.1, bn_weight=0.1, tv_weight=2.5e-5,
+               jitter=2, flip=True, image_size=32, seed=0, progress=None):
+    """One batch of images per teacher, every teacher's pixels optimised together in one vmapped computation
+    (each loss depends only on its own pixels and Adam is elementwise, so it is C separate runs).
+    `progress(iteration)`, if given, hears every iteration."""
+    device = next(iter(teachers[0].weights.values())).device
+    C, N, S = len(teachers), num_images, image_size
+    weights = {k: torch.stack([c.weights[k].detach() for c in teachers]) for k in teachers[0].weights}
+    bn_stats = {k: torch.stack([c.bn_stats[k].detach() for c in teachers]) for k in teachers[0].bn_stats}
+    g = torch.Generator().manual_seed(seed)     # a CPU generator: the same draws on any device
     x = torch.randn(C, N, 3, S, S, generator=g).to(device).requires_grad_()
-    was_training = model.training
-    model.eval()                                # BN normalises with the client's running stats, as in DI
-    try:
-        with bn_loss_hooks(model, first_bn_multiplier) as losses:
-            with torch.no_grad():
-                logits, bn_start = teacher_forward(model, weights, bn_stats, x, losses, vmap)
-            for c in clients:
-                if c.label_counts.numel() != logits.shape[-1] or c.label_counts.sum() <= 0:
-                    raise ValueError(f"label_counts must be {logits.shape[-1]} counts with a positive sum")
-            labels = torch.stack([draw_labels(c.label_counts.cpu(), N, g) for c in clients]).to(device)
-            optimizer = torch.optim.Adam([x], lr=lr, betas=(0.5, 0.9))
-            best, best_loss, history = x.detach().clone(), torch.full((C,), math.inf, device=device), []
-            for it in range(iterations):
-                optimizer.param_groups[0]["lr"] = 0.5 * (1 + math.cos(math.pi * it / iterations)) * lr
-                # One shift and one flip for the whole batch, as in the reference; drawn even when unused
-                # so that turning flips off does not change the jitter sequence.
-                dx, dy = torch.randint(-jitter, jitter + 1, (2,), generator=g).tolist()
-                do_flip = bool(torch.rand((), generator=g) < 0.5) and flip
-                xj = torch.roll(x, shifts=(dx, dy), dims=(3, 4))
-                xj = xj.flip(4) if do_flip else xj
-                logits, bn = teacher_forward(model, weights, bn_stats, xj, losses, vmap)
-                ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(C, N).mean(1)
-                tv, l2 = image_priors(xj)
-                loss = ce + bn_weight * bn + tv_weight * tv + l2_weight * l2
-                # The loss was measured on the pixels before this step, so those are what "best" keeps;
-                # torch.where writes a new tensor: a copy, never an alias of x.
-                better = loss.detach() < best_loss
-                best_loss = torch.where(better, loss.detach(), best_loss)
-                best = torch.where(better.view(C, 1, 1, 1, 1), x.detach(), best)
-                # autograd.grad rather than backward: no stray .grad on the model.
-                x.grad, = torch.autograd.grad(loss.sum(), [x])
-                optimizer.step()
-                history.append(loss.detach())
-                if progress is not None:     # the loss as a tensor: float() on it would sync a GPU every iteration
-                    progress(it, loss.detach().sum())
-            with torch.no_grad():
-                _, bn_end = teacher_forward(model, weights, bn_stats, best, losses, vmap)
-    finally:
-        model.train(was_training)
-    history = torch.stack(history).T.tolist() if history else [[] for _ in clients]
-    return [SynthesisResult(best[c].clone(), labels[c].clone(), bn_start[c].item(), bn_end[c].item(), history[c])
-            for c in range(C)]
+    model.eval()                                # BN normalises with the client's running statistics
+    with bn_loss_hooks(model) as losses:
+        with torch.no_grad():
+            _, bn_start = teacher_forward(model, weights, bn_stats, x, losses)
+        labels = torch.stack([draw_labels(c.label_counts.cpu(), N, g) for c in teachers]).to(device)
+        optimizer = torch.optim.Adam([x], lr=lr, betas=(0.5, 0.9))
+        best, best_loss = x.detach().clone(), torch.full((C,), math.inf, device=device)
+        for it in range(iterations):
+            optimizer.param_groups[0]["lr"] = 0.5 * (1 + math.cos(math.pi * it / iterations)) * lr
+            # One shift and one flip for the whole batch, as in the reference (the flip is drawn even when off).
+            dx, dy = torch.randint(-jitter, jitter + 1, (2,), generator=g).tolist()
+            do_flip = bool(torch.rand((), generator=g) < 0.5) and flip
+            xj = torch.roll(x, shifts=(dx, dy), dims=(3, 4))
+            xj = xj.flip(4) if do_flip else xj
+            logits, bn = teacher_forward(model, weights, bn_stats, xj, losses)
+            ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(C, N).mean(1)
+            loss = ce + bn_weight * bn + tv_weight * image_priors(xj)
+            # The loss was measured on the pixels before this step: those are what "best" keeps (a copy).
+            better = loss.detach() < best_loss
+            best_loss = torch.where(better, loss.detach(), best_loss)
+            best = torch.where(better.view(C, 1, 1, 1, 1), x.detach(), best)
+            x.grad, = torch.autograd.grad(loss.sum(), [x])      # no stray .grad on the model
+            optimizer.step()
+            if progress is not None:
+                progress(it)
+        with torch.no_grad():
+            _, bn_end = teacher_forward(model, weights, bn_stats, best, losses)
+    return [Dreams(best[c].clone(), labels[c].clone(), bn_start[c].item(), bn_end[c].item()) for c in range(C)]
 
 
-def save_grid(images, mean, std, path, nrow=16):
-    """Undo the normalisation, clamp to [0, 1] and write one PNG grid."""
-    mean = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    std = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    torchvision.utils.save_image((images.detach() * std + mean).clamp(0, 1), path, nrow=nrow)
+# --------------------------------------------------------------------------------------------------
+# 2. Replay: the earlier clients learn from the new clients' dreams
+# --------------------------------------------------------------------------------------------------
+
+def distillation_loss(student_logits, teacher_logits, temperature, weight=None):
+    """Hinton's KD, KL(teacher || student) at temperature T times T^2; `weight` per image replaces the mean."""
+    per_image = F.kl_div(F.log_softmax(student_logits / temperature, dim=1),
+                         F.softmax(teacher_logits / temperature, dim=1), reduction="none").sum(1) * temperature ** 2
+    return per_image.mean() if weight is None else (per_image * weight).sum()
+
+
+def who_replays(server, t):
+    """(tried, teachers): the earlier clients that hold a class of batch t's, and the new clients that hold a
+    class of some tried client (the others' dreams would reach no one). A client that never uploaded is out."""
+    new_clients = [j for j in server.batches[t] if j in server.label_counts]
+    earlier = [i for k in range(t) for i in server.batches[k] if i in server.label_counts]
+    held = {c: server.uploads(c)[1] > 0 for c in new_clients + earlier}
+    new_classes = torch.stack([held[j] for j in new_clients]).any(0) if new_clients else None
+    tried = [i for i in earlier if new_classes is not None and bool((held[i] & new_classes).any())]
+    teachers = [j for j in new_clients if any(bool((held[j] & held[i]).any()) for i in tried)]
+    return tried, teachers
+
+
+def dream(server, dreamers, *, num_images, iterations, bn_weight, seed, progress=None):
+    """{cid: (images, labels, teacher logits)} dreamed from each dreamer's generated model and upload, and
+    the BN losses at the start and the end per dreamer."""
+    teachers = [Teacher(server.hypernet.unflatten(server.generate(j)), *server.uploads(j)) for j in dreamers]
+    dreamed = synthesize(server.model, teachers, num_images=num_images, iterations=iterations, bn_weight=bn_weight,
+                         seed=seed, image_size=server.image_size,
+                         progress=progress and (lambda it: progress("synthesis", it + 1, iterations)))
+    with torch.no_grad():
+        out = {j: (d.images, d.labels, run_model(server.model, teacher.weights, teacher.bn_stats, d.images))
+               for j, teacher, d in zip(dreamers, teachers, dreamed)}
+    return out, [d.bn_loss_start for d in dreamed], [d.bn_loss_end for d in dreamed]
+
+
+def fine_tuning_set(server, cid, images, labels, teacher_logits):
+    """The new clients' dreams of client cid's classes next to cid's own dreams (images, labels, teacher
+    logits), so every class it holds is in the set."""
+    held = (server.uploads(cid)[1] > 0).to(server.dreams[cid][1].device)
+    keep, keep_own = held[labels.to(held.device)], held[server.dreams[cid][1]]
+    return tuple(torch.cat([new[keep], own[keep_own]]) for new, own in
+                 zip((images, labels, teacher_logits), server.dreams[cid]))
+
+
+def own_class_targets(labels, teacher_logits, label_counts):
+    """A client's view of its fine-tuning set: its classes, each label as a position among them, the teachers'
+    logits of those classes, and a weight per image that makes every class weigh the same (dreams of one class
+    alone would tilt a two-class decision toward it)."""
+    classes = (label_counts > 0).nonzero().flatten().to(labels.device)
+    y = torch.searchsorted(classes, labels)
+    per_class = torch.bincount(y, minlength=len(classes)).float()
+    return classes, y, teacher_logits[:, classes], 1.0 / (per_class[y] * (per_class > 0).sum())
+
+
+def replay_loss(logits, y, soft, own, weight, *, kd_weight, anchor_weight, temperature):
+    """Cross-entropy on the dreamed labels, KD toward each image's teacher and KD toward the client's own
+    model before replay (the anchor), each image weighted by `weight`."""
+    return ((F.cross_entropy(logits, y, reduction="none") * weight).sum()
+            + kd_weight * distillation_loss(logits, soft, temperature, weight)
+            + anchor_weight * distillation_loss(logits, own, temperature, weight))
+
+
+def targets(server, cid, pool):
+    """What client cid learns from `pool`: its images, its classes, each label as a position among them, the
+    teachers' logits and its own model's before replay (the anchor) on those classes, a weight per image."""
+    x, labels, teacher_logits = pool
+    bn_stats, label_counts = server.uploads(cid)
+    classes, y, soft, weight = own_class_targets(labels, teacher_logits, label_counts)
+    with torch.no_grad():
+        own = run_model(server.model, server.hypernet.unflatten(server.generate(cid)), bn_stats, x)[:, classes]
+    return x, classes, y, soft, own, weight
+
+
+def loss_on(server, cid, target, **weights):
+    """replay_loss of client cid's model as its embedding row now generates it, on `target` (targets())."""
+    x, classes, y, soft, own, weight = target
+    flat = server.hypernet([cid], [server.batch_of[cid]])[0]
+    logits = run_model(server.model, server.hypernet.unflatten(flat), server.uploads(cid)[0], x)[:, classes]
+    return replay_loss(logits, y, soft, own, weight, **weights)
+
+
+def fine_tune(server, cid, pool, *, steps, lr, keep, **weights):
+    """Client cid's embedding row, fine-tuned with Adam on `pool` (its classes' dreams) for `steps` steps.
+
+    keep "end": the end of the path, as the paper describes it. keep "held-out" (ours, docs/design.md §5):
+    every other dream is held out, and the row keeps the point of the path (the start included) whose loss on
+    the held-out dreams is lowest, so a path that only fits its own dreams is not kept."""
+    held_out = keep == "held-out"
+    fit = targets(server, cid, tuple(t[0::2] for t in pool) if held_out else pool)
+    held = targets(server, cid, tuple(t[1::2] for t in pool)) if held_out else None
+    rows = server.hypernet.client_embeddings
+    free = {"client_embeddings": torch.zeros_like(rows, dtype=torch.bool)}
+    free["client_embeddings"][cid] = True        # only this client's row may move
+    optimizer = ServerOptimizer({"client_embeddings": rows}, kind="adam", lr=lr)
+    with torch.no_grad():
+        best_loss, best = (loss_on(server, cid, held, **weights) if held_out else 0.0), rows[cid].clone()
+    for _ in range(steps):
+        grad, = torch.autograd.grad(loss_on(server, cid, fit, **weights), [rows])
+        optimizer.step({"client_embeddings": grad}, free)
+        if held_out:
+            with torch.no_grad():
+                loss = loss_on(server, cid, held, **weights)
+            if loss < best_loss:
+                best_loss, best = loss, rows[cid].clone()
+    if held_out:
+        with torch.no_grad():
+            rows[cid] = best
+
+
+def replay(server, t, *, num_images, iterations, bn_weight, seed, progress=None, **fine_tuning):
+    """After stage t: dream from batch t's clients, fine-tune every earlier client that holds one of their
+    classes (each client's own dreams are made the first time it needs them, then kept in server.dreams).
+    Returns the report: who was tried, who dreamed, the BN losses, the new clients' dreams."""
+    tried, teachers = who_replays(server, t)
+    report = {"tried": tried, "dreamers": teachers, "client_queries": 0, "bn_loss_start": [], "bn_loss_end": []}
+    if not tried:
+        return dict(report, images=torch.zeros(0, 3, server.image_size, server.image_size))
+    dreamed, report["bn_loss_start"], report["bn_loss_end"] = dream(
+        server, teachers + [i for i in tried if i not in server.dreams], num_images=num_images,
+        iterations=iterations, bn_weight=bn_weight, seed=seed, progress=progress)
+    server.dreams.update({i: dreamed[i] for i in tried if i in dreamed})
+    images, labels, logits = (torch.cat([dreamed[j][n] for j in teachers]) for n in range(3))
+    for n, i in enumerate(tried):
+        fine_tune(server, i, fine_tuning_set(server, i, images, labels, logits), **fine_tuning)
+        if progress is not None:
+            progress("fine-tune", n + 1, len(tried))
+    return dict(report, images=images, labels=labels)

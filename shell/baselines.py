@@ -46,9 +46,9 @@ import deepinversion
 import federated as fl
 import hypernet as hn
 import masks
-import replay
-import train      # the core's builders (the shell imports the core, never the other way round)
+from extensions.adapters import BatchAdapters
 from shell import checkpoint
+from shell.faults import is_finite_update, keep_finite, no_faults
 
 
 class Local:
@@ -59,7 +59,7 @@ class Local:
         start = layout.flatten(dict(model.named_parameters())).detach().clone()
         self.weights = {cid: start.clone() for ids in batches for cid in ids}
         self.bn_stats = {cid: hn.bn_stats_init(model) for ids in batches for cid in ids}
-        self.stage, self.faults = 0, fl.no_faults()
+        self.stage, self.faults = 0, no_faults()
 
     def begin_stage(self, t):
         self.stage = t
@@ -68,7 +68,7 @@ class Local:
         losses = []
         for cid in client_ids:
             update = clients[cid].local_train(self.weights[cid], self.bn_stats[cid], steps, minibatch_size, lr)
-            if not fl.is_finite_update(update):     # a diverged step is dropped, as the server would
+            if not is_finite_update(update):     # a diverged step is dropped, as the server would
                 self.faults["dropped_updates"] += 1
                 continue
             self.weights[cid] = self.weights[cid] + update.delta
@@ -80,7 +80,7 @@ class Local:
         return None
 
     def evaluate(self, client):
-        return client.accuracy(self.weights[client.cid], self.bn_stats[client.cid])
+        return accuracy(client, self.weights[client.cid], self.bn_stats[client.cid])
 
     def state_dict(self):
         return {"weights": self.weights, "bn_stats": self.bn_stats, "stage": self.stage, "faults": dict(self.faults)}
@@ -97,7 +97,7 @@ class FedAvg:
         self.weights = layout.flatten(dict(model.named_parameters())).detach().clone()
         self.bn = hn.bn_stats_init(model)       # BN running statistics are averaged like the weights
         self.finetune_steps, self.batch_size, self.lr, self.seed = finetune_steps, batch_size, lr, seed
-        self.stage, self.faults = 0, fl.no_faults()
+        self.stage, self.faults = 0, no_faults()
 
     def begin_stage(self, t):
         self.stage = t
@@ -108,7 +108,7 @@ class FedAvg:
 
     def average(self, client_ids, clients, updates):
         """FedAvg's server step from the round's updates; returns their mean local loss (NaN if none kept)."""
-        kept = [(client_ids[k], updates[k]) for k in fl.keep_finite(updates, self.faults)]
+        kept = [(client_ids[k], updates[k]) for k in keep_finite(updates, self.faults)]
         if not kept:
             return float("nan")
         # FedAvg weighs each client by its number of training images.
@@ -125,14 +125,14 @@ class FedAvg:
 
     def evaluate(self, client):
         if self.finetune_steps == 0:
-            return client.accuracy(self.weights, self.bn)
+            return accuracy(client, self.weights, self.bn)
         # FedAvg-FT: the client fine-tunes a copy with a generator of its own for this (stage, client),
         # so evaluating never changes what later rounds draw, and FedAvg and FedAvg-FT train identically.
         generator = torch.Generator(device=client.y_train.device)
         generator.manual_seed(1_000_003 * self.seed + 10_007 * self.stage + client.cid)
         update = client.local_train(self.weights, self.bn, self.finetune_steps, self.batch_size, self.lr,
                                     generator=generator)
-        return client.accuracy(self.weights + update.delta, update.bn_stats)
+        return accuracy(client, self.weights + update.delta, update.bn_stats)
 
     def state_dict(self):
         return {"weights": self.weights, "bn": self.bn, "stage": self.stage, "faults": dict(self.faults)}
@@ -150,6 +150,11 @@ def head_index(layout):
     starts = dict(zip(layout.names, torch.tensor([0] + layout.numels).cumsum(0)[:-1].tolist()))
     numels = dict(zip(layout.names, layout.numels))
     return torch.cat([torch.arange(starts[n], starts[n] + numels[n]) for n in HEAD])
+
+
+def accuracy(client, flat, bn_stats):
+    """(test, validation) accuracy of a model on the client's own held-out data, measured by the client."""
+    return client.evaluate(flat, bn_stats)[0], client.evaluate(flat, bn_stats, "val")[0]
 
 
 def without_head(update, index):
@@ -219,7 +224,7 @@ class PFedHNPC(fl.Server):
         for k, cid in enumerate(client_ids):
             update = clients[cid].local_train(self.with_head(generated[k], cid), self.bn_stats[cid], steps,
                                               minibatch_size, lr)
-            if fl.is_finite_update(update):     # the client's half: its classifier moves on its side only
+            if is_finite_update(update):     # the client's half: its classifier moves on its side only
                 self.heads[cid] = self.heads[cid] + update.delta[self.head_index]
             updates.append(without_head(update, self.head_index))
         return self.update(client_ids, generated, updates)
@@ -266,7 +271,7 @@ class FedRep(FedAvg):
         start = self.model_of(client.cid)
         head_steps = steps if self.body_frozen() else (steps + 1) // 2
         head = client.local_train(start, self.bn, head_steps, minibatch_size, lr, trainable=HEAD)
-        if head_steps == steps or not fl.is_finite_update(head):
+        if head_steps == steps or not is_finite_update(head):
             return head
         body = client.local_train(start + head.delta, head.bn_stats, steps - head_steps, minibatch_size, lr,
                                   trainable=self.body_names)
@@ -276,16 +281,16 @@ class FedRep(FedAvg):
     def train_round(self, client_ids, clients, stage_fraction, steps, minibatch_size, lr):
         updates = [self.local_round(clients[cid], steps, minibatch_size, lr) for cid in client_ids]
         for cid, update in zip(client_ids, updates):
-            if fl.is_finite_update(update):     # the head stays with its client
+            if is_finite_update(update):     # the head stays with its client
                 self.heads[cid] = self.head_of(cid) + update.delta[self.head_index]
         body_updates = [without_head(u, self.head_index) for u in updates]
         if not self.body_frozen():
             return self.average(client_ids, clients, body_updates)
-        kept = fl.keep_finite(updates, self.faults)
+        kept = keep_finite(updates, self.faults)
         return float(np.mean([updates[k].loss for k in kept])) if kept else float("nan")
 
     def evaluate(self, client):
-        return client.accuracy(self.model_of(client.cid), self.bn)
+        return accuracy(client, self.model_of(client.cid), self.bn)
 
     def state_dict(self):
         return dict(super().state_dict(), heads=self.heads)
@@ -325,7 +330,7 @@ class Ditto(FedAvg):
                 self.personal[cid], self.personal_bn[cid] = received.clone(), dict(self.bn)
             own = clients[cid].local_train(self.personal[cid], self.personal_bn[cid], steps, minibatch_size, lr,
                                            extra_loss=pull)
-            if fl.is_finite_update(own):
+            if is_finite_update(own):
                 self.personal[cid], self.personal_bn[cid] = self.personal[cid] + own.delta, own.bn_stats
             else:
                 self.faults["dropped_updates"] += 1
@@ -334,7 +339,7 @@ class Ditto(FedAvg):
     def evaluate(self, client):
         if client.cid not in self.personal:         # never trained: the global model is all it has
             return super().evaluate(client)
-        return client.accuracy(self.personal[client.cid], self.personal_bn[client.cid])
+        return accuracy(client, self.personal[client.cid], self.personal_bn[client.cid])
 
     def state_dict(self):
         return dict(super().state_dict(), personal=self.personal, personal_bn=self.personal_bn)
@@ -403,12 +408,12 @@ class ClientAdapters(nn.Module):  # ours
 
     def __init__(self, layout, num_clients, num_batches, budget):
         super().__init__()
-        self.register_buffer("non_conv_index", layout.non_conv_index.clone())
+        self.register_buffer("non_conv_index", layout.index_of(lambda name, shape: len(shape) < 4))
         self.register_buffer("classifier_index", layout.classifier_index.clone())
         self.client_offsets = nn.Parameter(torch.zeros(num_clients, len(self.non_conv_index)))
         self.client_classifiers = nn.Parameter(torch.zeros(num_clients, len(self.classifier_index)))
         reserved = math.ceil(num_clients / num_batches) * self.client_offsets.shape[1]     # as HyperNetwork counts
-        self.adapters = hn.BatchAdapters(layout, num_batches, budget, reserved=reserved)
+        self.adapters = BatchAdapters(layout, num_batches, budget, reserved=reserved)
 
     def forward(self, body, client_ids, batch_of_client):
         """Flat weights, (len(client_ids), num_weights): the body plus what is the batch's and the client's,
@@ -486,18 +491,18 @@ class FrozenAdapters(FedAvg):  # ours
     def update(self, client_ids, generated, updates):
         """federated.Server.update on these parameters alone: the VJP pulls each generated model toward the
         one its client trained, clipped; the step writes batch t's adapter and the kept clients' rows only."""
-        kept = fl.keep_finite(updates, self.faults)
+        kept = keep_finite(updates, self.faults)
         if not kept:
             return float("nan")
         deltas = torch.stack([updates[k].delta for k in kept])
         grads = fl.clipped(fl.pull_toward(generated[kept], deltas, self.params), self.grad_clip)
-        rows = torch.zeros(len(self.batch_of), 1, device=self.weights.device)
-        rows[[client_ids[k] for k in kept]] = 1.0
+        rows = torch.zeros(len(self.batch_of), 1, dtype=torch.bool, device=self.weights.device)
+        rows[[client_ids[k] for k in kept]] = True
         free = {}
         for name, p in self.params.items():
             if name.startswith("adapters."):
-                free[name] = torch.zeros_like(p)
-                free[name][self.stage] = 1.0
+                free[name] = torch.zeros_like(p, dtype=torch.bool)
+                free[name][self.stage] = True
             else:
                 free[name] = rows.expand_as(p)
         self.optimizer.step(grads, free)
@@ -508,16 +513,16 @@ class FrozenAdapters(FedAvg):  # ours
     def evaluate(self, client):
         if self.batch_of[client.cid] == 0:      # batch 0 keeps FedAvg's model: the body
             return super().evaluate(client)
-        return client.accuracy(self.generate(client.cid), self.bn_stats[client.cid])
+        return accuracy(client, self.generate(client.cid), self.bn_stats[client.cid])
 
     def state_dict(self):
-        return dict(super().state_dict(), adapted=self.adapted.state_dict(), optimizer=self.optimizer.state_dict(),
+        return dict(super().state_dict(), adapted=self.adapted.state_dict(), optimizer=(self.optimizer.state, self.optimizer.steps),
                     bn_stats=self.bn_stats)
 
     def load_state_dict(self, sd):
         super().load_state_dict(sd)
         self.adapted.load_state_dict(sd["adapted"])
-        self.optimizer.load_state_dict(sd["optimizer"])
+        self.optimizer.state, self.optimizer.steps = sd["optimizer"]
         self.bn_stats = sd["bn_stats"]
 
 
@@ -584,7 +589,7 @@ class FedTarget(FedAvg):
             # dreams never enter the client's running statistics
             scratch = {n: b.clone() for n, b in self.bn.items()}
             student = hn.run_model(self.model, student_weights, scratch, images[pick])
-            return self.kd_weight * replay.distillation_loss(student.float(), teacher_logits[pick], self.temperature)
+            return self.kd_weight * deepinversion.distillation_loss(student.float(), teacher_logits[pick], self.temperature)
         return extra_loss
 
     def train_round(self, client_ids, clients, stage_fraction, steps, minibatch_size, lr):
@@ -638,8 +643,10 @@ def weight_server(config, device, model, batches, image_size):
 
 def hypernet_server(config, device, model, batches, image_size):
     """pFedHN's two baselines: the core's hypernetwork without masks (pfedhn's), under another server."""
-    hypernet = train.hypernetwork(config, model, device)
-    settings = train.server_settings(config, image_size)
+    num_clients = config["batches"] * config["clients_per_batch"]
+    hypernet = hn.HyperNetwork(model, num_clients, embed_dim=config["embed_dim"], hidden=config["hidden"],
+                               num_layers=config["hyper_layers"], chunk_size=config["chunk_size"]).to(device)
+    settings = dict(optimizer=config["server_optimizer"], server_lr=config["server_lr"], image_size=image_size)
     if config["method"] == "pfedhn-frozen":
         server = FrozenPFedHN(hypernet, model, batches, embed_lr=config["embed_lr"], **settings)
     else:

@@ -19,9 +19,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-import masks
-
-FORMAT = 3          # 3: the hypernetwork holds the clients' classifiers (2: without; 1 called the onboarding state "progress")
+FORMAT = 4          # 4: the core without our extensions (3: the hypernetwork held them; 2: no client classifiers)
 FILENAME = "checkpoint.pt"
 # Settings that say how to run, not what to compute: they may differ between a run and its resume.
 RUN_ONLY_KEYS = {"out", "overwrite", "resume", "checkpoint_every", "device", "stop_after_rounds",
@@ -56,9 +54,7 @@ def load(path, config, device, defaults=None):
     try:
         # weights_only: a checkpoint is data (tensors, numbers, strings), never code to run.
         state = torch.load(path, map_location=device, weights_only=True)
-        if state.get("format") == 1:        # the same content under its old name
-            state["onboarding"] = state.pop("progress")
-        elif state.get("format") != FORMAT:
+        if state.get("format") != FORMAT:
             raise ValueError(f"format {state.get('format')}, expected {FORMAT}")
         for key in ["config", "device", "server", "rng", "onboarding"]:
             state[key]                      # noqa: B018 (a missing part is a corrupt checkpoint)
@@ -111,7 +107,8 @@ def load_server_state(server, sd):
 
 def hypernet_server_state(server):
     """A federated.Server's (the hypernetwork includes the gates' buffers)."""
-    return {"hypernet": server.hypernet.state_dict(), "optimizer": server.optimizer.state_dict(),
+    optimizer = server.optimizer
+    return {"hypernet": server.hypernet.state_dict(), "optimizer": {"state": optimizer.state, "steps": optimizer.steps},
             "stage": server.stage, "s": server.gate_scale, "bn_stats": server.bn_stats,
             "label_counts": server.label_counts, "dreams": server.dreams, "faults": dict(server.faults)}
 
@@ -120,10 +117,9 @@ def load_hypernet_server_state(server, sd):
     """Continue where hypernet_server_state left off, mid-stage included: unlike Server.begin_stage this neither
     resets the optimizer nor re-prepares the gates (that would zero head columns and rewrite gate embeddings)."""
     server.hypernet.load_state_dict(sd["hypernet"])
-    server.optimizer.load_state_dict(sd["optimizer"])
+    server.optimizer.state, server.optimizer.steps = sd["optimizer"]["state"], sd["optimizer"]["steps"]
     server.stage, server.gate_scale = sd["stage"], sd["s"]
     server.bn_stats, server.label_counts = sd["bn_stats"], sd["label_counts"]
-    server.dreams = sd.get("dreams", {})      # a checkpoint from before replay kept its dreams has none
-    server.faults = dict(sd["faults"])
+    server.dreams, server.faults = sd["dreams"], dict(sd["faults"])
     # The free masks depend only on the ownership buffers, which do not change within a stage.
-    server.free = masks.compact_masks(server.free_masks(server.stage))
+    server.free = server.free_masks()

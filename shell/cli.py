@@ -24,18 +24,22 @@ import torch
 import data
 from shell import checkpoint, compare, runner
 from shell.runner import CliError, Interrupted
-from train import DEFAULTS, PRESETS
+from shell.settings import DEFAULTS, PRESETS, REPLAYING
 
 PRESET_NOTES = {"full": "the full-scale protocol, for a GPU (not yet timed on one: README)",
                 "cpu-demo": "a few minutes on a 2-core CPU"}
-PRESET_ALIASES = {"paper": "full"}      # the old name of `full`, which runs our extension, not the paper's shape
-# Every baseline but pfedhn lives in baselines.py; pfedhn is federated.Server without masks.
+# pfeddsh (the paper's method) and pfedhn are the core's; pfeddsh-ext is ours (extensions/); the rest are the
+# baselines (baselines.py).
 METHODS = ["local", "fedavg", "fedavg-ft", "pfedhn", "pfedhn-frozen", "pfedhn-pc", "fedrep", "fedrep-frozen", "ditto",
-           "fedlwf", "fedtarget", "frozen-adapters", "pfeddsh"]
+           "fedlwf", "fedtarget", "frozen-adapters", "pfeddsh", "pfeddsh-ext"]
+EXTENSION_ONLY = ["adapter_budget", "adapter_lr", "replay_control", "replay_validate_every", "replay_confirm_alpha"]
 # Methods whose clients keep a personal part, or train with a loss, that a Flower message cannot carry.
 LOCAL_ENGINE_ONLY = ["pfedhn-pc", "fedrep", "fedrep-frozen", "ditto", "fedlwf", "fedtarget"]
 # Methods whose clients only answer messages, but which have not been run on Flower yet.
 NOT_TRIED_ON_FLOWER = ["frozen-adapters"]
+METHOD_NOTES = {"pfeddsh": "the paper's method: hypernetwork, batch masks, DeepInversion replay that asks no client",
+                "pfeddsh-ext": "ours, not the paper's: pfeddsh with adapters, client offsets and replay with the "
+                               "clients' selection (extensions/)"}
 SEED_LIMIT = 2 ** 32      # seeds are mixed into torch generator seeds (seed * 1_000_003 + ...): keep them < 2^64
 
 
@@ -99,9 +103,8 @@ def build_parser():
            "data, the clients and the seeds stay shared; the other methods keep the command's value)")
     a("--device", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
     a("--out", help="output folder (default runs/<method>-<dataset>-s<seed>)")
-    a("--preset", choices=["auto"] + list(PRESETS) + list(PRESET_ALIASES),
-      help="protocol: auto (default) is full with CUDA, cpu-demo without; what each sets is listed below "
-           "(paper: the old name of full)")
+    a("--preset", choices=["auto"] + list(PRESETS),
+      help="protocol: auto (default) is full with CUDA, cpu-demo without; what each sets is listed below")
     a("--overwrite", action="store_true", help="replace results (and a checkpoint) already in --out (default off)")
     a("--resume", action="store_true", help="continue the run whose checkpoint is in --out (default off)")
     a("--checkpoint-every", type=int, help="rounds between checkpoints (also after every stage)")
@@ -132,43 +135,42 @@ def build_parser():
     flag(g, "--s-max", type=float, help="HAT gate annealing s_max")
     flag(g, "--val-fraction", type=float, help="share of each client's training data held out for validation")
     flag(g, "--gate-lr", type=float, help="SGD rate of the gate embeddings (HAT's optimiser)")
-    flag(g, "--gate-start", type=float,
-         help="[ours] where a new batch's gate embedding starts on units nobody owns (0 = undecided)")
+    flag(g, "--classifier-lr", type=float, help="server Adam rate of the clients' own classifiers")
     flag(g, "--adapter-budget", type=float,
-         help="[ours] pfeddsh and frozen-adapters: per-batch adapters + the batch's client offsets, at most this "
-              "fraction of the model; 0 = the paper's shape (frozen-adapters: client offsets only)")
-    flag(g, "--adapter-lr", type=float, help="[ours] server Adam rate of the adapters and client offsets "
-                                             "(pfeddsh, frozen-adapters)")
+         help="[ours] pfeddsh-ext and frozen-adapters: per-batch adapters + the batch's client offsets, at most "
+              "this fraction of the model; 0 = the paper's shape (frozen-adapters: client offsets only)")
+    flag(g, "--adapter-lr", type=float, help="[ours] server Adam rate of the adapters, client offsets and "
+                                             "classifiers (pfeddsh-ext, frozen-adapters)")
     b = p.add_argument_group("baselines (each to be chosen on validation with development seeds)")
     flag(b, "--embed-lr", type=float, help="pfedhn-frozen: Adam rate of a new client's embedding (batch 1 on)")
     flag(b, "--ditto-lambda", type=float, help="ditto: weight lambda of the personal model's pull to the global one")
     flag(b, "--lwf-weight", type=float, help="fedlwf, fedtarget: weight of distillation from the previous stage's "
                                              "model (fedtarget: on the server's dreams)")
     flag(b, "--lwf-temperature", type=float, help="fedlwf, fedtarget: distillation temperature")
-    r = p.add_argument_group("data-free replay (pfeddsh; fedtarget dreams --replay-images x --clients-per-batch "
-                             "images per stage with --replay-iterations and --replay-bn-weight)")
+    r = p.add_argument_group("data-free replay (pfeddsh, pfeddsh-ext; fedtarget dreams --replay-images x "
+                             "--clients-per-batch images per stage with --replay-iterations and --replay-bn-weight)")
     flag(r, "--no-replay", action="store_true", default=None, help="ablation: masks only (RI is then exactly 0)")
     flag(r, "--no-masks", action="store_true", default=None, help="ablation: no masks (pfedhn + replay)")
-    flag(r, "--replay", choices=["ours", "paper"],
-         help="paper: the server fine-tunes the earlier clients' rows on the dreams and asks no client anything; "
-              "ours: the same, each update then chosen and confirmed by the client on its validation data "
-              "(earlier clients must be online; one that does not answer is left as it is)")
     flag(r, "--replay-control", choices=["none", "noise", "own"],
-         help="[ours] a control through the same pipeline: noise = images, labels and teacher outputs that carry "
-              "no knowledge in place of the new clients' dreams; own = the earlier client's own dreams alone")
+         help="[ours] pfeddsh-ext: a control through the same pipeline: noise = images, labels and teacher outputs "
+              "that carry no knowledge in place of the new clients' dreams; own = the earlier client's own dreams")
     flag(r, "--replay-images", type=int, help="synthetic images per new client")
     flag(r, "--replay-iterations", type=int, help="DeepInversion iterations")
     flag(r, "--replay-bn-weight", type=float,
          help="DeepInversion's weight of the BN-statistics loss against the dreamed labels' cross-entropy")
     flag(r, "--replay-steps", type=int, help="fine-tuning steps per earlier client")
-    flag(r, "--replay-lr", type=float, help="Adam rate of what replay trains ([ours] an earlier client's own rows)")
+    flag(r, "--replay-lr", type=float, help="Adam rate of what replay trains (an earlier client's own embedding)")
+    flag(r, "--replay-keep", choices=["end", "held-out"],
+         help="pfeddsh: which point of an earlier client's fine-tuning path replay keeps: the end (the paper), or "
+              "the one with the lowest loss on held-out dreams (half of them, never fitted)")
     flag(r, "--replay-kd", type=float, help="weight of KD toward the dreaming client's model")
     flag(r, "--replay-anchor", type=float, help="[ours] weight of KD toward the earlier client's own model")
     flag(r, "--replay-temperature", type=float, help="KD temperature")
-    flag(r, "--replay-validate-every", type=int, help="[ours] fine-tuning steps between the client's scores")
+    flag(r, "--replay-validate-every", type=int,
+         help="[ours] pfeddsh-ext: fine-tuning steps between the client's scores")
     flag(r, "--replay-confirm-alpha", type=float,
-         help="[ours] level of the paired tests on the clients' confirmation images that accept updates, for "
-              "a whole replay (Holm's step-down over its proposals)")
+         help="[ours] pfeddsh-ext: level of the paired tests on the clients' confirmation images that accept "
+              "updates, for a whole replay (Holm's step-down over its proposals)")
     v = p.add_argument_group("privacy of replay ([ours]: privacy.py, docs/privacy.md)")
     flag(v, "--bn-noise", type=float, metavar="SIGMA",
          help="Gaussian noise sigma on the BN statistics (and sigma x n on the label counts) each client "
@@ -190,7 +192,6 @@ def resolve_config(argv):
     args = build_parser().parse_args(argv)
     chosen = args.preset in (None, "auto")
     preset_name = auto_preset(args.device or DEFAULTS["device"]) if chosen else args.preset
-    preset_name = PRESET_ALIASES.get(preset_name, preset_name)
     preset = PRESETS[preset_name]
     config = {}
     for key, default in DEFAULTS.items():
@@ -205,6 +206,10 @@ def resolve_config(argv):
         comparison = parse_comparison(args, config)
     elif args.per_method:
         raise CliError("--per-method goes with --methods (a setting of a single run is its own flag)")
+    elif config["method"] == "pfeddsh":     # the paper's method: our extensions' settings would be ignored
+        changed = [k for k in EXTENSION_ONLY if config[k] != DEFAULTS[k]]
+        if changed:
+            raise CliError(f"--{changed[0].replace('_', '-')} is a setting of our extension: use --method pfeddsh-ext")
     return config, comparison
 
 
@@ -217,9 +222,8 @@ def describe_protocol(config):
         why = f"chosen by --preset auto: {why}"
     else:
         why = f"--preset {name}"
-    ours = "" if config["adapter_budget"] == 0 or config["method"] not in ("pfeddsh", "frozen-adapters") \
-        else " with our adapters"
-    return (f"protocol {name} ({why}){ours}: ResNet-18 width {config['width']}, {config['clients_per_batch']} clients "
+    method = config["method"] + (f" ({METHOD_NOTES[config['method']]})" if config["method"] in METHOD_NOTES else "")
+    return (f"{method}; protocol {name} ({why}): ResNet-18 width {config['width']}, {config['clients_per_batch']} clients "
             f"per batch, {config['rounds']} rounds x "
             f"{min(config['clients_per_round'], config['clients_per_batch'])} clients x "
             f"{config['local_steps']} local steps per stage; --preset {other} for {PRESET_NOTES[other]}")
@@ -287,11 +291,10 @@ def validate(c):
         raise CliError(f"unknown dataset '{c['dataset']}': choose from {', '.join(data.DATASETS)}")
     if c["method"] not in METHODS:
         raise CliError(f"unknown method '{c['method']}': choose from {', '.join(METHODS)}")
-    for flag in ["no_replay", "no_masks"]:
-        if c[flag] and c["method"] != "pfeddsh":
-            raise CliError(f"--{flag.replace('_', '-')} is an option of pfeddsh, not of {c['method']}")
-    if not math.isfinite(c["gate_start"]):
-        raise CliError(f"--gate-start must be a finite number, got {c['gate_start']}")
+    if c["no_replay"] and c["method"] not in REPLAYING:
+        raise CliError(f"--no-replay is an option of {' and '.join(REPLAYING)}, not of {c['method']}")
+    if c["no_masks"] and c["method"] != "pfeddsh":
+        raise CliError(f"--no-masks is an option of pfeddsh, not of {c['method']}")
     if not 0 <= c["adapter_budget"] < 1:
         raise CliError(f"--adapter-budget must be in [0, 1), got {c['adapter_budget']}")
     positive = ["batches", "clients_per_batch", "rounds", "clients_per_round", "local_steps", "batch_size", "width",
@@ -300,7 +303,7 @@ def validate(c):
     for key in positive + (["threads"] if c["threads"] is not None else []):
         if c[key] < 1:
             raise CliError(f"--{key.replace('_', '-')} must be a positive integer, got {c[key]}")
-    for key in ["lr", "server_lr", "adapter_lr", "alpha", "s_max", "gate_lr", "replay_lr", "replay_temperature",
+    for key in ["lr", "server_lr", "classifier_lr", "adapter_lr", "alpha", "s_max", "gate_lr", "replay_lr", "replay_temperature",
                 "node_timeout", "embed_lr", "lwf_temperature"]:
         if not 0 < c[key] < math.inf:
             raise CliError(f"--{key.replace('_', '-')} must be positive and finite, got {c[key]}")
@@ -310,12 +313,11 @@ def validate(c):
                 "ditto_lambda", "lwf_weight"]:
         if not 0 <= c[key] < math.inf:
             raise CliError(f"--{key.replace('_', '-')} must be >= 0 and finite, got {c[key]}")
-    replays = c["method"] == "pfeddsh" and not c["no_replay"]
+    replays = c["method"] in REPLAYING and not c["no_replay"]
     for flag, given in [("--privacy-audit", c["privacy_audit"]), ("--bn-noise", c["bn_noise"] > 0),
-                        ("--replay paper", c["replay"] == "paper"),
                         (f"--replay-control {c['replay_control']}", c["replay_control"] != "none")]:
         if given and not replays:
-            raise CliError(f"{flag} is about replay: it needs --method pfeddsh without --no-replay")
+            raise CliError(f"{flag} is about replay: it needs --method pfeddsh or pfeddsh-ext without --no-replay")
     if c["privacy_audit"] and c["replay_control"] != "none":
         raise CliError("--privacy-audit audits the new clients' dreams; a --replay-control run has none to audit")
     if c["s_max"] < 1:
@@ -336,6 +338,8 @@ def validate(c):
         raise CliError("--device cuda was asked for but CUDA is not available here; use --device cpu or auto")
     if c["engine"] == "flower":
         check_flower(c["method"], c["resume"])
+        if c["amp"]:
+            raise CliError("--amp runs with --engine local only (the Flower nodes train in fp32)")
         if c["privacy_audit"]:
             raise CliError("--privacy-audit reads the clients' training images, which stay on their Flower nodes; "
                            "run the audit with --engine local")

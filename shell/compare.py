@@ -35,19 +35,21 @@ VARIANTS = {
     "fedlwf": dict(method="fedlwf"),
     "fedtarget": dict(method="fedtarget"),
     "frozen-adapters": dict(method="frozen-adapters"),
-    "pfeddsh": dict(method="pfeddsh"),
+    "pfeddsh": dict(method="pfeddsh"),                                # the paper's method
     "pfeddsh-no-replay": dict(method="pfeddsh", no_replay=True),
     "pfeddsh-no-masks": dict(method="pfeddsh", no_masks=True),       # = pfedhn + replay
-    "pfeddsh-paper": dict(method="pfeddsh", adapter_budget=0.0),      # the paper's shape: no adapters
-    "pfeddsh-paper-replay": dict(method="pfeddsh", replay="paper"),   # the paper's replay: no client asked
-    "pfeddsh-noise": dict(method="pfeddsh", replay_control="noise"),  # controls of replay (ours)
-    "pfeddsh-own": dict(method="pfeddsh", replay_control="own"),
+    # our extensions (extensions/): adapters and offsets, replay with the clients' selection, its controls
+    "pfeddsh-ext": dict(method="pfeddsh-ext"),
+    "pfeddsh-ext-no-replay": dict(method="pfeddsh-ext", no_replay=True),
+    "pfeddsh-ext-shape": dict(method="pfeddsh-ext", adapter_budget=0.0),     # the paper's shape, our replay
+    "pfeddsh-ext-noise": dict(method="pfeddsh-ext", replay_control="noise"),
+    "pfeddsh-ext-own": dict(method="pfeddsh-ext", replay_control="own"),
 }
 
 
 def variant_config(name):
     """The config keys that make a run this variant (the switches of the others set back to off)."""
-    return dict(dict(no_replay=False, no_masks=False, replay="ours", replay_control="none"), **VARIANTS[name])
+    return dict(dict(no_replay=False, no_masks=False, replay_control="none"), **VARIANTS[name])
 
 
 def plasticity(results, local):
@@ -147,7 +149,7 @@ def markdown(runs, command):
         replay_s = [s for r in seeds_results for s in r["replay_s"]]
         accepted = ", ".join(f"{sum(x['accepted'] for x in r['replay'])}/"
                              f"{sum(x['accepted'] + x['rejected'] + x['skipped'] for x in r['replay'])}"
-                             for r in seeds_results if r["replay"])
+                             for r in seeds_results if r["replay"] and "accepted" in r["replay"][0])
         lines.append(f"| {name} | " + " | ".join(cell(v) for v in own + final)
                      + f" | {cell(replay_s, digits=1)} | {accepted or '–'} |")
     lines += per_batch_transfer(runs, num_batches)
@@ -162,7 +164,12 @@ def markdown(runs, command):
     return "\n".join(lines)
 
 
-REPLAY_ARMS = ["pfeddsh", "pfeddsh-noise", "pfeddsh-own", "pfeddsh-paper-replay"]
+# Replay's arms, each group against its own no-replay run ("<reference>-no-replay") and its reference's dreams.
+# The first group's names are also those of the runs made before the core and our extensions were split,
+# when "pfeddsh" was the extended method (docs/runs/i32_*).
+REPLAY_GROUPS = [("pfeddsh", ["pfeddsh", "pfeddsh-noise", "pfeddsh-own", "pfeddsh-paper-replay"]),
+                 ("pfeddsh-ext", ["pfeddsh-ext", "pfeddsh-ext-noise", "pfeddsh-ext-own"])]
+REPLAY_ARMS = [arm for _, arms in REPLAY_GROUPS for arm in arms]
 
 
 def ri_pairs(runs, first, second):
@@ -174,27 +181,29 @@ def ri_pairs(runs, first, second):
 
 
 def replay_arms(runs):
-    """Replay's share of RI for every replay arm present (the arm minus pfeddsh-no-replay, paired by seed),
-    and the new clients' dreams against each control (pfeddsh minus the arm), with 95 % t intervals, and
+    """Replay's share of RI for every replay arm present (the arm minus its group's no-replay run, paired by
+    seed), the reference's dreams against each control (reference minus the arm), with 95 % t intervals, and
     the questions each arm put to earlier clients."""
-    arms = [a for a in REPLAY_ARMS if a in runs]
-    if "pfeddsh-no-replay" not in runs or not arms:
-        return []
-    lines = ["", "Replay's share of RI (each replay arm minus pfeddsh-no-replay, paired by seed; points, 95 % t "
-                 "interval), and the dreams against each arm (pfeddsh minus it):", "",
-             "| arm | seeds | share of RI | 95 % interval | pfeddsh minus arm | 95 % interval | client queries per replay |",
-             "|---|---|---|---|---|---|---|"]
-    for arm in arms:
-        a, b = ri_pairs(runs, arm, "pfeddsh-no-replay")
-        share = paired_interval(a, b)
-        versus_dreams = paired_interval(*ri_pairs(runs, "pfeddsh", arm)) if arm != "pfeddsh" and "pfeddsh" in runs \
-            else None
-        queries = [x.get("client_queries") for r in runs[arm] for x in r["replay"]]
-        queries = "–" if not queries or None in queries else f"{np.mean(queries):.1f}"
-        lines.append(f"| {arm} | {len(a)} | " + (f"{share[0]:+.2f} | [{share[1]:+.2f}, {share[2]:+.2f}]" if share
-                                                 else "– | –")
-                     + " | " + (f"{versus_dreams[0]:+.2f} | [{versus_dreams[1]:+.2f}, {versus_dreams[2]:+.2f}]"
-                                if versus_dreams else "– | –") + f" | {queries} |")
+    lines = []
+    for reference, arms in REPLAY_GROUPS:
+        arms, without = [a for a in arms if a in runs], f"{reference}-no-replay"
+        if without not in runs or not arms:
+            continue
+        lines += ["", f"Replay's share of RI (each replay arm minus {without}, paired by seed; points, 95 % t "
+                      f"interval), and the dreams against each arm ({reference} minus it):", "",
+                  f"| arm | seeds | share of RI | 95 % interval | {reference} minus arm | 95 % interval | client "
+                  "queries per replay |", "|---|---|---|---|---|---|---|"]
+        for arm in arms:
+            a, b = ri_pairs(runs, arm, without)
+            share = paired_interval(a, b)
+            versus_dreams = paired_interval(*ri_pairs(runs, reference, arm)) if arm != reference and reference in runs \
+                else None
+            queries = [x.get("client_queries") for r in runs[arm] for x in r["replay"]]
+            queries = "–" if not queries or None in queries else f"{np.mean(queries):.1f}"
+            lines.append(f"| {arm} | {len(a)} | " + (f"{share[0]:+.2f} | [{share[1]:+.2f}, {share[2]:+.2f}]" if share
+                                                     else "– | –")
+                         + " | " + (f"{versus_dreams[0]:+.2f} | [{versus_dreams[1]:+.2f}, {versus_dreams[2]:+.2f}]"
+                                    if versus_dreams else "– | –") + f" | {queries} |")
     return lines
 
 

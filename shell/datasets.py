@@ -10,16 +10,22 @@ from pathlib import Path
 import numpy as np
 
 import data
-from data import DataError, one_line
+from data import DataError
+
+
+def one_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:120]}" if text else type(e).__name__
 
 
 def prepare(name: str, data_dir: str, download: bool = True):
-    """Writes <data_dir>/<name>'s files unless they are there; a DataError (one line) if it cannot."""
+    """Writes <data_dir>/<name>'s files unless they are there, then checks them (`check`); a DataError (one
+    line) if it cannot."""
     if name not in data.DATASETS:
         raise DataError(f"unknown dataset '{name}': choose from {', '.join(data.DATASETS)}")
     folder = Path(data_dir) / name
     if data.train_shards(folder):
-        return
+        return check(folder, data.DATASETS[name])
     if name == "tinyimagenet":
         arrays = _decode_tinyimagenet(Path(data_dir))
     else:
@@ -27,6 +33,37 @@ def prepare(name: str, data_dir: str, download: bool = True):
             print(f"{name}: no cache in {folder}; downloading it with torchvision (once, about 170 MB)", flush=True)
         arrays = _download_cifar(name, folder, download)
     _write_cache(folder, *arrays)
+
+
+def _read_npz(path: Path, num_classes: int, image_shape=None):
+    try:
+        with np.load(path) as f:
+            x, y = f["x"], f["y"]
+    except Exception as e:  # zip, pickle, truncation and missing-key errors all look different
+        raise DataError(f"cannot read {path} ({one_line(e)}): replace it, or delete the folder's *.npz to rebuild")
+    if not (x.dtype == np.uint8 and x.ndim == 4 and x.shape[3] == 3 and x.shape[1] == x.shape[2] and y.dtype == np.int64
+            and y.shape == (len(x),) and (image_shape is None or x.shape[1:] == image_shape)):
+        raise DataError(f"{path} has x {x.dtype}{x.shape}, y {y.dtype}{y.shape}: expected x uint8 (N, H, H, 3) "
+                        f"NHWC{'' if image_shape is None else f' with H={image_shape[0]}'} and y int64 (N,)")
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        raise DataError(f"{path} has labels in [{y.min()}, {y.max()}], expected 0..{num_classes - 1}")
+    return x, y
+
+
+def check(folder: Path, num_classes: int):
+    """Every file data.load_dataset reads is there and of the promised format, or a DataError (one line)."""
+    shapes = {_read_npz(p, num_classes)[0].shape[1:] for p in data.train_shards(folder)}
+    if len(shapes) > 1:
+        raise DataError(f"{folder}'s train_*.npz hold images of different sizes: {sorted(shapes)}")
+    if not (folder / "test.npz").exists():
+        raise DataError(f"{folder} has train_*.npz but no test.npz")
+    _read_npz(folder / "test.npz", num_classes, shapes.pop())
+    try:
+        classes = [c.strip() for c in (folder / "classes.txt").read_text().splitlines() if c.strip()]
+    except OSError as e:
+        raise DataError(f"cannot read {folder / 'classes.txt'}: {e.strerror or e}")
+    if len(classes) != num_classes:
+        raise DataError(f"{folder / 'classes.txt'} lists {len(classes)} classes, {folder.name} has {num_classes}")
 
 
 def _write_cache(folder: Path, x_tr, y_tr, x_te, y_te, classes):

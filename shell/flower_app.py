@@ -36,10 +36,11 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 import federated as fl
+from extensions import selection
 
 # What a client needs to build its own data: the same split on every node (train.py's settings).
 SETUP_KEYS = ("dataset", "data_dir", "batches", "clients_per_batch", "classes_per_client", "partition", "alpha",
-              "val_fraction", "seed", "width", "amp")     # amp: the nodes train and evaluate under --amp too
+              "val_fraction", "seed", "width")
 
 
 def to_record(tensors):
@@ -88,8 +89,7 @@ def local_client(message, context):
         dataset, splits, model, layout = _DATA[key]
         if not 0 <= cid < len(splits):
             raise ValueError(f"client id {cid} is not one of this run's {len(splits)} clients")
-        _CLIENTS[key, cid] = fl.Client(cid, dataset, splits[cid], model, layout.unflatten, layout.flatten,
-                                       setup["seed"], amp=bool(setup.get("amp", False)))
+        _CLIENTS[key, cid] = fl.Client(cid, dataset, splits[cid], model, layout, setup["seed"])
     client = _CLIENTS[key, cid]
     # The node's Context outlives this process: the generator goes on from where the last message left it,
     # so the client draws the same minibatches as in one process.
@@ -126,8 +126,9 @@ def evaluate(message, context):
     client = local_client(message, context)
     flat, bn = from_record(message.content["weights"])["flat"], from_record(message.content["bn"])
     scores = {}
-    for split in message.content["config"]["splits"]:
-        scores[f"{split}-accuracy"], scores[f"{split}-loss"] = client.evaluate(flat, bn, split)
+    for split in message.content["config"]["splits"]:      # the validation halves are replay selection's
+        asked = selection.Halves(client) if split in selection.HALVES else client
+        scores[f"{split}-accuracy"], scores[f"{split}-loss"] = asked.evaluate(flat, bn, split)
     return reply(message, metrics=MetricRecord(scores))
 
 
@@ -135,7 +136,8 @@ def evaluate(message, context):
 def confirm(message, context):
     client = local_client(message, context)
     weights = from_record(message.content["weights"])
-    gained, lost, drop, error = client.confirm(weights["before"], weights["after"], from_record(message.content["bn"]))
+    gained, lost, drop, error = selection.Halves(client).confirm(weights["before"], weights["after"],
+                                                                from_record(message.content["bn"]))
     return reply(message, metrics=MetricRecord({"gained": gained, "lost": lost, "drop": drop, "error": error}))
 
 

@@ -284,15 +284,20 @@ def valid_range(images, mean, std):
 def auditor(dataset, seed, grid_path):
     """federated.run_replay's `audit`: audit_replay, with its grid saved at `grid_path(t)` (one row of a
     client's dreams above a row of their nearest training images)."""
-    import deepinversion
-
-    def audit(server, clients, t, report, upload):
-        figures, grid = audit_replay(server, clients, dataset, t, report, upload, seed=seed)
+    def audit(server, clients, t, report):
+        figures, grid = audit_replay(server, clients, dataset, t, report, server.uploads, seed=seed)
         if grid is not None:
-            deepinversion.save_grid(grid, dataset.mean, dataset.std, grid_path(t),
-                                    nrow=len(grid) // (2 * len(report["dreamers"])))
+            save_grid(grid, dataset.mean, dataset.std, grid_path(t), nrow=len(grid) // (2 * len(report["dreamers"])))
         return figures
     return audit
+
+
+def save_grid(images, mean, std, path, nrow=16):
+    """Undo the normalisation, clamp to [0, 1] and write one PNG grid."""
+    import torchvision.utils
+    mean = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    torchvision.utils.save_image((images.detach() * std + mean).clamp(0, 1), path, nrow=nrow)
 
 
 @torch.no_grad()

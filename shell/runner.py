@@ -7,6 +7,7 @@ signal, the Flower engine's wiring, and what a finished run prints and writes: t
 mean accuracy, PA and RI, results.json (the configuration, the batches, the accuracy matrix A[t][i] and
 the metrics) with accuracy_matrix.png, batch_accuracy.png, neurons.png and synthetic_batch{t}.png.
 """
+import contextlib
 import importlib.util
 import json
 import os
@@ -16,9 +17,19 @@ import time
 import torch
 
 import data
+import extensions
+import federated as fl
 import hypernet as hn
 import train
-from shell import baselines, checkpoint, compare, datasets
+from shell import baselines, checkpoint, compare, datasets, faults
+from shell.settings import DEFAULTS, REPLAYING
+
+# The registry train.run builds every method that is not the core's own from.
+SERVERS = {**baselines.SERVERS, **extensions.SERVERS}
+
+
+def count_parameters(module):
+    return sum(p.numel() for p in module.parameters())
 
 
 # Sizes of the datasets data.py reads (train, test images): to refuse early what cannot fit.
@@ -67,17 +78,34 @@ def run(config, caught, how_to_continue="rerun with --resume to continue", grid=
     shell = Shell(config, device, caught, state, how_to_continue)
     shell.pa_reference = pa_reference and config["engine"] != "flower" and config["method"] != "local"
     flower = config["engine"] == "flower"
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if config["amp"] else contextlib.nullcontext()
     try:
         if flower:              # the server holds no data: the nodes do (and report their sizes)
             results = run_on_flower(config, device, shell, grid)
         else:
             datasets.prepare(config["dataset"], config["data_dir"])
-            results = train.run(config, device, shell, pa_reference=pa_reference, servers=baselines.SERVERS)
+            with amp:
+                results = train.run(config, device, shell, pa_reference=pa_reference and config["method"] != "local",
+                                    servers=SERVERS)
     except data.DataError as e:
         raise CliError(str(e)) from None
     finally:
         shell.close()
+    results = complete(results, config, device, shell.server.faults, shell.nodes.faults if flower else None)
     report(results, config)
+    return results
+
+
+def complete(results, config, device, server_faults, node_faults=None):
+    """What the shell adds to the core's results: the device, the faults survived, replay's seconds, and
+    `local`'s PA reference (a local run is its own: PA 0)."""
+    results = dict(results, device=str(device), faults=dict(server_faults, **(node_faults or {})),
+                   replay_s=[r["replay_s"] for r in results["replay"]])
+    if config["method"] == "local" and not results["local_accuracy"]:
+        rows = [None] + [[a if cid in b else None for cid, a in enumerate(row)]
+                         for row, b in zip(results["accuracy"][1:], results["batches"][1:])]
+        test_sizes = results["test_sizes"]
+        results.update(local_accuracy=rows, metrics=train.metrics(results["accuracy"], results["batches"], test_sizes, rows))
     return results
 
 
@@ -96,7 +124,7 @@ def prepare_out(config, device):
     if not os.path.exists(checkpoint_path):
         raise CliError(f"--resume: no checkpoint in {out} ({checkpoint.FILENAME} not found)")
     try:
-        return checkpoint.load(checkpoint_path, config, device, defaults=train.DEFAULTS)
+        return checkpoint.load(checkpoint_path, config, device, defaults=DEFAULTS)
     except checkpoint.CheckpointError as e:
         raise CliError(str(e)) from None
 
@@ -122,7 +150,7 @@ def run_on_flower(config, device, shell, grid):
     from shell import flower_app
     torch.manual_seed(config["seed"])
     server, batches, model, _ = train.build_server(config, device, data.DATASETS[config["dataset"]],
-                                                   data.IMAGE_SIZE[config["dataset"]], servers=baselines.SERVERS)
+                                                   data.IMAGE_SIZE[config["dataset"]], servers=SERVERS)
     found = {}
 
     def onboard(clients, nodes):
@@ -132,8 +160,7 @@ def run_on_flower(config, device, shell, grid):
         return train.onboard(server, clients, batches, config, state, rng, shell, pa_reference=False)
 
     state = flower_app.run(config, batches, onboard, device, grid=grid)
-    faults = dict(server.faults, **shell.nodes.faults)
-    return train.results(config, batches, state, found["clients"], device, faults)
+    return train.results(config, batches, state, found["clients"])
 
 
 class Shell(train.Hooks):
@@ -146,7 +173,7 @@ class Shell(train.Hooks):
         self.flower = config["engine"] == "flower"
         self.pa_reference = True            # whether train.onboard trains PA's local reference (for the estimate)
         self.nodes = None                   # --engine flower: flower_app.Nodes, once the nodes are reached
-        self.bar = self.replay_bar = self.replay_phase = None
+        self.bar = self.replay_bar = self.replay_phase = self.audit = self.server = None
         self.clock = {"start": time.time(), "last": time.time(), "rounds": []}
         self.stage_losses = []      # this stage's local losses, to warn when its last rounds get worse
         self.checkpoint_path = os.path.join(config["out"], checkpoint.FILENAME)
@@ -156,6 +183,15 @@ class Shell(train.Hooks):
         config = self.config
         self.server, self.clients, self.batches, self.stage = server, clients, batches, 0
         self.class_names = dataset.classes if dataset is not None else None
+        if config["bn_noise"] > 0 or config["privacy_audit"]:     # both need replay (cli.validate checks)
+            from shell import privacy
+            if config["bn_noise"] > 0:      # replay reads the noisy uploads (Server.uploads)
+                server.uploads = privacy.uploads(server, config["seed"], config["bn_noise"])
+            if config["privacy_audit"]:     # its grid goes next to the synthetic images
+                self.audit = privacy.auditor(dataset, config["seed"],
+                                             lambda t: os.path.join(config["out"], f"privacy_batch{t}.png"))
+        if isinstance(server, fl.Server):   # the baselines screen their own updates
+            faults.screen(server, self.audit)
         state, rng = None, None
         if self.checkpoint_state is not None:
             try:
@@ -176,13 +212,6 @@ class Shell(train.Hooks):
         done = (state.stage * config["rounds"] + state.round) if state is not None else 0
         self.bar = tqdm(total=config["batches"] * config["rounds"], initial=done, desc="rounds", dynamic_ncols=True)
         self.stage = state.stage if state is not None else 0
-        if config["bn_noise"] > 0 or config["privacy_audit"]:     # both need replay (cli.validate checks)
-            from shell import privacy
-            if config["bn_noise"] > 0:
-                self.uploads = privacy.uploads(server, config["seed"], config["bn_noise"])
-            if config["privacy_audit"]:     # its grid goes next to the synthetic images
-                self.audit = privacy.auditor(dataset, config["seed"],
-                                             lambda t: os.path.join(config["out"], f"privacy_batch{t}.png"))
         return (state, rng) if state is not None else (None, None)
 
     def after_round(self, state, rng, stage_done, loss=None):
@@ -235,7 +264,7 @@ class Shell(train.Hooks):
             first, round_s = self.clock["rounds"]
             rounds_left = config["batches"] * config["rounds"] - (state.stage * config["rounds"] + state.round)
             later_stages = range(max(state.stage, 1), config["batches"])
-            replays = config["method"] == "pfeddsh" and not config["no_replay"]
+            replays = config["method"] in REPLAYING and not config["no_replay"]
             replay_stages = later_stages if replays else []
             # fedtarget dreams once per later stage, and its later rounds also train on the dreams (about twice)
             dreams = config["method"] == "fedtarget" and config["lwf_weight"] > 0
@@ -287,18 +316,18 @@ def memory_estimate(config):
         model(torch.empty(1, 3, size, size))
         for h in hooks:
             h.remove()
-    weights, per_image = hn.count_parameters(model), sum(activations)
+    weights, per_image = count_parameters(model), sum(activations)
     clients = c["batches"] * c["clients_per_batch"]
     round_clients = min(c["clients_per_round"], c["clients_per_batch"])
     floats = {"client training (--width, --batch-size)": 3 * weights + c["batch_size"] * (per_image + 3 * size ** 2)}
-    if c["method"] in ("pfedhn", "pfedhn-frozen", "pfedhn-pc", "pfeddsh"):
+    if c["method"] in ("pfedhn", "pfedhn-frozen", "pfedhn-pc", "pfeddsh", "pfeddsh-ext"):
         chunks, h, layers, e = -(-weights // c["chunk_size"]), c["hidden"], c["hyper_layers"], c["embed_dim"]
         params = (clients * e + chunks * 32 + (e + 32) * h + (layers - 1) * h * h + layers * h
                   + (h + 1) * c["chunk_size"] + weights)
-        masks = c["method"] == "pfeddsh" and not c["no_masks"]
+        masks = c["method"] in REPLAYING and not c["no_masks"]
         if masks:
             params += (c["batches"] + clients) * layers * h
-        if masks and c["adapter_budget"] > 0:     # adapters + client offsets: the budget per batch, or the
+        if c["method"] == "pfeddsh-ext" and c["adapter_budget"] > 0:     # adapters + client offsets: the budget per batch, or the
             params += max(c["adapter_budget"] * weights * c["batches"],  # clients' classifiers where larger
                           clients * num_classes * (8 * c["width"] + 1))
         generation = round_clients * (2 * chunks * h * layers + chunks * c["chunk_size"] + 2 * weights)
@@ -306,7 +335,7 @@ def memory_estimate(config):
                "--embed-dim, --batches, --clients-per-batch)"] = 4 * params + 2 * weights + generation
     elif c["method"] in ("local", "ditto"):       # ditto: the global model plus a personal one per client
         floats["one model per client (--width, --batches, --clients-per-batch)"] = clients * weights
-    if c["method"] == "pfeddsh" and not c["no_replay"]:
+    if c["method"] in REPLAYING and not c["no_replay"]:
         images = c["clients_per_batch"] * c["replay_images"]
         floats["replay (--replay-images, --clients-per-batch, --width)"] = (images * (per_image + 3 * size ** 2)
                                                                             + c["clients_per_batch"] * weights)
@@ -344,12 +373,12 @@ def header(config, device, server, batches, model, state):
     """The run's first line: method, data, device, clients, model and hypernetwork sizes."""
     hypernet = getattr(server, "hypernet", None)
     line = (f"{run_name(config)} on {config['dataset']} | device {device} | {sum(map(len, batches))} clients in "
-            f"{len(batches)} batches | ResNet-18 width {config['width']}: {hn.count_parameters(model) / 1e6:.2f} M weights")
+            f"{len(batches)} batches | ResNet-18 width {config['width']}: {count_parameters(model) / 1e6:.2f} M weights")
     if hypernet is not None:
-        line += f", hypernetwork {hn.count_parameters(hypernet) / 1e6:.2f} M parameters"
+        line += f", hypernetwork {count_parameters(hypernet) / 1e6:.2f} M parameters"
     adapted = hypernet if hypernet is not None else getattr(server, "adapted", None)    # frozen-adapters' own
-    if adapted is not None and adapted.adapters is not None:
-        cost, offsets, weights = adapted.adapters.per_batch_cost(), adapted.client_offsets.shape[1], hn.count_parameters(model)
+    if getattr(adapted, "adapters", None) is not None:
+        cost, offsets, weights = adapted.adapters.per_batch_cost(), adapted.client_offsets.shape[1], count_parameters(model)
         line += (f", adapters of rank {adapted.adapters.rank}: {cost / 1e3:.1f} k per batch ({cost / weights:.1%} "
                  f"of the model) + {offsets / 1e3:.1f} k per client ({offsets / weights:.1%})")
     if state is not None:
@@ -390,9 +419,10 @@ def replay_summary(results):
     earlier = [c for b in batches[:-1] for c in b]
     gains = [accuracy[-1][c] - accuracy[next(t for t, b in enumerate(batches) if c in b)][c] for c in earlier]
     improved = [g for g in gains if g > 0]
-    accepted = sum(r["accepted"] for r in results["replay"])
     seconds = sum(r["replay_s"] for r in results["replay"])
-    return (f"replay: {accepted} updates accepted in {len(results['replay'])} replays ({seconds:.0f} s); "
+    accepted = (f"{sum(r['accepted'] for r in results['replay'])} updates accepted in "
+                if "accepted" in results["replay"][0] else "")
+    return (f"replay: {accepted}{len(results['replay'])} replays ({seconds:.0f} s); "
             f"{len(improved)} of {len(earlier)} earlier clients end above where their own stage left them"
             + (f", by {sum(improved) / len(improved):+.4f} on average" if improved else ""))
 
@@ -402,12 +432,14 @@ def restore_finished(run_dir):
     from there): (config, dataset, clients, server, batches, onboarding state)."""
     with open(os.path.join(run_dir, "results.json")) as f:
         results = json.load(f)
-    config = dict(train.DEFAULTS, **results["config"])
+    config = dict(DEFAULTS, **results["config"])
     device = torch.device(results["device"])
-    state = checkpoint.load(os.path.join(run_dir, checkpoint.FILENAME), config, device, defaults=train.DEFAULTS)
+    state = checkpoint.load(os.path.join(run_dir, checkpoint.FILENAME), config, device, defaults=DEFAULTS)
     if config["threads"] is not None:       # the run's own thread count: the same kernels, the same bits
         torch.set_num_threads(config["threads"])
-    dataset, clients, server, batches, _ = train.build(config, device, servers=baselines.SERVERS)
+    dataset, clients, server, batches, _ = train.build(config, device, servers=SERVERS)
+    if isinstance(server, fl.Server):
+        faults.screen(server)
     onboarding, _ = checkpoint.restore(state, server, clients, train.OnboardingState)
     return config, dataset, clients, server, batches, onboarding
 
@@ -474,7 +506,7 @@ def save_dream_grid(images, labels, read, mean, std, path, class_names=None, per
 def report_replay(report, t, mean, std, out, write=print, class_names=None):
     """Write stage t's synthetic images to a png and drop them from the report (results.json holds numbers)."""
     images, read = report.pop("images"), report.pop("read", None)
-    labels = report.pop("labels")
+    labels = report.pop("labels", None)
     report.pop("dreamers")
     if not report["tried"]:
         write(f"replay after stage {t}: nothing to replay (no earlier client holds a class of a new client "
@@ -485,13 +517,14 @@ def report_replay(report, t, mean, std, out, write=print, class_names=None):
     bn = (f"BN loss {sum(report['bn_loss_start']) / len(report['bn_loss_start']):.2f} -> "
           f"{sum(report['bn_loss_end']) / len(report['bn_loss_end']):.2f}, " if report["bn_loss_start"] else "")
     reads = (f"teachers read {report['teacher_reads']:.0%} of their dreams as dreamed, "
-             if report["teacher_reads"] is not None else "")
-    control = "" if report["control"] == "none" else f"control {report['control']}, "
-    unanswered = f", {len(report['unanswered'])} did not answer" if report["unanswered"] else ""
-    write(f"replay ({report['mode']}) after stage {t}: {report['replay_s']:.1f} s (synthesis "
-          f"{report['synthesis_s']:.1f} s), {control}{bn}{reads}updates accepted {report['accepted']}, rejected "
-          f"{report['rejected']}, skipped {report['skipped']}{unanswered}; {report['client_queries']} questions "
-          f"to earlier clients" + (" -- DIVERGED (non-finite), undone" if report["dropped"] else ""))
+             if report.get("teacher_reads") is not None else "")
+    control = "" if report.get("control", "none") == "none" else f"control {report['control']}, "
+    unanswered = f", {len(report['unanswered'])} did not answer" if report.get("unanswered") else ""
+    selection = (f"updates accepted {report['accepted']}, rejected {report['rejected']}, skipped {report['skipped']}"
+                 f"{unanswered}; " if "accepted" in report else f"{len(report['tried'])} earlier clients fine-tuned; ")
+    write(f"replay after stage {t}: {report['replay_s']:.1f} s (synthesis {report['synthesis_s']:.1f} s), "
+          f"{control}{bn}{reads}{selection}{report['client_queries']} questions to earlier clients"
+          + (" -- DIVERGED (non-finite), undone" if report["dropped"] else ""))
     if report.get("audit"):
         write(audit_line(report["audit"], t))
 
@@ -529,5 +562,4 @@ def duration(seconds):
 
 def run_name(config):
     return (config["method"] + "-no-replay" * bool(config["no_replay"]) + "-no-masks" * bool(config["no_masks"])
-            + "-paper" * (config["method"] == "pfeddsh" and not config["no_masks"]
-                          and config["adapter_budget"] == 0))
+            + "-shape" * (config["method"] == "pfeddsh-ext" and config["adapter_budget"] == 0))

@@ -85,7 +85,8 @@ def replay_cost(runs):
     for arm in compare.REPLAY_ARMS:
         replays = [x for r in runs.get(arm, []) for x in r["replay"]]
         if replays:
-            kept, tried = sum(len(x["kept"]) for x in replays), sum(len(x["tried"]) for x in replays)
+            kept = sum(len(x.get("kept", x["tried"])) for x in replays)       # the paper's replay keeps all it tries
+            tried = sum(len(x["tried"]) for x in replays)
             seconds = np.mean([x["replay_s"] for x in replays])
             queries = np.mean([x.get("client_queries", 0) for x in replays])
             lines.append(f"| {arm} | {seconds:.1f} | {kept} / {tried} | {queries:.1f} |")
