@@ -125,8 +125,7 @@ def _val_count(m, val_fraction: float):
 
 def _drop_short_shares(S, n_tr, n_te, val_fraction):
     """Zero every share too small to give its client >= 2 train, >= 1 val and >= 1 test image of the class
-    (the class's other holders split its pool instead). Returns the first shortfall as numbers, or None."""
-    first = None
+    (the class's other holders split its pool instead)."""
     for c in range(S.shape[0]):
         while True:
             m, t = _split_counts(S[c], n_tr[c]), _split_counts(S[c], n_te[c])
@@ -134,23 +133,19 @@ def _drop_short_shares(S, n_tr, n_te, val_fraction):
             bad = np.flatnonzero((S[c] > 0) & ((m - v < 2) | ((val_fraction > 0) & (v < 1)) | (t < 1)))
             if not len(bad):
                 break
-            i = bad[0]
-            first = first or (c, i, np.count_nonzero(S[c]), m[i] - v[i], v[i], t[i])
             S[c, bad] = 0
             S[c] = S[c] / S[c].sum() if S[c].sum() > 0 else S[c]
-    return first
 
 
 def shares(rng, n_tr, n_te, num_clients, scheme, classes_per_client, alpha, val_fraction):
     """The share matrix S[c, i]: client i's share of class c's images (pathological or Dirichlet)."""
     if scheme == "pathological":
         S = _pathological_shares(rng, num_clients, len(n_tr), classes_per_client)
-        short = _drop_short_shares(S, n_tr, n_te, val_fraction)
-        if short:
-            c, i, h, tr, va, te = short
-            raise DataError(f"{num_clients} clients x {classes_per_client} classes is more than the data supports: "
-                            f"class {c} is shared by {h} clients and client {i} would get {tr} train, {va} val and "
-                            f"{te} test images of it; use fewer clients or classes per client")
+        _drop_short_shares(S, n_tr, n_te, val_fraction)
+        if np.count_nonzero(S) < num_clients * classes_per_client:
+            raise DataError(f"{num_clients} clients x {classes_per_client} classes is more than the data supports "
+                            "(a client would get under 2 train, 1 validation or 1 test image of a class); use fewer "
+                            "clients or classes per client")
         return S
     for _ in range(100):        # small alpha can leave a client with no usable class: redraw, as FL benchmarks do
         S = rng.dirichlet(np.full(num_clients, float(alpha)), size=len(n_tr))

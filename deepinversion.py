@@ -11,8 +11,6 @@ row only: every batch's mask is frozen, and no earlier client is asked anything 
 DeepInversion: Yin et al., "Dreaming to Distill: Data-free Knowledge Transfer via DeepInversion", CVPR 2020.
 """
 import math
-from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -23,22 +21,6 @@ from hypernet import run_model
 from masks import ServerOptimizer
 
 REFERENCE_BATCH = 256   # the batch size DeepInversion's CIFAR-10 weights (bn 10, TV 2.5e-5) were tuned for
-
-
-@dataclass
-class Teacher:
-    """What the server holds about one new client: never images, never labels, only counts."""
-    weights: dict           # parameter name -> generated tensor
-    bn_stats: dict          # buffer name -> the client's running_mean / running_var / num_batches_tracked
-    label_counts: torch.Tensor   # (num_classes,) int64
-
-
-@dataclass
-class Dreams:
-    images: torch.Tensor    # (num_images, 3, H, W), normalised: the best iterate
-    labels: torch.Tensor    # (num_images,) int64
-    bn_loss_start: float    # BN-statistics loss of the initial noise
-    bn_loss_end: float      # ... and of `images`
 
 
 # --------------------------------------------------------------------------------------------------
@@ -53,22 +35,13 @@ def bn_statistics_loss(features, running_mean, running_var):
     return torch.linalg.vector_norm(mean - running_mean) + torch.linalg.vector_norm(var - running_var)
 
 
-@contextmanager
-def bn_loss_hooks(model):
-    """Forward hooks on every BatchNorm2d of `model`; yields the list each forward appends its losses to.
-    Inside functional_call, module.running_mean *is* the client's tensor passed in (under vmap a batched
-    one), so one hook serves every client. The hooks are removed afterwards (the public script's are not)."""
-    losses = []
-
+def bn_loss_hooks(model, losses):
+    """Forward hooks on every BatchNorm2d of `model` that append its BN-statistics loss to `losses`; remove them
+    afterwards (the public script never does). Inside functional_call, module.running_mean *is* the client's
+    tensor passed in (under vmap a batched one), so one hook serves every client."""
     def hook(module, inputs, output):
         losses.append(bn_statistics_loss(inputs[0], module.running_mean, module.running_var))
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    try:
-        yield losses
-    finally:
-        for h in handles:
-            h.remove()
+    return [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
 
 
 def teacher_forward(model, weights, bn_stats, images, losses):
@@ -101,20 +74,24 @@ def image_priors(x):
 
 def synthesize(model, teachers, *, num_images=64, iterations=200, lr=0.1, bn_weight=0.1, tv_weight=2.5e-5,
                jitter=2, flip=True, image_size=32, seed=0, progress=None):
-    """One batch of images per teacher, every teacher's pixels optimised together in one vmapped computation
-    (each loss depends only on its own pixels and Adam is elementwise, so it is C separate runs).
-    `progress(iteration)`, if given, hears every iteration."""
-    device = next(iter(teachers[0].weights.values())).device
+    """Dreams from each teacher, (weights, BN statistics, label counts): what the server holds of a client,
+    never images. Every teacher's pixels are optimised together in one vmapped computation (each loss
+    depends only on its own pixels and Adam is elementwise, so it is C separate runs). Returns the images
+    (C, N, 3, H, W), normalised, each teacher's best iterate; their labels (C, N); the BN losses of the
+    starting noise and of the images (C,). `progress(iteration)`, if given, hears every iteration."""
+    device = next(iter(teachers[0][0].values())).device
     C, N, S = len(teachers), num_images, image_size
-    weights = {k: torch.stack([c.weights[k].detach() for c in teachers]) for k in teachers[0].weights}
-    bn_stats = {k: torch.stack([c.bn_stats[k].detach() for c in teachers]) for k in teachers[0].bn_stats}
+    weights = {k: torch.stack([w[k].detach() for w, _, _ in teachers]) for k in teachers[0][0]}
+    bn_stats = {k: torch.stack([b[k].detach() for _, b, _ in teachers]) for k in teachers[0][1]}
     g = torch.Generator().manual_seed(seed)     # a CPU generator: the same draws on any device
     x = torch.randn(C, N, 3, S, S, generator=g).to(device).requires_grad_()
     model.eval()                                # BN normalises with the client's running statistics
-    with bn_loss_hooks(model) as losses:
+    losses = []
+    hooks = bn_loss_hooks(model, losses)
+    try:
         with torch.no_grad():
             _, bn_start = teacher_forward(model, weights, bn_stats, x, losses)
-        labels = torch.stack([draw_labels(c.label_counts.cpu(), N, g) for c in teachers]).to(device)
+        labels = torch.stack([draw_labels(counts.cpu(), N, g) for _, _, counts in teachers]).to(device)
         optimizer = torch.optim.Adam([x], lr=lr, betas=(0.5, 0.9))
         best, best_loss = x.detach().clone(), torch.full((C,), math.inf, device=device)
         for it in range(iterations):
@@ -137,7 +114,10 @@ def synthesize(model, teachers, *, num_images=64, iterations=200, lr=0.1, bn_wei
                 progress(it)
         with torch.no_grad():
             _, bn_end = teacher_forward(model, weights, bn_stats, best, losses)
-    return [Dreams(best[c].clone(), labels[c].clone(), bn_start[c].item(), bn_end[c].item()) for c in range(C)]
+    finally:
+        for h in hooks:
+            h.remove()
+    return best, labels, bn_start, bn_end
 
 
 # --------------------------------------------------------------------------------------------------
@@ -166,14 +146,14 @@ def who_replays(server, t):
 def dream(server, dreamers, *, num_images, iterations, bn_weight, seed, progress=None):
     """{cid: (images, labels, teacher logits)} dreamed from each dreamer's generated model and upload, and
     the BN losses at the start and the end per dreamer."""
-    teachers = [Teacher(server.hypernet.unflatten(server.generate(j)), *server.uploads(j)) for j in dreamers]
-    dreamed = synthesize(server.model, teachers, num_images=num_images, iterations=iterations, bn_weight=bn_weight,
-                         seed=seed, image_size=server.image_size,
-                         progress=progress and (lambda it: progress("synthesis", it + 1, iterations)))
+    teachers = [(server.hypernet.unflatten(server.generate(j)), *server.uploads(j)) for j in dreamers]
+    images, labels, bn_start, bn_end = synthesize(
+        server.model, teachers, num_images=num_images, iterations=iterations, bn_weight=bn_weight, seed=seed,
+        image_size=server.image_size, progress=progress and (lambda it: progress("synthesis", it + 1, iterations)))
     with torch.no_grad():
-        out = {j: (d.images, d.labels, run_model(server.model, teacher.weights, teacher.bn_stats, d.images))
-               for j, teacher, d in zip(dreamers, teachers, dreamed)}
-    return out, [d.bn_loss_start for d in dreamed], [d.bn_loss_end for d in dreamed]
+        out = {j: (images[c], labels[c], run_model(server.model, weights, bn_stats, images[c]))
+               for c, (j, (weights, bn_stats, _)) in enumerate(zip(dreamers, teachers))}
+    return out, bn_start.tolist(), bn_end.tolist()
 
 
 def fine_tuning_set(server, cid, images, labels, teacher_logits):
@@ -185,16 +165,6 @@ def fine_tuning_set(server, cid, images, labels, teacher_logits):
                  zip((images, labels, teacher_logits), server.dreams[cid]))
 
 
-def own_class_targets(labels, teacher_logits, label_counts):
-    """A client's view of its fine-tuning set: its classes, each label as a position among them, the teachers'
-    logits of those classes, and a weight per image that makes every class weigh the same (dreams of one class
-    alone would tilt a two-class decision toward it)."""
-    classes = (label_counts > 0).nonzero().flatten().to(labels.device)
-    y = torch.searchsorted(classes, labels)
-    per_class = torch.bincount(y, minlength=len(classes)).float()
-    return classes, y, teacher_logits[:, classes], 1.0 / (per_class[y] * (per_class > 0).sum())
-
-
 def replay_loss(logits, y, soft, own, weight, *, kd_weight, anchor_weight, temperature):
     """Cross-entropy on the dreamed labels, KD toward each image's teacher and KD toward the client's own
     model before replay (the anchor), each image weighted by `weight`."""
@@ -204,14 +174,18 @@ def replay_loss(logits, y, soft, own, weight, *, kd_weight, anchor_weight, tempe
 
 
 def targets(server, cid, pool):
-    """What client cid learns from `pool`: its images, its classes, each label as a position among them, the
-    teachers' logits and its own model's before replay (the anchor) on those classes, a weight per image."""
+    """What client cid learns from `pool` (images, labels, teacher logits): the images; its classes; each label
+    as a position among them; the teachers' and its own model's logits before replay (the anchor) on those
+    classes; a weight per image that makes every class weigh the same (dreams of one class alone would tilt a
+    two-class decision toward it)."""
     x, labels, teacher_logits = pool
     bn_stats, label_counts = server.uploads(cid)
-    classes, y, soft, weight = own_class_targets(labels, teacher_logits, label_counts)
+    classes = (label_counts > 0).nonzero().flatten().to(labels.device)
+    y = torch.searchsorted(classes, labels)
+    per_class = torch.bincount(y, minlength=len(classes)).float()
     with torch.no_grad():
         own = run_model(server.model, server.hypernet.unflatten(server.generate(cid)), bn_stats, x)[:, classes]
-    return x, classes, y, soft, own, weight
+    return x, classes, y, teacher_logits[:, classes], own, 1.0 / (per_class[y] * (per_class > 0).sum())
 
 
 def loss_on(server, cid, target, **weights):
@@ -234,7 +208,7 @@ def fine_tune(server, cid, pool, *, steps, lr, keep, **weights):
     rows = server.hypernet.client_embeddings
     free = {"client_embeddings": torch.zeros_like(rows, dtype=torch.bool)}
     free["client_embeddings"][cid] = True        # only this client's row may move
-    optimizer = ServerOptimizer({"client_embeddings": rows}, kind="adam", lr=lr)
+    optimizer = ServerOptimizer({"client_embeddings": rows}, lr=lr)
     with torch.no_grad():
         best_loss, best = (loss_on(server, cid, held, **weights) if held_out else 0.0), rows[cid].clone()
     for _ in range(steps):

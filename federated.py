@@ -80,34 +80,27 @@ class Client:
 
     @torch.no_grad()
     def evaluate(self, flat_weights, bn_stats, split="test"):
-        """(accuracy, mean loss) of the model it is sent on its own held-out `split` (test or val)."""
+        """Accuracy of the model it is sent on its own held-out `split` (test or val); NaN with no image."""
         x_all, y_all = (self.x_test, self.y_test) if split == "test" else (self.x_val, self.y_val)
-        if len(y_all) == 0:
-            return float("nan"), float("nan")
-        weights = self.layout.unflatten(flat_weights)
+        weights, right = self.layout.unflatten(flat_weights), []
         self.model.eval()
-        correct, loss = [], torch.zeros((), dtype=torch.float64, device=y_all.device)
         for start in range(0, len(y_all), 128):
-            logits = hn.run_model(self.model, weights, bn_stats, data.normalize(x_all[start:start + 128],
-                                                                                self.mean, self.std))
-            y = y_all[start:start + 128]
-            correct.append(logits.argmax(1) == y)
-            loss += F.cross_entropy(logits, y, reduction="sum").double()
-        return torch.cat(correct).float().mean().item(), loss.item() / len(y_all)
+            x = data.normalize(x_all[start:start + 128], self.mean, self.std)
+            right.append(hn.run_model(self.model, weights, bn_stats, x).argmax(1) == y_all[start:start + 128])
+        return torch.cat(right).float().mean().item() if right else float("nan")
 
 
 class Server:
     """The hypernetwork and all per-client state the server may hold (embeddings, BN statistics, counts)."""
 
-    def __init__(self, hypernet, model, batches, *, optimizer="adam", server_lr=3e-3, grad_clip=50.0,
+    def __init__(self, hypernet, model, batches, *, server_lr=3e-3, grad_clip=50.0,
                  sparsity=0.5, classifier_lr=1e-2, image_size=32, replay=None):
         self.hypernet, self.model, self.batches, self.image_size = hypernet, model, batches, image_size
         self.batch_of = {cid: t for t, ids in enumerate(batches) for cid in ids}
         # HAT learns the gates (BatchGates.step), not the server's optimizer. A new client's classifier has a
         # stage of tens of steps to move as far as its own scale: it learns at a rate of its own.
         self.params = {name: p for name, p in hypernet.named_parameters() if not name.startswith("gates.")}
-        self.optimizer = masks.ServerOptimizer(self.params, kind=optimizer, lr=server_lr,
-                                               lr_of={"client_classifiers": classifier_lr})
+        self.optimizer = masks.ServerOptimizer(self.params, lr=server_lr, lr_of={"client_classifiers": classifier_lr})
         self.grad_clip, self.sparsity = grad_clip, sparsity
         fresh = hn.bn_stats_init(model)
         self.bn_stats = {cid: {n: b.clone() for n, b in fresh.items()} for cid in self.batch_of}
@@ -127,8 +120,8 @@ class Server:
 
     def evaluate(self, client):
         """(test, validation) accuracy of the client's generated model, measured by the client."""
-        flat = self.generate(client.cid)
-        return client.evaluate(flat, self.bn_stats[client.cid])[0], client.evaluate(flat, self.bn_stats[client.cid], "val")[0]
+        flat, bn_stats = self.generate(client.cid), self.bn_stats[client.cid]
+        return client.evaluate(flat, bn_stats), client.evaluate(flat, bn_stats, "val")
 
     def begin_stage(self, t):
         """Batch t joins: fresh optimizer state, its gate prepared, its clients' classifiers blank, and the
@@ -180,18 +173,14 @@ class Server:
         grads = pull_toward(generated, deltas, params)
         if gates is not None:           # HAT learns the batch's gate from the same gradient (masks.py)
             gates.step(grads.pop("gates.embeddings"), self.stage, self.gate_scale, self.sparsity)
-        self.optimizer.step(clipped(grads, self.grad_clip), self.with_rows(client_ids))
+        # The step writes what this stage may, and of the per-client rows only those of the round's clients.
+        rows = torch.zeros(len(self.hypernet.client_embeddings), 1, dtype=torch.bool, device=self.hypernet.base.device)
+        rows[client_ids] = True
+        free = dict(self.free, **{n: rows.expand_as(p) for n, p in self.params.items() if n.startswith("client_")})
+        self.optimizer.step(clipped(grads, self.grad_clip), free)
         for cid, u in zip(client_ids, updates):
             self.bn_stats[cid], self.label_counts[cid] = u.bn_stats, u.label_counts
         return float(np.mean([u.loss for u in updates]))
-
-    def with_rows(self, client_ids):
-        """This stage's free masks, with the per-client rows (one row per client) free only for `client_ids`."""
-        rows = torch.zeros(len(self.hypernet.client_embeddings), 1, dtype=torch.bool,
-                           device=self.hypernet.client_embeddings.device)
-        rows[client_ids] = True
-        per_client = [n for n, p in self.params.items() if n.startswith("client_")]
-        return dict(self.free, **{name: rows.expand_as(self.params[name]) for name in per_client})
 
     def end_stage(self, t):
         """Freeze batch t's sub-hypernetwork; returns the neuron accounting (None without masks)."""

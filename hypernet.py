@@ -111,12 +111,8 @@ def init_scale_and_offset(model):
     """
     scales, offsets = [], []
     for name, p in model.named_parameters():
-        if p.dim() == 4:
-            scale = math.sqrt(2.0 / p[0].numel())
-        elif p.dim() == 2:
-            scale = 1.0 / math.sqrt(p.shape[1])
-        else:
-            scale = 0.1
+        fan_in = p[0].numel() if p.dim() > 1 else None
+        scale = math.sqrt(2.0 / fan_in) if p.dim() == 4 else (1.0 / math.sqrt(fan_in) if p.dim() == 2 else 0.1)
         scales.append(torch.full((p.numel(),), scale))
         offsets.append(torch.full((p.numel(),), 1.0 if name.endswith("weight") and p.dim() == 1 else 0.0))
     return torch.cat(scales), torch.cat(offsets)

@@ -129,7 +129,7 @@ def normalised(grad):
 
 
 class ServerOptimizer:
-    """Adam (or SGD with momentum) whose step leaves every entry outside its free mask bitwise untouched.
+    """Adam whose step leaves every entry outside its free mask bitwise untouched.
 
     torch.optim would still move a parameter whose gradient is zero (weight decay, momentum, Adam's running
     averages). Here every update, and every state update, goes through torch.where(free, ...), so a frozen
@@ -137,10 +137,8 @@ class ServerOptimizer:
     clients absent from a round stay put (pFedHN issue #6).
     """
 
-    def __init__(self, params, kind="adam", lr=1e-3, momentum=0.9, weight_decay=0.0, betas=(0.9, 0.999),
-                 eps=1e-8, lr_of=None):
-        self.params, self.kind, self.lr, self.lr_of = params, kind, lr, lr_of or {}
-        self.momentum, self.weight_decay, self.betas, self.eps = momentum, weight_decay, betas, eps
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, lr_of=None):
+        self.params, self.lr, self.lr_of, self.betas, self.eps = params, lr, lr_of or {}, betas, eps
         self.reset()
 
     def reset(self):
@@ -154,16 +152,11 @@ class ServerOptimizer:
         self.steps += 1
         beta1, beta2 = self.betas
         for name, p in self.params.items():
-            g = grads[name] + self.weight_decay * p
-            m, v = self.state[name]["m"], self.state[name]["v"]
-            lr = self.lr_of.get(name, self.lr)
-            if self.kind == "adam":
-                m_new = beta1 * m + (1 - beta1) * g
-                v_new = beta2 * v + (1 - beta2) * g * g
-                update = lr * (m_new / (1 - beta1 ** self.steps)) / ((v_new / (1 - beta2 ** self.steps)).sqrt() + self.eps)
-            else:
-                m_new, v_new = self.momentum * m + g, v
-                update = lr * m_new
+            g, m, v = grads[name], self.state[name]["m"], self.state[name]["v"]
+            m_new = beta1 * m + (1 - beta1) * g
+            v_new = beta2 * v + (1 - beta2) * g * g
+            update = (self.lr_of.get(name, self.lr) * (m_new / (1 - beta1 ** self.steps))
+                      / ((v_new / (1 - beta2 ** self.steps)).sqrt() + self.eps))
             is_free = free.get(name, torch.ones((), dtype=torch.bool, device=p.device))
             m.copy_(torch.where(is_free, m_new, m))
             v.copy_(torch.where(is_free, v_new, v))

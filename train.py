@@ -10,7 +10,6 @@ replay -> evaluate everyone seen so far); then RI and PA, the paper's two effect
 (flags, checks, resume, progress bars, results.json, the baselines, our extensions) is the shell, shell/:
 nothing here imports it but the entry point at the end.
 """
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,7 +27,7 @@ DEFAULTS = dict(
     # federated training: rounds per stage, clients per round, local SGD (batch_size is the SGD minibatch)
     rounds=300, clients_per_round=5, local_steps=50, batch_size=64, lr=0.05, width=64,
     # the hypernetwork (pFedHN) and its server optimizer
-    server_lr=3e-3, server_optimizer="adam", hidden=128, hyper_layers=3, chunk_size=4096, embed_dim=32,
+    server_lr=3e-3, hidden=128, hyper_layers=3, chunk_size=4096, embed_dim=32,
     # the batch masks (HAT)
     sparsity=0.5, s_max=400.0, gate_lr=0.05, classifier_lr=1e-2, no_masks=False,
     # data-free replay: DeepInversion, then fine-tuning each earlier client's embedding
@@ -88,8 +87,7 @@ def build_server(config, device, num_classes, image_size, servers=None):
     hypernet = hn.HyperNetwork(model, num_clients, embed_dim=config["embed_dim"], hidden=config["hidden"],
                                num_layers=config["hyper_layers"], chunk_size=config["chunk_size"], gates=gates)
     replays = config["method"] == "pfeddsh" and not config["no_replay"]
-    server = fl.Server(hypernet.to(device), model, batches, optimizer=config["server_optimizer"],
-                       server_lr=config["server_lr"], sparsity=config["sparsity"],
+    server = fl.Server(hypernet.to(device), model, batches, server_lr=config["server_lr"], sparsity=config["sparsity"],
                        classifier_lr=config["classifier_lr"], image_size=image_size, replay=replay_settings(config) if replays else None)
     return server, batches, model, hypernet.layout
 
@@ -119,8 +117,6 @@ class OnboardingState:
     replays: list = field(default_factory=list)
     round_clients: list = field(default_factory=list)   # this stage's rounds so far: PA's reference replays them
     local_accuracy: list = field(default_factory=list)  # L[t][i]: PA's reference (batch t's clients alone)
-    stage_seconds: list = field(default_factory=list)
-    local_seconds: list = field(default_factory=list)
 
 
 def onboard(server, clients, batches, config, state=None, rng=None, hooks=None, pa_reference=True):
@@ -129,7 +125,6 @@ def onboard(server, clients, batches, config, state=None, rng=None, hooks=None, 
     rng = rng if rng is not None else np.random.default_rng(config["seed"])
     rounds, num_clients = config["rounds"], sum(len(b) for b in batches)
     for t in range(state.stage, len(batches)):
-        start = time.time()
         if state.round == 0:
             server.begin_stage(t)                   # batch t joins; its gate starts (masks.py)
             state.round_clients = []
@@ -147,11 +142,8 @@ def onboard(server, clients, batches, config, state=None, rng=None, hooks=None, 
         scores = {cid: server.evaluate(clients[cid]) for b in batches[:t + 1] for cid in b}
         state.accuracy.append([scores[cid][0] if cid in scores else None for cid in range(num_clients)])
         state.val_accuracy.append([scores[cid][1] if cid in scores else None for cid in range(num_clients)])
-        state.stage_seconds.append(time.time() - start)
         if pa_reference:
-            start = time.time()
             state.local_accuracy.append(local_reference(clients, batches, t, state, config))
-            state.local_seconds.append(time.time() - start)
         state.stage, state.round = t + 1, 0
         hooks.after_round(state, rng, stage_done=True)
     return state
@@ -173,7 +165,7 @@ def local_reference(clients, batches, t, state, config):
             update = clients[cid].local_train(weights[cid], bn_stats[cid], config["local_steps"],
                                               config["batch_size"], config["lr"], generator=generators[cid])
             weights[cid], bn_stats[cid] = weights[cid] + update.delta, update.bn_stats
-    accuracy = {cid: clients[cid].evaluate(weights[cid], bn_stats[cid])[0] for cid in batches[t]}
+    accuracy = {cid: clients[cid].evaluate(weights[cid], bn_stats[cid]) for cid in batches[t]}
     for client, steps in zip(clients, spent):
         client.steps_trained = steps
     return [accuracy.get(cid) for cid in range(len(clients))]
@@ -212,8 +204,7 @@ def results(config, batches, state, clients):
             "metrics": metrics(state.accuracy, batches, test_sizes, state.local_accuracy),
             "val_metrics": metrics(state.val_accuracy, batches, test_sizes), "local_accuracy": state.local_accuracy,
             "neurons": state.neurons if state.neurons[-1] is not None else None, "test_sizes": test_sizes,
-            "replay": state.replays, "time_s": state.stage_seconds, "local_s": state.local_seconds,
-            "local_steps": sum(c.steps_trained for c in clients)}
+            "replay": state.replays, "local_steps": sum(c.steps_trained for c in clients)}
 
 
 def run(config, device, hooks=None, pa_reference=True, servers=None):

@@ -1,10 +1,10 @@
 """Do the batch masks learn? Per round of every stage: how decided the training batch's gates are.
 
-Runs train.run bare (cpu-demo protocol unless told otherwise, no replay) and prints, per round, the batch's
-mean |e|, the share of its gates still soft (between 0.1 and 0.9) at the round's s and at s_max, the share on
-(e > 0), and how many units the round flipped (sign of e changed). At each stage's end: units used, owned,
-reused, and the batch's accuracy against its clients trained alone (PA). Validation accuracy only decides;
-test accuracy is printed because PA is defined on it.
+Runs the core bare (train.build, train.onboard; the cpu-demo protocol unless told otherwise, no replay) and
+prints, per round, the batch's mean |e|, the share of its gates still soft (between 0.1 and 0.9) at the
+round's s and at s_max, the share on (e > 0), and how many units the round flipped (sign of e changed). At
+each stage's end: units used, owned, reused, and the batch's accuracy against its clients trained alone
+(PA). Validation accuracy only decides; test accuracy is printed because PA is defined on it.
 
     python benchmarks/gate_dynamics.py --seeds 70,200 --set sparsity=0.01 --out /tmp/gates.json
     python benchmarks/gate_dynamics.py --summarize /tmp/gates.json     # the table, from saved runs
@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import hypernet as hn  # noqa: E402
 import train  # noqa: E402
+from shell.settings import DEFAULTS, PRESETS  # noqa: E402
 
 
 class GateWatch(train.Hooks):
@@ -40,14 +41,15 @@ class GateWatch(train.Hooks):
                 client = clients[cid]
                 flat = server.hypernet([cid], [t], s=server.hypernet.gates.scale(0.0))[0].detach()
                 # in train mode, as local training first sees them (a new client's BN statistics are blank)
-                x, y = client.held_out("val")
+                x, y = client.x_val, client.y_val
+                classes = set((client.label_counts > 0).nonzero().flatten().tolist())
                 client.model.train()
                 with torch.no_grad():
-                    logits = hn.run_model(client.model, client.unflatten(flat),
+                    logits = hn.run_model(client.model, client.layout.unflatten(flat),
                                           {n: b.clone() for n, b in server.bn_stats[cid].items()},
                                           data.normalize(x, client.mean, client.std))
                 guess = logits.argmax(1)
-                own += sum(int(g) in client.classes for g in guess.tolist())
+                own += sum(int(g) in classes for g in guess.tolist())
                 right += int((guess == y).sum())
                 total += len(y)
             self.starts.append(dict(stage=t, own_class_share=own / total, accuracy=right / total))
@@ -118,11 +120,11 @@ def main():
     if args.summarize:
         return summarize(args.summarize)
     torch.set_num_threads(1)
-    config = dict(train.DEFAULTS, **train.PRESETS["cpu-demo"], dataset=args.dataset, batches=args.batches,
+    config = dict(DEFAULTS, **PRESETS["cpu-demo"], dataset=args.dataset, batches=args.batches,
                   data_dir=args.data_dir, no_replay=True)
     for item in args.set:
         key, value = item.split("=", 1)
-        kind = type(train.DEFAULTS[key])
+        kind = type(DEFAULTS[key]) if DEFAULTS[key] is not None else int
         config[key] = None if value == "None" else (value == "True" if kind is bool else kind(value))
     dataset = data.load_dataset(config["dataset"], config["data_dir"], device=torch.device("cpu"))
     everything = []
@@ -132,7 +134,7 @@ def main():
         dataset_, clients, server, batches, model = train.build(config, torch.device("cpu"), dataset)
         watch.begin(server, clients, batches, model)
         state = train.onboard(server, clients, batches, config, hooks=watch)
-        result = train.results(config, batches, state, clients, "cpu", dict(server.faults))
+        result = train.results(config, batches, state, clients)
         m = result["metrics"]
         local = [None if row is None else float(np.mean([row[c] for c in b])) for row, b in
                  zip(state.local_accuracy, batches)]

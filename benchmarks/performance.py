@@ -4,27 +4,30 @@ A round of federated training can never be cheaper than its clients' local train
 1.0. Everything the server adds (generation, pFedHN's VJP update, the masks, evaluation, replay,
 bookkeeping) is overhead, and it must not grow as batches join. pFedHN's hypernetwork (one linear head
 per target tensor) is the design ours replaces (docs/design.md §3, "Chunked generation" and "Overhead").
-Every line of the table is a ratio of two things measured in this process:
+Every line of the table is a ratio of two things measured in this process, for the server `python
+train.py` builds for --method (pfeddsh, the paper's, by default; pfeddsh-ext, ours, with its adapters):
 
-  (a) a whole round (generation, local training, update, bookkeeping) / the same clients' local training
-      alone on a plain nn.Module ResNet-18 of the same width, steps and batch: the cpu-demo protocol at
-      width 16, and width 64 with the default 50 local steps. Ours and the plain round alternate, so a
-      machine that slows down slows both. Sub-lines split the round into its parts.
-  (b) round time at stage 5 and 10 / stage 1 of a 10-batch run (masks, adapters, offsets all exist)
+  (a) a whole round (generation, local training, update with the shell's fault screen, bookkeeping, the
+      checkpoint every 10 rounds) / the same clients' local training alone on a plain nn.Module ResNet-18
+      of the same width, steps and batch: the cpu-demo protocol at width 16, and width 64 with the default
+      50 local steps. Ours and the plain round alternate, so a machine that slows down slows both.
+      Sub-lines split the round into its parts.
+  (b) round time at stage 5 and 10 / stage 1 of a 10-batch run
   (c) evaluation (every client seen so far) and replay after a stage / the stage's training time
-  (d) replay's synthesis with all new clients in one vmapped computation / client by client
-  (e) server memory (hypernetwork, masks, per-batch adapters, optimizer state, per-client state) at 1, 5,
-      10 and 50 batches against 1 batch, and the checkpoint's size
+  (e) server memory (hypernetwork, masks, optimizer state, per-client state, the dreams replay keeps) at
+      1, 5, 10 and 50 batches against 1 batch, and the checkpoint's size
   (f) our chunked hypernetwork / a pFedHN-style one generating the same target: parameters, generation +
       update time per round, memory in a round; at width 16 and at the largest width where pFedHN's fits
-  (g) the measurements behind the training loop's shape: the functional call / a plain nn.Module,
-      channels_last / contiguous, one batch of 5 x 64 images / five of 64, and the round's clients trained
-      together (vmap over stacked weights: grouped convolutions) / one by one
+
+(d) (replay's synthesis vmapped / client by client) and (g) (the functional call, channels_last, larger
+batches, clients trained together with vmap) were measured by earlier versions of this script (`git show
+86cc891:benchmarks/performance.py`); their answers are in docs/performance.md, and the paths they compared
+(synthesis client by client, AMP inside the core) are no longer in the code.
 
 Images are generated (CIFAR-10's shape and sizes, 10 balanced classes, pFedHN's 2-class split): time does
 not depend on pixel values, so no dataset is needed. The first line printed names the machine.
 
-    python benchmarks/performance.py                       # the README's table: about 12-15 min, idle 2-core CPU
+    python benchmarks/performance.py                       # the whole table: tens of minutes on a 2-core CPU
     python benchmarks/performance.py --quick               # smoke run of every part in seconds; numbers meaningless
     python benchmarks/performance.py --parts a,f --threads 2 --json perf.json
 """
@@ -44,18 +47,18 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call, grad, vmap
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from shell import checkpoint  # noqa: E402
 import data  # noqa: E402
-import deepinversion  # noqa: E402
 import federated as fl  # noqa: E402
 import hypernet as hn  # noqa: E402
-import replay as replay_module  # noqa: E402
 import train  # noqa: E402
+from shell import checkpoint, faults  # noqa: E402
+from shell.runner import SERVERS, count_parameters  # noqa: E402
+from shell.settings import DEFAULTS, PRESETS  # noqa: E402
 
 ROWS = []     # every line of the table, also written to --json
+PER_CLIENT = ("client_embeddings", "client_classifiers", "client_offsets", "gates.borrow")
 
 
 def row(part, what, ours, reference, ratio, target=""):
@@ -103,8 +106,14 @@ def fake_cifar10(device, num_train=50_000, num_test=10_000):
 
 def protocol(args, **overrides):
     """train.py's cpu-demo configuration (the defaults with the preset), plus what a measurement changes."""
-    return {**train.DEFAULTS, **train.PRESETS["cpu-demo"], "device": args.device.type, "amp": args.amp,
-            **args.scale, **overrides}
+    return {**DEFAULTS, **PRESETS["cpu-demo"], "device": args.device.type, "method": args.method, **args.scale,
+            **overrides}
+
+
+def build(config, device, dataset):
+    """(clients, server, batches) as train.py builds them, the server screened as the shell screens it."""
+    _, clients, server, batches, _ = train.build(config, device, dataset, servers=SERVERS)
+    return clients, faults.screen(server), batches
 
 
 def sync(device):
@@ -132,7 +141,7 @@ class Stopwatch:
         return timed
 
 
-def plain_round(model, clients, ids, steps, batch_size, lr, generator, amp, channels_last=False):
+def plain_round(model, clients, ids, steps, batch_size, lr, generator):
     """The limit: each client's K SGD steps on an nn.Module and nothing else (no weights in or out)."""
     model.train()
     for cid in ids:
@@ -141,10 +150,7 @@ def plain_round(model, clients, ids, steps, batch_size, lr, generator, amp, chan
         for _ in range(steps):
             idx = torch.randint(len(client.y_train), (batch_size,), generator=generator, device=client.y_train.device)
             x = data.augment(client.x_train[idx], client.mean, client.std, generator=generator)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with hn.autocast(x.device, amp):
-                loss = F.cross_entropy(model(x), client.y_train[idx])
+            loss = F.cross_entropy(model(x), client.y_train[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -164,11 +170,11 @@ def mib(n):
 
 def part_a(args, dataset, width, local_steps, clients_per_round, rounds, warmup_steps):
     config = protocol(args, width=width, local_steps=local_steps, clients_per_round=clients_per_round)
-    _, clients, server, batches, _ = train.build(config, args.device, dataset)
+    clients, server, batches = build(config, args.device, dataset)
     server.begin_stage(0)
     watch = Stopwatch(args.device)
     server.hypernet.forward = watch.wrap("generation", server.hypernet.forward)
-    server.update = watch.wrap("update", server.update)
+    server.update = watch.wrap("update (with the fault screen)", server.update)
     for client in clients:
         client.local_train = watch.wrap("local training", client.local_train)
     plain = hn.ResNet18(dataset.num_classes, width).to(args.device)
@@ -178,7 +184,7 @@ def part_a(args, dataset, width, local_steps, clients_per_round, rounds, warmup_
     # The first round of each warms allocators and kernels (with few steps where steps are expensive).
     ids = batches[0][:clients_per_round]
     server.train_round(ids, clients, 0.0, warmup_steps, batch_size, lr)
-    plain_round(plain, clients, ids, warmup_steps, batch_size, lr, generator, args.amp)
+    plain_round(plain, clients, ids, warmup_steps, batch_size, lr, generator)
     watch.seconds.clear()
     ours = limit = 0.0
     for r in range(rounds):
@@ -187,7 +193,7 @@ def part_a(args, dataset, width, local_steps, clients_per_round, rounds, warmup_
         ids = sorted(rng.choice(batches[0], size=clients_per_round, replace=False).tolist())
         server.train_round(ids, clients, r / max(rounds - 1, 1), steps, batch_size, lr)
         middle = clock(args.device)
-        plain_round(plain, clients, ids, steps, batch_size, lr, generator, args.amp)
+        plain_round(plain, clients, ids, steps, batch_size, lr, generator)
         ours, limit = ours + middle - start, limit + clock(args.device) - middle
     # train.py writes a checkpoint every --checkpoint-every rounds: its share of a round.
     with tempfile.TemporaryDirectory() as tmp:
@@ -202,11 +208,10 @@ def part_a(args, dataset, width, local_steps, clients_per_round, rounds, warmup_
     what = f"width {width}, {clients_per_round} clients x {steps} steps, batch {batch_size}"
     row("a", f"round / plain local training ({what}, {rounds} rounds)", seconds(total / rounds),
         seconds(limit / rounds), total / limit, "<= 1.05")
-    parts = dict(watch.seconds, **{"checkpoint (every 10 rounds)": per_checkpoint})
+    parts = dict(watch.seconds, **{f"checkpoint (every {config['checkpoint_every']} rounds)": per_checkpoint})
     parts["bookkeeping (the rest of the round)"] = ours - sum(watch.seconds.values())
     for name, s in parts.items():
         row("a", f"... {name} / plain local training", seconds(s / rounds), seconds(limit / rounds), s / limit)
-    return server, clients, batches
 
 
 # --------------------------------------------------------------------------------------------------
@@ -215,14 +220,14 @@ def part_a(args, dataset, width, local_steps, clients_per_round, rounds, warmup_
 
 def part_bc(args, dataset, stages, rounds):
     config = protocol(args, batches=max(stages))
-    _, clients, server, batches, _ = train.build(config, args.device, dataset)
-    replay = train.replay_settings(config)          # the cpu-demo replay, as train.py runs it for pfeddsh
+    clients, server, batches = build(config, args.device, dataset)
     steps, batch_size, lr = config["local_steps"], config["batch_size"], config["lr"]
+    replays = getattr(server, "replay_settings", None) is not None     # as train.onboard decides
     round_s = {}
     for t, batch in enumerate(batches):
         server.begin_stage(t)
-        # Unmeasured stages run 2 rounds (s from 1/s_max to s_max): enough for masks, adapters and every
-        # client's BN statistics to exist, which is all a later stage's round cost can depend on.
+        # Unmeasured stages run 2 rounds (s from 1/s_max to s_max): enough for masks and every client's BN
+        # statistics to exist, which is all a later stage's round cost can depend on.
         measured = t + 1 in stages
         n = 1 + rounds if measured else 2
         times = []
@@ -245,34 +250,13 @@ def part_bc(args, dataset, stages, rounds):
         evaluation = clock(args.device) - start
         row("c", f"evaluation of {sum(map(len, batches[:t + 1]))} clients after stage {t + 1} / the stage's "
                  f"{config['rounds']} rounds", seconds(evaluation), seconds(stage_s), evaluation / stage_s)
-        if t > 0:
+        if t > 0 and replays:
             start = clock(args.device)
-            report = replay_module.run_replay(server, clients, t, config["seed"], replay)
+            report = server.replay(clients, t, config["seed"])
             replayed = clock(args.device) - start
-            row("c", f"replay after stage {t + 1} (synthesis {report['synthesis_s']:.1f} s, "
-                     f"{sum(map(len, batches[:t]))} earlier clients) / the stage's {config['rounds']} rounds",
+            row("c", f"replay after stage {t + 1} (synthesis {report['synthesis_s']:.1f} s, {len(report['tried'])} "
+                     f"of {sum(map(len, batches[:t]))} earlier clients tried) / the stage's {config['rounds']} rounds",
                 seconds(replayed), seconds(stage_s), replayed / stage_s)
-
-
-# --------------------------------------------------------------------------------------------------
-# (d) replay's synthesis: vmapped against client by client
-# --------------------------------------------------------------------------------------------------
-
-def part_d(args, server, clients, batches, iterations):
-    config = protocol(args)
-    teachers = [deepinversion.Teacher(server.hypernet.unflatten(server.generate(j)), server.bn_stats[j],
-                                      clients[j].label_counts) for j in batches[0]]
-    kwargs = dict(num_images=config["replay_images"], image_size=32)     # synthesis is fp32 even under --amp
-    for together in (True, False):                                  # warm-up
-        deepinversion.synthesize(server.model, teachers, iterations=1, vmap=together, **kwargs)
-    spent = {True: 0.0, False: 0.0}
-    for together in (True, False, False, True):                     # ABBA: drift cancels
-        start = clock(args.device)
-        deepinversion.synthesize(server.model, teachers, iterations=iterations, vmap=together, **kwargs)
-        spent[together] += clock(args.device) - start
-    row("d", f"synthesis of {len(teachers)} clients x {config['replay_images']} images, vmapped / client by "
-             f"client ({iterations} iterations)", seconds(spent[True] / 2), seconds(spent[False] / 2),
-        spent[True] / spent[False], "< 1")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -294,7 +278,7 @@ def server_memory(server):
     """{part: bytes} of everything the server holds between rounds."""
     parts = defaultdict(list)
     for name, t in list(server.hypernet.named_parameters()) + list(server.hypernet.named_buffers()):
-        if name in ("client_embeddings", "client_offsets", "gates.borrow"):
+        if name in PER_CLIENT:
             parts["per-client state"].append(t)
         elif name.startswith("adapters."):
             parts["per-batch adapters"].append(t)
@@ -306,6 +290,7 @@ def server_memory(server):
     parts["optimizer state"] = [s for state in server.optimizer.state.values() for s in state.values()]
     parts["per-client state"] += [b for stats in server.bn_stats.values() for b in stats.values()]
     parts["per-client state"] += list(server.label_counts.values())
+    parts["dreams kept for replay"] = [t for dreams in server.dreams.values() for t in dreams]
     return {name: storage_bytes(ts) for name, ts in parts.items()}
 
 
@@ -319,15 +304,28 @@ def checkpoint_bytes(config, device, server, num_clients):
         return os.path.getsize(path)
 
 
+def finished_run(server, config, num_classes=10, image_size=32):
+    """What a finished run holds for every client: label counts and, where replay runs, the dreams of every
+    client of the earlier batches (an upper bound: replay keeps the dreams of the clients it tried)."""
+    for cid in server.batch_of:
+        server.label_counts[cid] = torch.zeros(num_classes, dtype=torch.long)
+    if getattr(server, "replay_settings", None) is None:
+        return
+    n, device = config["replay_images"], server.hypernet.client_embeddings.device
+    for cid in (c for b in server.batches[:-1] for c in b):
+        server.dreams[cid] = (torch.zeros(n, 3, image_size, image_size, device=device),
+                              torch.zeros(n, dtype=torch.long, device=device), torch.zeros(n, num_classes, device=device))
+
+
 def part_e(args, width, clients_per_batch, batch_counts):
     first = None
     for num_batches in batch_counts:
         config = protocol(args, width=width, batches=num_batches, clients_per_batch=clients_per_batch)
         torch.manual_seed(0)
-        server, _, model, _ = train.build_server(config, args.device, 10, 32)
+        server, _, model, _ = train.build_server(config, args.device, 10, 32, servers=SERVERS)
+        faults.screen(server)
         server.begin_stage(0)
-        for cid in server.batch_of:                         # what a finished run holds for every client
-            server.label_counts[cid] = torch.zeros(10, dtype=torch.long)
+        finished_run(server, config)
         parts = server_memory(server)
         total, size = sum(parts.values()), checkpoint_bytes(config, args.device, server, len(server.batch_of))
         first = first or (total, size, num_batches)
@@ -364,7 +362,8 @@ class PerTensorHyperNetwork(nn.Module):
 
 def target_weights(width):
     with torch.device("meta"):              # shapes only: nothing is allocated
-        return hn.count_parameters(hn.ResNet18(10, width)), max(p.numel() for p in hn.ResNet18(10, width).parameters())
+        model = hn.ResNet18(10, width)
+        return count_parameters(model), max(p.numel() for p in model.parameters())
 
 
 def pfedhn_bytes(width, clients_per_round, hidden=128):
@@ -396,10 +395,11 @@ def part_f(args, width, rounds):
     config = protocol(args, width=width)
     n = config["clients_per_round"]
     torch.manual_seed(0)
-    # Ours, as pfeddsh runs it: gates, adapters, client offsets, the masked Adam (federated.Server).
-    server, batches, model, _ = train.build_server(config, args.device, 10, 32)
+    # Ours, as train.py runs it: the masked Adam (federated.Server), the gates, the fault screen.
+    server, batches, model, _ = train.build_server(config, args.device, 10, 32, servers=SERVERS)
+    faults.screen(server)
     server.begin_stage(0)
-    num_clients, weights = len(server.batch_of), hn.count_parameters(model)
+    num_clients, weights = len(server.batch_of), count_parameters(model)
     deltas = 1e-3 * torch.randn(n, weights, device=args.device)     # what the clients would send back
     ids = sorted(batches[0][:n])
     updates = [fl.ClientUpdate(deltas[k], {k_: b.clone() for k_, b in server.bn_stats[c].items()},
@@ -409,14 +409,14 @@ def part_f(args, width, rounds):
         flat = server.hypernet(ids, [0] * n, s=server.gate_scale)
         server.update(ids, flat, updates)
     ours_s = time_rounds(args.device, ours_round, rounds)
-    learned = [p for name, p in server.hypernet.named_parameters()]
-    ours_bytes = (sum(server_memory(server)[k] for k in ("hypernetwork", "masks", "per-batch adapters",
-                                                         "optimizer state"))
-                  + storage_bytes([server.hypernet.client_embeddings, server.hypernet.client_offsets,
-                                   server.hypernet.gates.borrow])
-                  + sum(p.numel() * p.element_size() for p in learned) + deltas.numel() * 4)     # + grads, output
-    ours_params = hn.count_parameters(server.hypernet)
-    del server, updates
+    hypernet = server.hypernet
+    ours_bytes = (storage_bytes(list(hypernet.parameters()) + list(hypernet.buffers()))          # parameters
+                  + sum(p.numel() * p.element_size() for p in hypernet.parameters())            # their gradients
+                  + storage_bytes([s for st in server.optimizer.state.values() for s in st.values()])
+                  + storage_bytes([m for m in server.free.values() if torch.is_tensor(m)])      # the masks
+                  + deltas.numel() * 4)                                                         # the output
+    ours_params = count_parameters(hypernet)
+    del server, updates, hypernet
 
     # pFedHN: the same trunk, a head per tensor, torch's Adam with gradients clipped in place (its recipe).
     net = PerTensorHyperNetwork(model, num_clients, embed_dim=config["embed_dim"], hidden=config["hidden"],
@@ -431,7 +431,7 @@ def part_f(args, width, rounds):
         torch.nn.utils.clip_grad_norm_(params, 50.0)
         optimizer.step()
     theirs_s = time_rounds(args.device, pfedhn_round, rounds)
-    theirs_params = hn.count_parameters(net)
+    theirs_params = count_parameters(net)
     theirs_bytes = (storage_bytes(params + [s for st in optimizer.state.values() for s in st.values()
                                             if s.dim() > 0])
                     + storage_bytes([p.grad for p in params]) + deltas.numel() * 4)
@@ -446,102 +446,12 @@ def part_f(args, width, rounds):
 
 
 # --------------------------------------------------------------------------------------------------
-# (g) the training loop's shape: what the numbers say about alternatives
-# --------------------------------------------------------------------------------------------------
-
-def alternate(device, variants, repeats):
-    """{name: seconds} of each variant, run in turn (ABAB...) after one warm-up each."""
-    for fn in variants.values():
-        fn()
-    spent = defaultdict(float)
-    for _ in range(repeats):
-        for name, fn in variants.items():
-            start = clock(device)
-            fn()
-            spent[name] += clock(device) - start
-    return spent
-
-
-def part_g(args, dataset, server, clients, batches, repeats):
-    config = protocol(args)
-    steps, batch_size, lr, width = config["local_steps"], config["batch_size"], config["lr"], config["width"]
-    ids = batches[0][:config["clients_per_round"]]
-    images = len(ids) * steps * batch_size
-    generator = torch.Generator(args.device).manual_seed(1)
-    plain = hn.ResNet18(dataset.num_classes, width).to(args.device)
-    flat = server.generate(ids[0])
-
-    def functional():
-        for c in ids:
-            clients[c].local_train(flat, server.bn_stats[c], steps, batch_size, lr)
-    spent = alternate(args.device, {
-        "functional": functional,
-        "plain": lambda: plain_round(plain, clients, ids, steps, batch_size, lr, generator, args.amp)}, repeats)
-    row("g", f"local training through the functional call / a plain nn.Module ({images / spent['plain'] * repeats:.0f}"
-             " img/s plain)", seconds(spent["functional"] / repeats), seconds(spent["plain"] / repeats),
-        spent["functional"] / spent["plain"])
-
-    last = hn.ResNet18(dataset.num_classes, width).to(args.device).to(memory_format=torch.channels_last)
-    spent = alternate(args.device, {
-        "channels_last": lambda: plain_round(last, clients, ids, steps, batch_size, lr, generator, args.amp, True),
-        "contiguous": lambda: plain_round(plain, clients, ids, steps, batch_size, lr, generator, args.amp)}, repeats)
-    row("g", "plain training in channels_last / contiguous", seconds(spent["channels_last"] / repeats),
-        seconds(spent["contiguous"] / repeats), spent["channels_last"] / spent["contiguous"])
-
-    # One batch of len(ids) x 64 images against len(ids) batches of 64: per image.
-    spent = alternate(args.device, {
-        "big": lambda: plain_round(plain, clients, ids[:1], steps, len(ids) * batch_size, lr, generator, args.amp),
-        "small": lambda: plain_round(plain, clients, ids, steps, batch_size, lr, generator, args.amp)}, repeats)
-    row("g", f"plain training, one batch of {len(ids) * batch_size} / {len(ids)} batches of {batch_size} "
-             "(the same images)", seconds(spent["big"] / repeats), seconds(spent["small"] / repeats),
-        spent["big"] / spent["small"])
-
-    # The round's clients together: vmap over their stacked weights and BN statistics (PyTorch turns the
-    # batched convolutions into grouped ones), SGD with momentum on the stacked tensors.
-    model = server.model
-    stacked = {n: w.detach().expand(len(ids), *w.shape).clone() for n, w in server.hypernet.unflatten(flat).items()}
-    stats = {n: torch.stack([server.bn_stats[c][n] for c in ids]) for n in server.bn_stats[ids[0]]}
-    xs = [torch.stack([data.augment(clients[c].x_train[:batch_size], clients[c].mean, clients[c].std,
-                                    generator=generator) for c in ids]) for _ in range(steps)]
-    ys = [torch.stack([clients[c].y_train[:batch_size] for c in ids]) for _ in range(steps)]
-
-    def loss_fn(w, b, x, y):
-        with hn.autocast(x.device, args.amp):
-            return F.cross_entropy(functional_call(model, (w, b), (x,)), y)
-    per_client_grads = vmap(grad(loss_fn))
-
-    def together():
-        w = {n: t.clone() for n, t in stacked.items()}
-        b = {n: t.clone() for n, t in stats.items()}
-        momentum = {n: torch.zeros_like(t) for n, t in w.items()}
-        model.train()
-        for x, y in zip(xs, ys):
-            for n, g in per_client_grads(w, b, x, y).items():
-                momentum[n].mul_(0.9).add_(g + 5e-5 * w[n])
-                w[n].sub_(lr * momentum[n])
-
-    def one_by_one():
-        model.train()
-        for k in range(len(ids)):
-            w = {n: t[k].clone().requires_grad_(True) for n, t in stacked.items()}
-            b = {n: t[k].clone() for n, t in stats.items()}
-            optimizer = torch.optim.SGD(w.values(), lr=lr, momentum=0.9, weight_decay=5e-5)
-            for x, y in zip(xs, ys):
-                loss = loss_fn(w, b, x[k], y[k])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-    spent = alternate(args.device, {"together": together, "one by one": one_by_one}, repeats)
-    row("g", f"{len(ids)} clients trained together (vmap, grouped convolutions) / one by one",
-        seconds(spent["together"] / repeats), seconds(spent["one by one"] / repeats),
-        spent["together"] / spent["one by one"])
-
-
-# --------------------------------------------------------------------------------------------------
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--parts", default="a,b,c,d,e,f,g", help="which lines to measure (default all)")
+    p.add_argument("--parts", default="a,b,c,e,f", help="which lines to measure (default all: a,b,c,e,f)")
+    p.add_argument("--method", default="pfeddsh", choices=["pfeddsh", "pfeddsh-ext"],
+                   help="whose server (default pfeddsh, the paper's; pfeddsh-ext is ours, with adapters)")
     p.add_argument("--widths", default="16,64", help="(a): ResNet-18 widths; 16 runs cpu-demo, others "
                                                      "--wide-steps x --wide-clients")
     p.add_argument("--rounds", type=int, default=10, help="(a) timed rounds at width 16 (default 10)")
@@ -561,7 +471,6 @@ def main():
                                                         "pFedHN's fits in 80%% of the available memory")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's, which follows OMP_NUM_THREADS)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--amp", action="store_true", help="bf16 autocast, as train.py --amp")
     p.add_argument("--quick", action="store_true", help="every part at toy sizes, seconds: a smoke test")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args()
@@ -574,63 +483,49 @@ def main():
     widths = [int(w) for w in args.widths.split(",")]
     memory_widths = [int(w) for w in args.memory_widths.split(",")]
     memory_batches = [int(b) for b in args.memory_batches.split(",")]
-    f_widths, iterations, repeats = args.f_widths.split(","), 10, 2
+    f_widths, repeats = args.f_widths.split(","), 2
     args.scale = {}
     sizes = dict(num_train=50_000, num_test=10_000)
     if args.quick:      # toy sizes: checks that every line runs, says nothing about performance
-        args.scale = dict(width=4, hidden=16, chunk_size=256, local_steps=2, batch_size=8, rounds=4,
+        args.scale = dict(width=8, hidden=16, chunk_size=256, local_steps=2, batch_size=8, rounds=4,
                           replay_images=4, replay_iterations=2, replay_steps=2)
         sizes = dict(num_train=2_000, num_test=400)
-        args.rounds, args.wide_steps, args.wide_rounds, widths = 2, 2, 1, [4, 8]
-        stages, memory_widths, memory_batches, f_widths, iterations, repeats = [1, 3], [4], [1, 5], ["4", "max"], 2, 1
+        args.rounds, args.wide_steps, args.wide_rounds, widths = 2, 2, 1, [8, 12]
+        stages, memory_widths, memory_batches, f_widths, repeats = [1, 3], [8], [1, 5], ["8", "max"], 1
 
-    print(f"machine: {machine(args.device)}" + (" | --amp (bf16 autocast)" if args.amp else ""))
+    print(f"machine: {machine(args.device)}")
     print(f"command: python benchmarks/performance.py {' '.join(sys.argv[1:])}".rstrip())
     print("| | what | ours | reference | ratio | target |")
     print("|---|---|---|---|---|---|")
     dataset = fake_cifar10(args.device, **sizes)
+    demo = protocol(args)
     if "a" in args.parts:
         for width in widths:
-            cpu_demo = width == protocol(args)["width"]
-            server, clients, batches = part_a(
-                args, dataset, width, protocol(args)["local_steps"] if cpu_demo else args.wide_steps,
-                protocol(args)["clients_per_round"] if cpu_demo else args.wide_clients,
-                args.rounds if cpu_demo else args.wide_rounds, protocol(args)["local_steps"] if cpu_demo else 2)
-            if cpu_demo:
-                demo = server, clients, batches
+            cpu_demo = width == demo["width"]
+            part_a(args, dataset, width, demo["local_steps"] if cpu_demo else args.wide_steps,
+                   demo["clients_per_round"] if cpu_demo else args.wide_clients,
+                   args.rounds if cpu_demo else args.wide_rounds, demo["local_steps"] if cpu_demo else 2)
     if args.parts & {"b", "c"}:
         part_bc(args, dataset, stages, args.rounds if not args.quick else 2)
-    if args.parts & {"d", "g"}:
-        if "a" not in args.parts or protocol(args)["width"] not in widths:     # a cpu-demo server after one round
-            config = protocol(args)
-            _, clients, server, batches, _ = train.build(config, args.device, dataset)
-            server.begin_stage(0)
-            server.train_round(batches[0], clients, 0.0, 1, config["batch_size"], config["lr"])
-            demo = server, clients, batches
-        if "d" in args.parts:
-            part_d(args, *demo, iterations)
-        if "g" in args.parts:
-            part_g(args, dataset, *demo, repeats)
     if "e" in args.parts:
         for width in memory_widths:
-            part_e(args, width, 5 if width == protocol(args)["width"] else 10, memory_batches)
+            part_e(args, width, 5 if width == demo["width"] else 10, memory_batches)
     if "f" in args.parts:
         for w in f_widths:
-            config = protocol(args)
-            width = largest_fitting_width(args.device, config["clients_per_round"], config["hidden"],
-                                          cap=8 if args.quick else 64) if w == "max" else int(w)
+            width = largest_fitting_width(args.device, demo["clients_per_round"], demo["hidden"],
+                                          cap=12 if args.quick else 64) if w == "max" else int(w)
             if width is None:
-                print("| (f) | pFedHN's hypernetwork does not fit in 80% of this machine's memory at any width >= 8 "
-                      "| | | | |")
+                print("| (f) | pFedHN's hypernetwork does not fit in 80% of this machine's memory at any width "
+                      ">= 8 | | | | |")
                 continue
-            need, budget = pfedhn_bytes(width, config["clients_per_round"], config["hidden"]), 0.8 * available_bytes(
-                args.device)
-            row("f", f"pFedHN's estimated peak / 80% of the available memory (width {width})", mib(need), mib(budget),
-                need / budget, "<= 1")
+            need = pfedhn_bytes(width, demo["clients_per_round"], demo["hidden"])
+            budget = 0.8 * available_bytes(args.device)
+            row("f", f"pFedHN's estimated peak / 80% of the available memory (width {width})", mib(need),
+                mib(budget), need / budget, "<= 1")
             part_f(args, width, repeats)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine(args.device), "amp": args.amp, "rows": ROWS}, f, indent=1)
+            json.dump({"machine": machine(args.device), "method": args.method, "rows": ROWS}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python benchmarks/tune_baselines.py --data-dir ../shared/data --seeds 600,601 --out runs/tune
     python benchmarks/tune_baselines.py ... --methods ditto,fedlwf --dry-run      # print the commands only
+    python benchmarks/tune_baselines.py ... -- --rounds 2 --width 8               # train.py flags over PROTOCOL
 
 For every method in KNOBS: runs its grid (one knob, values in geometric steps) on the given development seeds
 with the 5-batch CPU protocol of the finals (PROTOCOL), one thread per run, and scores each value by the final
@@ -51,8 +52,8 @@ def extend(grid, scores, factor):
 def run(method, flag, value, seed, args):
     """Mean final validation accuracy (points) of one run; trains it unless its results.json exists."""
     out = Path(args.out) / method / f"{flag.lstrip('-')}-{value_name(value)}-s{seed}"
-    command = [sys.executable, str(REPO / "train.py"), *PROTOCOL, "--data-dir", args.data_dir, "--method", method,
-               flag, value_name(value), "--seed", str(seed), "--out", str(out)]
+    command = [sys.executable, str(REPO / "train.py"), *PROTOCOL, *args.extra, "--data-dir", args.data_dir,
+               "--method", method, flag, value_name(value), "--seed", str(seed), "--out", str(out)]
     if args.dry_run:
         print(" ".join(command[1:]))
         return float("nan")
@@ -99,6 +100,8 @@ def main():
     p.add_argument("--methods", default=",".join(KNOBS), help=f"from {', '.join(KNOBS)}")
     p.add_argument("--max-extensions", type=int, default=2)
     p.add_argument("--dry-run", action="store_true", help="print the first grid's commands, run nothing")
+    p.add_argument("extra", nargs="*", help="more train.py flags, after --: they win over PROTOCOL's (a smoke test's "
+                                            "smaller protocol; the tuning itself runs PROTOCOL as it is)")
     args = p.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
     unknown = [m for m in args.methods.split(",") if m not in KNOBS]

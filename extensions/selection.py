@@ -124,26 +124,20 @@ def improve_client(server, client, cid, pool, params, *, steps, lr, kd_weight, a
     is its proposal, which val_confirm then reads. Leaves `params` as it found them.
     Returns (val before, val of the proposal, its rows or None, the confirmation or None, questions asked);
     all None but the questions when the client is offline."""
-    hypernet, model = server.hypernet, server.model
-    x, labels, teacher_logits = pool
-    bn_stats, label_counts = server.uploads(cid)
-    classes, y, soft, weight = di.own_class_targets(labels, teacher_logits, label_counts)
-    start_flat = server.generate(cid)
+    bn_stats, start_flat = server.uploads(cid)[0], server.generate(cid)
     before = best_score = answer(client.evaluate, start_flat, bn_stats, "val_select")
     questions = 1
     if before is None:                          # offline: nothing is tried, nothing changes
         return None, None, None, None, questions
-    with torch.no_grad():
-        own = run_model(model, hypernet.unflatten(start_flat), bn_stats, x)[:, classes]
+    target = di.targets(server, cid, pool)
     saved = {name: p.detach().clone() for name, p in params.items()}
     free = {name: torch.zeros_like(p, dtype=torch.bool) for name, p in params.items()}
     for mask in free.values():
         mask[cid] = True
-    optimizer, best = ServerOptimizer(params, kind="adam", lr=lr), None
+    optimizer, best = ServerOptimizer(params, lr=lr), None
     for step in range(1, steps + 1):
-        logits = run_model(model, hypernet.unflatten(hypernet([cid], [server.batch_of[cid]])[0]), bn_stats, x)
-        loss = di.replay_loss(logits[:, classes], y, soft, own, weight, kd_weight=kd_weight,
-                              anchor_weight=anchor_weight, temperature=temperature)
+        loss = di.loss_on(server, cid, target, kd_weight=kd_weight, anchor_weight=anchor_weight,
+                          temperature=temperature)
         optimizer.step(dict(zip(params, torch.autograd.grad(loss, list(params.values())))), free)
         if step % validate_every == 0 or step == steps:
             score = answer(client.evaluate, server.generate(cid), bn_stats, "val_select")

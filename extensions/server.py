@@ -15,8 +15,8 @@ class ExtendedServer(fl.Server):
         # classifier's own scale: at the hypernetwork's rate it would not get there, so they have their own.
         rates = {name: adapter_lr for name in self.params
                  if name.startswith("adapters.") or name in ("client_offsets", "client_classifiers")}
-        self.optimizer = masks.ServerOptimizer(self.params, kind=settings.get("optimizer", "adam"),
-                                               lr=settings.get("server_lr", 3e-3), lr_of=rates if adapter_lr else {})
+        self.optimizer = masks.ServerOptimizer(self.params, lr=settings.get("server_lr", 3e-3),
+                                               lr_of=rates if adapter_lr else {})
         self.selection_settings = selection_settings
 
     def free_masks(self):
@@ -38,7 +38,7 @@ def build(config, device, model, batches, image_size):
         chunk_size=config["chunk_size"], gates=gates, adapter_budget=config["adapter_budget"]).to(device)
     replays = not config["no_replay"]
     server = ExtendedServer(
-        hypernet, model, batches, optimizer=config["server_optimizer"], server_lr=config["server_lr"],
+        hypernet, model, batches, server_lr=config["server_lr"],
         sparsity=config["sparsity"], image_size=image_size, adapter_lr=config["adapter_lr"],
         replay={k: v for k, v in train.replay_settings(config).items() if k != "keep"} if replays else None,
         selection_settings=dict(validate_every=config["replay_validate_every"],

@@ -154,7 +154,7 @@ def head_index(layout):
 
 def accuracy(client, flat, bn_stats):
     """(test, validation) accuracy of a model on the client's own held-out data, measured by the client."""
-    return client.evaluate(flat, bn_stats)[0], client.evaluate(flat, bn_stats, "val")[0]
+    return client.evaluate(flat, bn_stats), client.evaluate(flat, bn_stats, "val")
 
 
 def without_head(update, index):
@@ -184,7 +184,7 @@ class FrozenPFedHN(fl.Server):
             self.params = self.hypernet_params
             return
         self.params = {"client_embeddings": self.hypernet.client_embeddings}
-        self.optimizer = masks.ServerOptimizer(self.params, kind="adam", lr=self.embed_lr)
+        self.optimizer = masks.ServerOptimizer(self.params, lr=self.embed_lr)
 
     def begin_stage(self, t):
         self.use_stage(t)
@@ -446,14 +446,13 @@ class FrozenAdapters(FedAvg):  # ours
     budget, as in pfeddsh). Batch 0's clients have no offsets of their own (FedAvg's batch 0).
     """
 
-    def __init__(self, model, layout, batches, *, adapter_budget=0.05, adapter_lr=1e-2, optimizer="adam",
-                 grad_clip=50.0, **kwargs):
+    def __init__(self, model, layout, batches, *, adapter_budget=0.05, adapter_lr=1e-2, grad_clip=50.0, **kwargs):
         super().__init__(model, layout, batches, **kwargs)
         self.batches = batches
         self.batch_of = {cid: t for t, ids in enumerate(batches) for cid in ids}
         self.adapted = ClientAdapters(layout, len(self.batch_of), len(batches), adapter_budget).to(self.weights.device)
         self.params = dict(self.adapted.named_parameters())
-        self.optimizer = masks.ServerOptimizer(self.params, kind=optimizer, lr=adapter_lr)
+        self.optimizer = masks.ServerOptimizer(self.params, lr=adapter_lr)
         self.grad_clip = grad_clip
         self.bn_stats = {}          # cid -> its own BN statistics, for the clients of batch 1 on
 
@@ -570,12 +569,13 @@ class FedTarget(FedAvg):
 
     def dream(self, t):
         """(images, logits) dreamed from the global model alone, as it is now: the end of stage t - 1."""
-        teacher = deepinversion.Teacher(self.layout.unflatten(self.weights), self.bn, sum(self.label_counts.values()))
-        dreamed, = deepinversion.synthesize(self.model, [teacher], seed=self.seed + t, **self.synthesis)
+        weights = self.layout.unflatten(self.weights)
+        images, _, _, _ = deepinversion.synthesize(self.model, [(weights, self.bn, sum(self.label_counts.values()))],
+                                                   seed=self.seed + t, **self.synthesis)
         self.model.eval()           # the teacher answers with its own running statistics
         with torch.no_grad():
-            logits = hn.run_model(self.model, teacher.weights, teacher.bn_stats, dreamed.images)
-        return dreamed.images, logits
+            logits = hn.run_model(self.model, weights, self.bn, images[0])
+        return images[0], logits
 
     def distillation(self, client):
         """The extra loss of `client`'s local steps: KD toward the previous model's logits on its dreams."""
@@ -634,7 +634,7 @@ def weight_server(config, device, model, batches, image_size):
                            image_size=image_size, **common)
     elif method == "frozen-adapters":
         server = FrozenAdapters(model, layout, batches, adapter_budget=config["adapter_budget"],
-                                adapter_lr=config["adapter_lr"], optimizer=config["server_optimizer"], **common)
+                                adapter_lr=config["adapter_lr"], **common)
     else:
         finetune_steps = config["local_steps"] if method == "fedavg-ft" else 0
         server = FedAvg(model, layout, batches, finetune_steps=finetune_steps, **common)
@@ -646,7 +646,7 @@ def hypernet_server(config, device, model, batches, image_size):
     num_clients = config["batches"] * config["clients_per_batch"]
     hypernet = hn.HyperNetwork(model, num_clients, embed_dim=config["embed_dim"], hidden=config["hidden"],
                                num_layers=config["hyper_layers"], chunk_size=config["chunk_size"]).to(device)
-    settings = dict(optimizer=config["server_optimizer"], server_lr=config["server_lr"], image_size=image_size)
+    settings = dict(server_lr=config["server_lr"], image_size=image_size)
     if config["method"] == "pfedhn-frozen":
         server = FrozenPFedHN(hypernet, model, batches, embed_lr=config["embed_lr"], **settings)
     else:

@@ -126,7 +126,6 @@ def build_parser():
     p.add_argument("--stop-after-rounds", type=int, help=argparse.SUPPRESS)
     g = p.add_argument_group("hypernetwork and masks")
     flag(g, "--server-lr", type=float)
-    flag(g, "--server-optimizer", choices=["adam", "sgd"])
     flag(g, "--hidden", type=int, help="hypernetwork trunk width")
     flag(g, "--hyper-layers", type=int, help="hypernetwork trunk depth")
     flag(g, "--chunk-size", type=int, help="weights the head emits per call")

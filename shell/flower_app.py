@@ -127,8 +127,10 @@ def evaluate(message, context):
     flat, bn = from_record(message.content["weights"])["flat"], from_record(message.content["bn"])
     scores = {}
     for split in message.content["config"]["splits"]:      # the validation halves are replay selection's
-        asked = selection.Halves(client) if split in selection.HALVES else client
-        scores[f"{split}-accuracy"], scores[f"{split}-loss"] = asked.evaluate(flat, bn, split)
+        if split in selection.HALVES:
+            scores[f"{split}-accuracy"], scores[f"{split}-loss"] = selection.Halves(client).evaluate(flat, bn, split)
+        else:
+            scores[f"{split}-accuracy"], scores[f"{split}-loss"] = client.evaluate(flat, bn, split), math.nan
     return reply(message, metrics=MetricRecord(scores))
 
 
@@ -303,12 +305,10 @@ class RemoteClient:
         return {s: (float(m[f"{s}-accuracy"]), float(m[f"{s}-loss"])) for s in splits}
 
     def evaluate(self, flat_weights, bn_stats, split="test"):
-        return self._scores(flat_weights, bn_stats, [split])[split]
-
-    def accuracy(self, flat_weights, bn_stats):
-        """(test, validation) accuracy in one message."""
-        scores = self._scores(flat_weights, bn_stats, ["test", "val"])
-        return scores["test"][0], scores["val"][0]
+        """Accuracy, as federated.Client.evaluate; (accuracy, loss) on a half of the validation split, as
+        extensions.selection.Halves.evaluate."""
+        scores = self._scores(flat_weights, bn_stats, [split])[split]
+        return scores if split in selection.HALVES else scores[0]
 
     def confirm(self, flat_before, flat_after, bn_stats):
         """No answer: None, and replay leaves the client as it was (replay.run_replay)."""

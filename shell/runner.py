@@ -91,16 +91,17 @@ def run(config, caught, how_to_continue="rerun with --resume to continue", grid=
         raise CliError(str(e)) from None
     finally:
         shell.close()
-    results = complete(results, config, device, shell.server.faults, shell.nodes.faults if flower else None)
+    results = complete(results, config, device, shell.stage_seconds, shell.server.faults,
+                       shell.nodes.faults if flower else None)
     report(results, config)
     return results
 
 
-def complete(results, config, device, server_faults, node_faults=None):
-    """What the shell adds to the core's results: the device, the faults survived, replay's seconds, and
-    `local`'s PA reference (a local run is its own: PA 0)."""
+def complete(results, config, device, shell_seconds, server_faults, node_faults=None):
+    """What the shell adds to the core's results: the device, each stage's seconds (evaluation and PA's reference
+    included), the faults survived, replay's seconds, and `local`'s PA reference (a local run is its own: PA 0)."""
     results = dict(results, device=str(device), faults=dict(server_faults, **(node_faults or {})),
-                   replay_s=[r["replay_s"] for r in results["replay"]])
+                   replay_s=[r["replay_s"] for r in results["replay"]], time_s=shell_seconds)
     if config["method"] == "local" and not results["local_accuracy"]:
         rows = [None] + [[a if cid in b else None for cid, a in enumerate(row)]
                          for row, b in zip(results["accuracy"][1:], results["batches"][1:])]
@@ -176,6 +177,7 @@ class Shell(train.Hooks):
         self.bar = self.replay_bar = self.replay_phase = self.audit = self.server = None
         self.clock = {"start": time.time(), "last": time.time(), "rounds": []}
         self.stage_losses = []      # this stage's local losses, to warn when its last rounds get worse
+        self.stage_seconds, self.stage_start = [], time.time()      # wall time of every stage, in the checkpoint
         self.checkpoint_path = os.path.join(config["out"], checkpoint.FILENAME)
 
     def begin(self, server, clients, batches, model, dataset=None):
@@ -196,6 +198,7 @@ class Shell(train.Hooks):
         if self.checkpoint_state is not None:
             try:
                 state, rng = checkpoint.restore(self.checkpoint_state, server, clients, train.OnboardingState)
+                self.stage_seconds = list(self.checkpoint_state.get("stage_seconds", []))
             except Exception as e:          # passed the config check yet does not fit: corrupt inside
                 raise CliError(f"checkpoint {self.checkpoint_path} does not fit this run ({type(e).__name__}: "
                                f"{str(e).splitlines()[0] if str(e) else ''}); delete it to start over") from None
@@ -205,6 +208,7 @@ class Shell(train.Hooks):
         except OSError as e:
             raise CliError(f"--out {config['out']}: cannot create the folder ({e.strerror or e})") from None
         print(header(config, self.device, server, batches, model, state))
+        self.stage_start = time.time()
         if config["amp"] and self.device.type == "cpu":
             print("note: --amp on a CPU runs bf16 autocast, usually slower than fp32 there; it is meant for CUDA")
         from tqdm import tqdm
@@ -224,6 +228,8 @@ class Shell(train.Hooks):
             self.estimate(state)
             self.stage_losses.append(loss)
         else:
+            self.stage_seconds.append(time.time() - self.stage_start)
+            self.stage_start = time.time()
             warning = late_rise(self.stage_losses, state.stage - 1)
             if warning:
                 self.bar.write(warning)
@@ -242,8 +248,8 @@ class Shell(train.Hooks):
             os.kill(os.getpid(), signal.SIGINT)         # handled by cli's on_signal right here, like a real Ctrl-C
         # The flower engine keeps no checkpoint: the clients' generators live on their nodes.
         if not self.flower and (stage_done or self.caught or done % config["checkpoint_every"] == 0):
-            checkpoint.save(self.checkpoint_path, checkpoint.capture(config, self.device, self.server, self.clients,
-                                                                     rng, state))
+            checkpoint.save(self.checkpoint_path, dict(checkpoint.capture(config, self.device, self.server, self.clients,
+                                                                          rng, state), stage_seconds=self.stage_seconds))
         if self.caught and self.flower:
             raise Interrupted(f"interrupted ({signal.Signals(self.caught[0]).name}): the flower engine keeps no "
                               "checkpoint; rerun to start over", 128 + self.caught[0])
@@ -391,9 +397,7 @@ def report(results, config):
     m, out = results["metrics"], config["out"]
     print_table(m["batch_acc"], m["ri_per_batch"], results["neurons"] or [None] * len(m["batch_acc"]))
     pa = "n/a (needs --engine local)" if m["pa"] is None else f"{m['pa']:+.4f}"
-    local_s = sum(results["local_s"])
-    print(f"mean accuracy {m['mean_acc']:.4f} (weighted {m['weighted_acc']:.4f}), PA {pa}, RI {m['ri']:+.4f}"
-          + (f" (PA's local reference took {local_s:.0f} s)" if local_s else ""))
+    print(f"mean accuracy {m['mean_acc']:.4f} (weighted {m['weighted_acc']:.4f}), PA {pa}, RI {m['ri']:+.4f}")
     if results["replay"]:
         print(replay_summary(results))
     if any(results["faults"].values()):

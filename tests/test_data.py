@@ -1,6 +1,6 @@
-"""Tests for data.py: loading (the folder's files, corrupt ones), the client partition, batches, and the batched
-augmentation. Downloading and decoding are the shell's (tests/test_datasets.py)."""
-import shutil
+"""Tests for data.py: loading, the client partition (its promised class mix), batches, and the batched
+augmentation. Checking the files, downloading and decoding are the shell's (tests/test_datasets.py); checking
+the partition's arguments is the CLI's (tests/test_cli.py)."""
 from pathlib import Path
 
 import numpy as np
@@ -33,33 +33,11 @@ def test_load_tiny_cache(tiny_data_dir):
     assert np.allclose(ds.std, (x / 255).std(axis=(0, 1, 2)), atol=1e-9)
 
 
-def test_unknown_dataset(tmp_path):
-    with pytest.raises(data.DataError, match="unknown dataset 'mnist': choose from cifar10, cifar100, tinyimagenet"):
-        data.load_dataset("mnist", str(tmp_path))
-
-
 def test_missing_data_is_one_line(tmp_path):
     with pytest.raises(data.DataError) as e:
         data.load_dataset("cifar10", str(tmp_path))
     msg = str(e.value)
     assert "\n" not in msg and str(tmp_path / "cifar10") in msg and "--data-dir" in msg
-
-
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong_dtype", "missing_test"])
-def test_corrupt_cache(tmp_path, tiny_data_dir, damage):
-    shutil.copytree(tiny_data_dir / "cifar10", tmp_path / "cifar10")
-    target = tmp_path / "cifar10" / "test.npz"
-    if damage == "garbage":
-        target.write_bytes(b"not a zip file")
-    elif damage == "truncated":
-        target.write_bytes(target.read_bytes()[:5000])
-    elif damage == "wrong_dtype":
-        np.savez(target, x=np.zeros((4, 32, 32, 3), np.float32), y=np.zeros(4, np.int64))
-    else:
-        target.unlink()
-    with pytest.raises(data.DataError, match="test.npz") as e:
-        data.load_dataset("cifar10", str(tmp_path))
-    assert "\n" not in str(e.value)
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "cifar10" / "train_0.npz").exists(), reason="no shared CIFAR-10")
@@ -136,6 +114,22 @@ def test_dirichlet(alpha, num_clients):
         assert np.median([len(s.classes) for s in splits]) < 10
 
 
+def test_tiny_dataset_clients_get_the_promised_class_mix(tiny_data_dir):
+    """The run's own path (train.client_splits, cifar10's default of 2 classes per client): every client's
+    train, validation and test images are of its classes only, all of them, in the same proportions."""
+    import train
+    ds = data.load_dataset("cifar10", str(tiny_data_dir))
+    config = dict(train.DEFAULTS, batches=2, clients_per_batch=5)
+    splits = train.client_splits(config, ds)
+    assert len(splits) == 10 and all(len(s.classes) == 2 for s in splits)
+    _check_split(splits, ds.y_train, ds.y_test)
+    for s in splits:
+        for part, y in [(s.train, ds.y_train), (s.val, ds.y_train), (s.test, ds.y_test)]:
+            assert sorted(set(y[part].tolist())) == s.classes     # each part holds every class of the client
+        share = lambda part, y: torch.bincount(y[part], minlength=10)[s.classes].float() / len(part)  # noqa: E731
+        assert torch.allclose(share(s.train, ds.y_train), share(s.test, ds.y_test), atol=0.25)
+
+
 def test_val_fraction_zero():
     y_tr, y_te = _labels(10, 100, 20)
     splits = data.partition(y_tr, y_te, 5, 10, val_fraction=0.0)
@@ -160,22 +154,6 @@ def test_too_many_clients():
     assert "\n" not in str(e.value)
     with pytest.raises(data.DataError, match="larger alpha"):
         data.partition(y_tr, y_te, 200, 10, scheme="dirichlet", alpha=0.1)
-
-
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(num_clients=0), "at least 1 client"),
-    (dict(classes_per_client=0), "classes per client"),
-    (dict(classes_per_client=11), "classes per client"),
-    (dict(scheme="iid"), "unknown partition scheme"),
-    (dict(scheme="dirichlet", alpha=0.0), "alpha"),
-    (dict(val_fraction=1.0), "val fraction"),
-    (dict(val_fraction=-0.1), "val fraction"),
-])
-def test_partition_argument_errors(kwargs, match):
-    y_tr, y_te = _labels(10, 100, 20)
-    args = dict(num_clients=5, num_classes=10) | kwargs
-    with pytest.raises(data.DataError, match=match):
-        data.partition(y_tr, y_te, **args)
 
 
 def test_assign_batches():

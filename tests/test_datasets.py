@@ -95,3 +95,41 @@ def test_tinyimagenet_missing(tmp_path):
     with pytest.raises(data.DataError, match="tiny-imagenet-200") as e:
         datasets.prepare("tinyimagenet", str(tmp_path))
     assert "\n" not in str(e.value)
+
+
+def test_unknown_dataset(tmp_path):
+    with pytest.raises(data.DataError, match="unknown dataset 'mnist': choose from cifar10, cifar100, tinyimagenet"):
+        datasets.prepare("mnist", str(tmp_path))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong_dtype", "missing_test", "classes"])
+def test_corrupt_cache_is_one_line(tmp_path, tiny_data_dir, damage):
+    """`check` (run by prepare on a folder that has train_*.npz) refuses damaged files before a run loads them."""
+    shutil.copytree(tiny_data_dir / "cifar10", tmp_path / "cifar10")
+    datasets.check(tmp_path / "cifar10", 10)            # the intact copy passes
+    target = tmp_path / "cifar10" / "test.npz"
+    if damage == "garbage":
+        target.write_bytes(b"not a zip file")
+    elif damage == "truncated":
+        target.write_bytes(target.read_bytes()[:5000])
+    elif damage == "wrong_dtype":
+        np.savez(target, x=np.zeros((4, 32, 32, 3), np.float32), y=np.zeros(4, np.int64))
+    elif damage == "missing_test":
+        target.unlink()
+    else:
+        target = tmp_path / "cifar10" / "classes.txt"
+        target.write_text("one\ntwo\n")
+    with pytest.raises(data.DataError, match=target.name) as e:
+        datasets.prepare("cifar10", str(tmp_path), download=False)
+    assert "\n" not in str(e.value)
+
+
+def test_labels_out_of_range_are_refused(tmp_path, tiny_data_dir):
+    shutil.copytree(tiny_data_dir / "cifar10", tmp_path / "cifar10")
+    shard = tmp_path / "cifar10" / "train_1.npz"
+    with np.load(shard) as f:
+        x, y = f["x"], f["y"].copy()
+    y[0] = 10
+    np.savez(shard, x=x, y=y)
+    with pytest.raises(data.DataError, match=r"labels in \[0, 10\], expected 0..9"):
+        datasets.check(tmp_path / "cifar10", 10)

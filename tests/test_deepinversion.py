@@ -1,15 +1,20 @@
-"""DeepInversion synthesis (deepinversion.py): the BN loss, hook hygiene, and what synthesize returns."""
-import sys
-from pathlib import Path
+"""deepinversion.py: DeepInversion synthesis (the BN loss, hook hygiene, what synthesize returns) and the paper's
+replay (who is tried, whom the server dreams from, what the fine-tuning sees and may change). The paper's replay
+asks no client anything: here its clients raise on any call, and only the tried clients' embedding rows move."""
+from contextlib import contextmanager
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import deepinversion as di  # noqa: E402
-import hypernet as hn  # noqa: E402
+import data
+import deepinversion as di
+import federated as fl
+import hypernet as hn
+import train
+from shell.settings import PRESETS
+from test_masks import make_server, run_stage
 
 
 def bn_modules(model):
@@ -24,7 +29,8 @@ def structured_batch(generator, n=32, size=16):
 
 
 def make_teacher(model, seed, label_counts, passes=4):
-    """A client's generated weights + BN statistics from a few train-mode passes over its (fake) data."""
+    """(weights, BN statistics, label counts) of a client: generated-like weights and statistics from a few
+    train-mode passes over its (fake) data."""
     g = torch.Generator().manual_seed(seed)
     weights = {n: 0.5 * p.detach() + 0.1 * torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}
     bn_stats = hn.bn_stats_init(model)
@@ -39,7 +45,7 @@ def make_teacher(model, seed, label_counts, passes=4):
     for m in bn_modules(model):
         m.momentum = 0.1
     model.eval()
-    return di.Teacher(weights, bn_stats, torch.as_tensor(label_counts, dtype=torch.int64))
+    return weights, bn_stats, torch.as_tensor(label_counts, dtype=torch.int64)
 
 
 @pytest.fixture(scope="module")
@@ -51,18 +57,30 @@ def tiny():
     return model, teachers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core box, two OpenMP threads competing with other processes
-    were measured at 2.3 s per iteration instead of 0.02 s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+@contextmanager
+def bn_losses(model):
+    """deepinversion's BN-loss hooks on `model` for the block: yields the list every forward appends to."""
+    losses = []
+    hooks = di.bn_loss_hooks(model, losses)
+    try:
+        yield losses
+    finally:
+        for h in hooks:
+            h.remove()
 
 
-FAST = dict(num_images=16, image_size=16, iterations=25, lr=0.1)
+def stacked(teachers):
+    weights = {k: torch.stack([w[k] for w, _, _ in teachers]) for k in teachers[0][0]}
+    bn_stats = {k: torch.stack([b[k] for _, b, _ in teachers]) for k in teachers[0][1]}
+    return weights, bn_stats
 
+
+FAST = dict(num_images=16, image_size=16, iterations=20, lr=0.1)
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Synthesis
+# --------------------------------------------------------------------------------------------------
 
 def test_bn_statistics_loss_is_zero_on_matching_statistics_and_positive_otherwise():
     x = torch.randn(8, 4, 5, 5) * torch.tensor([1.0, 2.0, 0.5, 3.0]).view(1, 4, 1, 1) + 0.7
@@ -76,15 +94,14 @@ def test_bn_statistics_loss_is_zero_on_matching_statistics_and_positive_otherwis
     assert di.bn_statistics_loss(x, mean, x.var(dim=(0, 2, 3))).item() > 0
 
 
-@pytest.mark.parametrize("vmap", [False, True])
-def test_model_level_bn_loss_zero_when_running_stats_are_the_batch_stats(tiny, vmap):
+def test_model_level_bn_loss_zero_when_running_stats_are_the_batch_stats(tiny):
     """Set every layer's running stats to the statistics of its own input, in one eval pass.
 
     In eval mode layer k's input depends on the running stats of layers < k, so a pre-hook writes each
     layer's stats just before it normalises: afterwards the same batch matches at every layer.
     """
     model, teachers = tiny
-    weights, bn_stats = teachers[0].weights, {k: v.clone() for k, v in teachers[0].bn_stats.items()}
+    weights, bn_stats = teachers[0][0], {k: v.clone() for k, v in teachers[0][1].items()}
     x = structured_batch(torch.Generator().manual_seed(5), n=8)
 
     def set_stats(module, inputs):
@@ -98,68 +115,95 @@ def test_model_level_bn_loss_zero_when_running_stats_are_the_batch_stats(tiny, v
         h.remove()
 
     def bn_loss(stats):
-        stacked = {k: v[None] for k, v in stats.items()}
-        with di.bn_loss_hooks(model) as losses, torch.no_grad():
-            _, bn = di.teacher_forward(model, {k: v[None] for k, v in weights.items()}, stacked, x[None], losses, vmap)
+        one = {k: v[None] for k, v in stats.items()}
+        with bn_losses(model) as losses, torch.no_grad():
+            _, bn = di.teacher_forward(model, {k: v[None] for k, v in weights.items()}, one, x[None], losses)
         return bn.item()
 
-    if vmap:   # vmap's batched convolution rounds differently from the plain one: zero up to float error
-        assert bn_loss(bn_stats) < 1e-4
-    else:
-        assert bn_loss(bn_stats) == 0.0
+    assert bn_loss(bn_stats) < 1e-4     # vmap's batched convolution rounds differently: zero up to float error
     perturbed = dict(bn_stats, **{"layer3.0.bn1.running_var": bn_stats["layer3.0.bn1.running_var"] + 0.5})
     assert bn_loss(perturbed) > 0.1
+
+
+def test_teacher_forward_computes_what_each_client_alone_computes(tiny):
+    """The vmapped forward over clients equals one plain forward per client (logits and summed BN loss)."""
+    model, teachers = tiny
+    weights, stats = stacked(teachers)
+    x = structured_batch(torch.Generator().manual_seed(7), n=16).view(2, 8, 3, 16, 16)
+    with bn_losses(model) as losses, torch.no_grad():
+        logits, bn = di.teacher_forward(model, weights, stats, x, losses)
+        for c, (w, b, _) in enumerate(teachers):
+            losses.clear()
+            alone = hn.run_model(model, w, b, x[c])
+            torch.testing.assert_close(logits[c], alone, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(bn[c], torch.stack(losses).sum(), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(logits[0], logits[1])
 
 
 def test_synthesis_lowers_bn_loss_and_removes_every_hook(tiny):
     model, teachers = tiny
     calls = []
-    results = di.synthesize(model, teachers, progress=lambda it, loss: calls.append(it), **FAST)
-    assert len(results) == 2 and calls == list(range(FAST["iterations"]))
-    for r in results:
-        assert r.images.shape == (16, 3, 16, 16) and r.labels.shape == (16,)
-        assert r.bn_loss_end < 0.7 * r.bn_loss_start, (r.bn_loss_start, r.bn_loss_end)
-        assert len(r.history) == FAST["iterations"]
+    images, labels, bn_start, bn_end = di.synthesize(model, teachers, progress=calls.append, **FAST)
+    assert images.shape == (2, 16, 3, 16, 16) and labels.shape == (2, 16) and labels.dtype == torch.int64
+    assert calls == list(range(FAST["iterations"]))
+    assert bn_start.shape == bn_end.shape == (2,)
+    assert (bn_end < 0.7 * bn_start).all(), (bn_start, bn_end)
+    for c, (_, _, counts) in enumerate(teachers):       # every label is one of the teacher's classes
+        assert set(labels[c].tolist()) <= set(counts.nonzero().flatten().tolist())
     assert all(len(m._forward_hooks) == 0 and len(m._forward_pre_hooks) == 0 for m in bn_modules(model))
-    assert not model.training
 
 
 def test_hooks_removed_when_synthesis_raises(tiny):
     model, teachers = tiny
-    model.train()
-    bad = di.Teacher(teachers[0].weights, teachers[0].bn_stats, torch.ones(7, dtype=torch.int64))  # 7 != 10
-    with pytest.raises(ValueError):
-        di.synthesize(model, [teachers[1], bad], **FAST)
+
+    def stop(it):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        di.synthesize(model, teachers, progress=stop, **FAST)
     assert all(len(m._forward_hooks) == 0 for m in bn_modules(model))
-    assert model.training          # the caller's mode is restored too
-    model.eval()
 
 
-def test_teacher_is_frozen_and_gets_no_gradient(tiny):
+def test_the_teacher_is_bitwise_unchanged_by_synthesis(tiny):
+    """Synthesis optimises pixels only: the teacher's weights (even ones that require grad) and its BN
+    statistics (it runs in eval mode, so train-mode BN would move them) are exactly as they were."""
     model, teachers = tiny
-    weights = {k: v.clone().requires_grad_() for k, v in teachers[0].weights.items()}
-    di.synthesize(model, [di.Teacher(weights, teachers[0].bn_stats, teachers[0].label_counts)],
-                  **dict(FAST, iterations=2))
-    assert all(w.grad is None for w in weights.values())
-    assert all(p.grad is None for p in model.parameters())
+    weights = {k: v.clone().requires_grad_() for k, v in teachers[0][0].items()}
+    bn_stats = {k: v.clone() for k, v in teachers[0][1].items()}
+    teacher = (weights, bn_stats, teachers[0][2])
+    before = [{k: v.detach().clone() for k, v in d.items()} for d in (weights, bn_stats)]
+    model_before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.train()           # the caller's mode must not let synthesis update statistics
+    di.synthesize(model, [teacher], **dict(FAST, iterations=3))
+    for now, then in zip((weights, bn_stats), before):
+        assert all(torch.equal(now[k], then[k]) for k in then)
+    assert all(torch.equal(v, model_before[k]) for k, v in model.state_dict().items())
 
 
-def test_returned_images_are_the_best_iterate_not_an_alias(tiny):
-    """With no jitter/flip/TV the recorded loss is a function of the pixels alone, so the returned batch
-    must score exactly min(history). The public script's alias returned the last iterate instead."""
+def test_returned_images_are_the_best_iterate(tiny, monkeypatch):
+    """With no jitter, flip or TV every forward's loss is a function of the pixels it sees, so the returned
+    images must be exactly the iterate whose loss was lowest (the public script returned the last one), and
+    bn_end its BN loss. Every forward synthesis makes is recorded; the rate overshoots, so the best is early."""
     model, teachers = tiny
-    results = di.synthesize(model, teachers, jitter=0, flip=False, tv_weight=0.0, bn_weight=10.0, **FAST)
-    images = torch.stack([r.images for r in results])
-    stats = {k: torch.stack([t.bn_stats[k] for t in teachers]) for k in teachers[0].bn_stats}
-    weights = {k: torch.stack([t.weights[k] for t in teachers]) for k in teachers[0].weights}
-    with di.bn_loss_hooks(model) as losses, torch.no_grad():
-        logits, bn = di.teacher_forward(model, weights, stats, images, losses)
-    for c, r in enumerate(results):
-        total = F.cross_entropy(logits[c], r.labels) + 10.0 * bn[c]
-        assert total.item() == pytest.approx(min(r.history), rel=1e-4)
-        assert bn[c].item() == pytest.approx(r.bn_loss_end, rel=1e-4)
-    assert results[0].images.data_ptr() != results[1].images.data_ptr()
-    assert results[0].images.untyped_storage().data_ptr() != results[1].images.untyped_storage().data_ptr()
+    seen, forward = [], di.teacher_forward
+
+    def recording(model, weights, bn_stats, images, losses):
+        logits, bn = forward(model, weights, bn_stats, images, losses)
+        seen.append((images.detach().clone(), logits.detach(), bn.detach()))
+        return logits, bn
+
+    monkeypatch.setattr(di, "teacher_forward", recording)
+    images, labels, bn_start, bn_end = di.synthesize(model, teachers, jitter=0, flip=False, tv_weight=0.0,
+                                                     bn_weight=10.0, **dict(FAST, lr=2.0, iterations=4))
+    start, *path, final = seen
+    assert len(path) == 4 and torch.equal(start[0], path[0][0])
+    for c in range(2):
+        totals = torch.stack([F.cross_entropy(logits[c], labels[c]) + 10.0 * bn[c] for _, logits, bn in path])
+        best = int(totals.argmin())
+        assert best < len(path) - 1, totals      # a rate that overshoots: the last iterate is not the best
+        assert torch.equal(images[c], path[best][0][c])
+        assert bn_end[c].item() == pytest.approx(final[2][c].item()) and torch.equal(final[0][c], images[c])
+        assert bn_start[c].item() == pytest.approx(start[2][c].item())
 
 
 def test_labels_follow_label_counts():
@@ -168,45 +212,19 @@ def test_labels_follow_label_counts():
     assert labels.dtype == torch.int64 and labels.shape == (48,)
     assert set(labels.tolist()) <= {1, 3, 5}
     assert torch.bincount(labels, minlength=8)[[1, 3, 5]].tolist() == [15, 30, 3]
+    # largest remainders: 7 images of 5 : 10 : 1 are 2.19, 4.38, 0.44 -> 2, 4, 0 plus the one left to class 5
+    few = di.draw_labels(counts, 7, torch.Generator().manual_seed(0))
+    assert torch.bincount(few, minlength=8)[[1, 3, 5]].tolist() == [2, 4, 1]
 
 
 def test_same_seed_same_images(tiny):
     model, teachers = tiny
-    a = di.synthesize(model, teachers, seed=3, **dict(FAST, iterations=6))
-    b = di.synthesize(model, teachers, seed=3, **dict(FAST, iterations=6))
-    c = di.synthesize(model, teachers, seed=4, **dict(FAST, iterations=6))
-    for t, ra, rb, rc in zip(teachers, a, b, c):
-        assert torch.equal(ra.images, rb.images) and torch.equal(ra.labels, rb.labels)
-        assert ra.history == rb.history and ra.bn_loss_end == rb.bn_loss_end
-        assert not torch.equal(ra.images, rc.images)
-        assert set(ra.labels.tolist()) <= set(torch.nonzero(t.label_counts).flatten().tolist())
-
-
-def test_vmap_matches_a_loop_over_clients(tiny):
-    """The batched path computes what C separate forwards compute. Whole runs are compared loosely:
-    Adam's first steps are +-lr whatever the gradient's size, so a pixel whose gradient is ~0 can step
-    the other way after a rounding difference and the iterates drift apart slowly."""
-    model, teachers = tiny
-    weights = {k: torch.stack([t.weights[k] for t in teachers]) for k in teachers[0].weights}
-    stats = {k: torch.stack([t.bn_stats[k] for t in teachers]) for k in teachers[0].bn_stats}
-    x = structured_batch(torch.Generator().manual_seed(7), n=16).view(2, 8, 3, 16, 16)
-    with di.bn_loss_hooks(model) as losses, torch.no_grad():
-        logits_v, bn_v = di.teacher_forward(model, weights, stats, x, losses, vmap=True)
-        logits_l, bn_l = di.teacher_forward(model, weights, stats, x, losses, vmap=False)
-    torch.testing.assert_close(logits_v, logits_l, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(bn_v, bn_l, rtol=1e-4, atol=1e-4)
-    batched = di.synthesize(model, teachers, **dict(FAST, iterations=6))
-    looped = di.synthesize(model, teachers, vmap=False, **dict(FAST, iterations=6))
-    for rb, rl in zip(batched, looped):
-        assert rb.history[0] == pytest.approx(rl.history[0], rel=1e-5)
-        assert rb.history == pytest.approx(rl.history, rel=1e-2)
-
-
-def test_save_grid_writes_a_png(tmp_path):
-    mean, std = (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)
-    path = tmp_path / "grid.png"
-    di.save_grid(torch.randn(20, 3, 8, 8), mean, std, path, nrow=5)
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fast = dict(FAST, iterations=4)
+    a = di.synthesize(model, teachers, seed=3, **fast)
+    b = di.synthesize(model, teachers, seed=3, **fast)
+    c = di.synthesize(model, teachers, seed=4, **fast)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0])
 
 
 def test_a_trained_teacher_reads_its_own_dreams_well_above_chance_at_the_default_weight():
@@ -214,7 +232,6 @@ def test_a_trained_teacher_reads_its_own_dreams_well_above_chance_at_the_default
     teacher read its own dreams at chance; at the default weight it must recognise them. A tiny ResNet
     learns two classes (horizontal or vertical stripes of random phase, in colour), then dreams 16 images
     per class with the cpu-demo preset's iterations; chance is 50 %."""
-    import train
     g = torch.Generator().manual_seed(0)
 
     def stripes(n, vertical):
@@ -228,7 +245,7 @@ def test_a_trained_teacher_reads_its_own_dreams_well_above_chance_at_the_default
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     model.train()
     for _ in range(60):
-        x = torch.cat([stripes(16, False), stripes(16, True)])
+        x = torch.cat([stripes(16, False), stripes(16, True)]).contiguous()
         y = torch.cat([torch.full((16,), 3), torch.full((16,), 7)])
         optimizer.zero_grad()
         F.cross_entropy(model(x), y).backward()
@@ -240,12 +257,219 @@ def test_a_trained_teacher_reads_its_own_dreams_well_above_chance_at_the_default
         assert (model(real).argmax(1) == truth).float().mean() > 0.9        # the teacher did learn its classes
     counts = torch.zeros(10, dtype=torch.int64)
     counts[[3, 7]] = 100
-    teacher = di.Teacher({n: p.detach().clone() for n, p in model.named_parameters()},
-                         hn.bn_stats_init(model), counts)
-    dreamed, = di.synthesize(model, [teacher], num_images=32, image_size=16,
-                             iterations=train.PRESETS["cpu-demo"]["replay_iterations"],
-                             bn_weight=train.DEFAULTS["replay_bn_weight"], seed=0)
+    weights, bn_stats = {n: p.detach().clone() for n, p in model.named_parameters()}, hn.bn_stats_init(model)
+    images, labels, _, _ = di.synthesize(model, [(weights, bn_stats, counts)], num_images=32, image_size=16,
+                                         iterations=PRESETS["cpu-demo"]["replay_iterations"],
+                                         bn_weight=train.DEFAULTS["replay_bn_weight"], seed=0)
     with torch.no_grad():
-        reads = (hn.run_model(model, teacher.weights, teacher.bn_stats, dreamed.images).argmax(1)
-                 == dreamed.labels).float().mean()
+        reads = (hn.run_model(model, weights, bn_stats, images[0]).argmax(1) == labels[0]).float().mean()
     assert reads > 0.8, float(reads)
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. The paper's replay
+# --------------------------------------------------------------------------------------------------
+
+REPLAY = dict(num_images=4, iterations=3, bn_weight=10.0, steps=3, lr=3e-2, kd_weight=1.0, anchor_weight=1.0,
+              temperature=2.0, keep="end")
+
+
+def two_stage_server(**replay):
+    """Batches (0, 1) and (2, 3) trained on FakeClient updates (no images exist at all), with the paper's
+    replay settings. Label counts as the clients upload them: client c holds classes c and c + 1, so of the
+    earlier clients only 1 shares a class (2) with the new batch, and of the new clients only 2 shares one
+    with client 1."""
+    torch.manual_seed(0)
+    # No sparsity penalty: random deltas carry no task signal, and against a penalty batch 0 would keep a
+    # single unit per layer, through which a client's embedding may not reach its weights at all.
+    server, clients = make_server(with_masks=True, sparsity=0.0)
+    run_stage(server, clients, 0)
+    run_stage(server, clients, 1)
+    for c in range(4):
+        counts = torch.zeros(10, dtype=torch.long)
+        counts[[c, c + 1]] = 5
+        server.label_counts[c] = counts
+    server.replay_settings = dict(REPLAY, **replay)
+    return server
+
+
+class Untouchable:
+    """A client the paper's replay must never reach: any attribute read at all raises."""
+
+    def __init__(self, cid):
+        object.__setattr__(self, "cid", cid)
+
+    def __getattribute__(self, name):
+        raise AssertionError(f"replay asked client {object.__getattribute__(self, 'cid')} for {name}")
+
+
+def parameters(server):
+    return {n: p.detach().clone() for n, p in server.hypernet.named_parameters()}
+
+
+def test_the_papers_replay_asks_no_client_and_moves_only_the_tried_clients_embedding_row():
+    server = two_stage_server(steps=10)
+    before, generated = parameters(server), {c: server.generate(c).clone() for c in range(4)}
+    report = server.replay([Untouchable(c) for c in range(4)], 1, seed=0)
+    assert report["client_queries"] == 0
+    assert report["tried"] == [1] and report["dreamers"] == [2]
+    after = parameters(server)
+    moved = {n for n in after if not torch.equal(after[n], before[n])}
+    assert moved == {"client_embeddings"}
+    rows = (after["client_embeddings"] != before["client_embeddings"]).any(1).nonzero().flatten().tolist()
+    assert rows == [1]
+    # and it does move that client's model, by a fair fraction of its row
+    shift = (after["client_embeddings"][1] - before["client_embeddings"][1]).norm() / before["client_embeddings"][1].norm()
+    assert shift > 0.02, shift
+    assert not torch.equal(server.generate(1), generated[1])
+    assert all(torch.equal(server.generate(c), generated[c]) for c in (0, 2, 3))
+
+
+def test_who_replays_and_whom_the_server_dreams_from():
+    server = two_stage_server()
+    assert di.who_replays(server, 1) == ([1], [2])
+    server.label_counts[3] = server.label_counts[2].clone()      # now both new clients hold class 2
+    assert di.who_replays(server, 1) == ([1], [2, 3])
+    del server.label_counts[1]                   # an earlier client that never uploaded is not tried
+    assert di.who_replays(server, 1) == ([], [])
+    server = two_stage_server()
+    for c in (2, 3):                             # no upload from the new batch: nothing to dream from
+        del server.label_counts[c]
+    assert di.who_replays(server, 1) == ([], [])
+
+
+def test_replay_without_any_statistics_from_the_new_batch_changes_nothing():
+    server = two_stage_server()
+    for c in (2, 3):
+        del server.label_counts[c]
+    before = parameters(server)
+    report = server.replay([Untouchable(c) for c in range(4)], 1, seed=0)
+    assert report["tried"] == [] and len(report["images"]) == 0 and report["client_queries"] == 0
+    assert all(torch.equal(p, before[n]) for n, p in parameters(server).items())
+
+
+def test_the_fine_tuning_set_is_the_new_dreams_of_the_clients_classes_next_to_its_own(monkeypatch):
+    server = two_stage_server()
+    pools, fine_tune = {}, di.fine_tune
+
+    def recording(server, cid, pool, **kwargs):
+        pools[cid] = pool
+        return fine_tune(server, cid, pool, **kwargs)
+
+    monkeypatch.setattr(di, "fine_tune", recording)
+    report = server.replay([Untouchable(c) for c in range(4)], 1, seed=0)
+    images, labels, logits = pools[1]
+    own_images, own_labels, own_logits = server.dreams[1]         # its own dreams, made once and kept
+    assert set(labels.tolist()) <= {1, 2} and len(labels) == len(images) == len(logits)
+    new = report["labels"] == 2                  # client 2's dreams of class 2, the one class they share
+    assert torch.equal(images, torch.cat([report["images"][new], own_images]))
+    assert torch.equal(labels, torch.cat([report["labels"][new], own_labels]))
+    assert 0 < int(new.sum()) < len(report["labels"])
+
+
+def test_targets_weigh_every_class_the_same():
+    """targets(): client 1 holds classes 1 and 2; four dreams of class 1 and one of class 2 weigh the same in
+    all (each class 1/2), labels become positions among its classes, the teachers' and its own model's logits
+    are cut to its classes."""
+    server = two_stage_server()
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    labels, logits = torch.tensor([1, 1, 1, 2, 1]), torch.arange(50.0).view(5, 10)
+    images, classes, y, soft, own, weight = di.targets(server, 1, (x, labels, logits))
+    assert torch.equal(images, x) and classes.tolist() == [1, 2] and y.tolist() == [0, 0, 0, 1, 0]
+    assert torch.equal(soft, logits[:, [1, 2]])
+    torch.testing.assert_close(weight, torch.tensor([1 / 8, 1 / 8, 1 / 8, 1 / 2, 1 / 8]))
+    bn_stats = server.uploads(1)[0]
+    with torch.no_grad():
+        expected = hn.run_model(server.model, server.hypernet.unflatten(server.generate(1)), bn_stats, x)[:, [1, 2]]
+    torch.testing.assert_close(own, expected)
+
+
+def test_distillation_loss():
+    torch.manual_seed(0)
+    teacher = torch.randn(6, 4)
+    assert di.distillation_loss(teacher, teacher, 2.0).abs() < 1e-6
+    student = torch.randn(6, 4)
+    per_image = F.kl_div(F.log_softmax(student / 2, 1), F.softmax(teacher / 2, 1), reduction="none").sum(1) * 4
+    torch.testing.assert_close(di.distillation_loss(student, teacher, 2.0), per_image.mean())
+    weight = torch.tensor([1.0, 0, 0, 0, 0, 0])
+    torch.testing.assert_close(di.distillation_loss(student, teacher, 2.0, weight), per_image[0])
+
+
+def test_keep_held_out_keeps_the_point_of_the_path_with_the_lowest_held_out_loss():
+    """keep "held-out" fits every second dream and keeps the point of its path (the start included) whose loss
+    on the others is lowest. The path is rebuilt step by step with keep "end" on the fitted half (Adam's
+    first k steps do not depend on how many follow), and the kept row must be its best point, bitwise."""
+    server = two_stage_server()
+    weights = dict(kd_weight=1.0, anchor_weight=1.0, temperature=2.0)
+    pool = di.dream(server, [1], num_images=8, iterations=2, bn_weight=10.0, seed=0)[0][1]   # its classes
+    fitted, held = tuple(t[0::2] for t in pool), di.targets(server, 1, tuple(t[1::2] for t in pool))
+    rows = server.hypernet.client_embeddings
+    start = rows.detach().clone()
+    path = []
+    for k in range(5):
+        di.fine_tune(server, 1, fitted, steps=k, lr=0.3, keep="end", **weights)
+        with torch.no_grad():
+            path.append((di.loss_on(server, 1, held, **weights).item(), rows[1].detach().clone()))
+            rows.copy_(start)
+    losses = [loss for loss, _ in path]
+    assert len(set(losses)) == 5                 # the path moves
+    di.fine_tune(server, 1, pool, steps=4, lr=0.3, keep="held-out", **weights)
+    best = min(range(5), key=losses.__getitem__)
+    assert best not in (0, 4), losses            # so neither the start nor the end would pass by chance
+    assert torch.equal(rows[1], path[best][1]), (losses, best)
+    assert torch.equal(rows[[0, 2, 3]], start[[0, 2, 3]])
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. A tiny real run: the paper's replay asks no client, moves only the tried clients' rows, keeps no image
+# --------------------------------------------------------------------------------------------------
+
+class Guarded(fl.Client):
+    """A real client that raises on any call, and on any read of its data, while `armed` says it is replay's
+    turn: the paper's replay must neither ask it anything nor read what it holds."""
+    DATA = {"x_train", "y_train", "x_val", "y_val", "x_test", "y_test"}
+    armed = [False]
+
+    def __getattribute__(self, name):
+        if Guarded.armed[0] and (name in Guarded.DATA or name in ("local_train", "evaluate")):
+            raise AssertionError(f"replay reached client {object.__getattribute__(self, 'cid')}'s {name}")
+        return object.__getattribute__(self, name)
+
+
+def test_a_tiny_pfeddsh_run_replays_without_asking_a_client_and_keeps_no_image(tiny_data_dir):
+    config = dict(train.DEFAULTS, data_dir=str(tiny_data_dir), batches=3, clients_per_batch=2, rounds=2,
+                  clients_per_round=2, local_steps=1, batch_size=8, width=8, hidden=16, embed_dim=8, chunk_size=1024,
+                  classes_per_client=5, replay_images=4, replay_iterations=2, replay_steps=3, replay_lr=0.1, seed=0)
+    _, clients, server, batches, _ = train.build(config, torch.device("cpu"))
+    assert server.replay_settings is not None                # the default method replays
+    for client in clients:
+        client.__class__ = Guarded
+    real = torch.cat([object.__getattribute__(c, "x_train") for c in clients])
+    replay, moves = server.replay, []
+
+    def guarded_replay(clients, t, seed, progress=None):
+        before = parameters(server)
+        Guarded.armed[0] = True
+        try:
+            report = replay(clients, t, seed, progress)
+        finally:
+            Guarded.armed[0] = False
+        after = parameters(server)
+        moves.append(({n for n in after if not torch.equal(after[n], before[n])},
+                      (after["client_embeddings"] != before["client_embeddings"]).any(1).nonzero().flatten().tolist()))
+        return report
+
+    server.replay = guarded_replay
+    state = train.onboard(server, clients, batches, config, pa_reference=False)
+    assert len(state.replays) == 2                           # after stages 1 and 2
+    for t, (report, (moved, rows)) in enumerate(zip(state.replays, moves), 1):
+        assert report["client_queries"] == 0
+        earlier = [c for b in batches[:t] for c in b]
+        assert report["tried"] and set(report["tried"]) <= set(earlier)
+        assert moved == {"client_embeddings"} and rows and set(rows) <= set(report["tried"])
+    # What the server keeps of replay holds no client image: dreams only, and per-client BN statistics.
+    real = data.normalize(real, clients[0].mean, clients[0].std).flatten(1)
+    kept = torch.cat([r["images"] for r in state.replays] + [d[0] for d in server.dreams.values()]).flatten(1)
+    assert torch.cdist(kept, real).min() > 1e-3
+    for stats in server.bn_stats.values():
+        assert all(t.dim() <= 1 for t in stats.values())
