@@ -134,13 +134,11 @@ def distillation_loss(student_logits, teacher_logits, temperature, weight=None):
 def who_replays(server, t):
     """(tried, teachers): the earlier clients that hold a class of batch t's, and the new clients that hold a
     class of some tried client (the others' dreams would reach no one). A client that never uploaded is out."""
-    new_clients = [j for j in server.batches[t] if j in server.label_counts]
+    new = [j for j in server.batches[t] if j in server.label_counts]
     earlier = [i for k in range(t) for i in server.batches[k] if i in server.label_counts]
-    held = {c: server.uploads(c)[1] > 0 for c in new_clients + earlier}
-    new_classes = torch.stack([held[j] for j in new_clients]).any(0) if new_clients else None
-    tried = [i for i in earlier if new_classes is not None and bool((held[i] & new_classes).any())]
-    teachers = [j for j in new_clients if any(bool((held[j] & held[i]).any()) for i in tried)]
-    return tried, teachers
+    held = {c: server.uploads(c)[1] > 0 for c in new + earlier}
+    tried = [i for i in earlier if any(bool((held[i] & held[j]).any()) for j in new)]
+    return tried, [j for j in new if any(bool((held[j] & held[i]).any()) for i in tried)]
 
 
 def dream(server, dreamers, *, num_images, iterations, bn_weight, seed, progress=None):
@@ -157,12 +155,11 @@ def dream(server, dreamers, *, num_images, iterations, bn_weight, seed, progress
 
 
 def fine_tuning_set(server, cid, images, labels, teacher_logits):
-    """The new clients' dreams of client cid's classes next to cid's own dreams (images, labels, teacher
-    logits), so every class it holds is in the set."""
+    """(the new clients' dreams of client cid's classes, cid's own dreams), each (images, labels, teacher
+    logits): together they hold every class cid holds."""
     held = (server.uploads(cid)[1] > 0).to(server.dreams[cid][1].device)
     keep, keep_own = held[labels.to(held.device)], held[server.dreams[cid][1]]
-    return tuple(torch.cat([new[keep], own[keep_own]]) for new, own in
-                 zip((images, labels, teacher_logits), server.dreams[cid]))
+    return tuple(t[keep] for t in (images, labels, teacher_logits)), tuple(t[keep_own] for t in server.dreams[cid])
 
 
 def replay_loss(logits, y, soft, own, weight, *, kd_weight, anchor_weight, temperature):
@@ -196,30 +193,31 @@ def loss_on(server, cid, target, **weights):
     return replay_loss(logits, y, soft, own, weight, **weights)
 
 
-def fine_tune(server, cid, pool, *, steps, lr, keep, **weights):
-    """Client cid's embedding row, fine-tuned with Adam on `pool` (its classes' dreams) for `steps` steps.
+def fine_tune(server, cid, new, own, *, steps, lr, keep, **weights):
+    """Client cid's embedding row, fine-tuned with Adam on the new clients' dreams `new` and its own dreams `own`.
 
-    keep "end": the end of the path, as the paper describes it. keep "held-out" (ours, docs/design.md §5):
-    every other dream is held out, and the row keeps the point of the path (the start included) whose loss on
-    the held-out dreams is lowest, so a path that only fits its own dreams is not kept."""
-    held_out = keep == "held-out"
-    fit = targets(server, cid, tuple(t[0::2] for t in pool) if held_out else pool)
-    held = targets(server, cid, tuple(t[1::2] for t in pool)) if held_out else None
+    keep "end": the end of the path, as the paper describes it. keep "own" (ours, docs/design.md §5): every
+    other own dream is held out, never fitted, and the row keeps the point of the path (the start included)
+    that explains them best: the server's only view of the client's own data decides, so what the new batch
+    teaches is kept only where it does not cost the client what it knew."""
+    if keep == "own":
+        fit, held = [tuple(torch.cat([n, o[0::2]]) for n, o in zip(new, own)), tuple(o[1::2] for o in own)]
+    else:
+        fit, held = tuple(torch.cat(pair) for pair in zip(new, own)), None
+    fit, held = targets(server, cid, fit), held and targets(server, cid, held)
     rows = server.hypernet.client_embeddings
-    free = {"client_embeddings": torch.zeros_like(rows, dtype=torch.bool)}
-    free["client_embeddings"][cid] = True        # only this client's row may move
+    free = {"client_embeddings": torch.arange(len(rows), device=rows.device)[:, None] == cid}    # its row alone
     optimizer = ServerOptimizer({"client_embeddings": rows}, lr=lr)
     with torch.no_grad():
-        best_loss, best = (loss_on(server, cid, held, **weights) if held_out else 0.0), rows[cid].clone()
+        best_loss, best = (loss_on(server, cid, held, **weights) if held else 0.0), rows[cid].clone()
     for _ in range(steps):
         grad, = torch.autograd.grad(loss_on(server, cid, fit, **weights), [rows])
         optimizer.step({"client_embeddings": grad}, free)
-        if held_out:
-            with torch.no_grad():
-                loss = loss_on(server, cid, held, **weights)
+        with torch.no_grad():
+            loss = loss_on(server, cid, held, **weights) if held else 0.0
             if loss < best_loss:
                 best_loss, best = loss, rows[cid].clone()
-    if held_out:
+    if held:
         with torch.no_grad():
             rows[cid] = best
 
@@ -238,7 +236,7 @@ def replay(server, t, *, num_images, iterations, bn_weight, seed, progress=None,
     server.dreams.update({i: dreamed[i] for i in tried if i in dreamed})
     images, labels, logits = (torch.cat([dreamed[j][n] for j in teachers]) for n in range(3))
     for n, i in enumerate(tried):
-        fine_tune(server, i, fine_tuning_set(server, i, images, labels, logits), **fine_tuning)
+        fine_tune(server, i, *fine_tuning_set(server, i, images, labels, logits), **fine_tuning)
         if progress is not None:
             progress("fine-tune", n + 1, len(tried))
     return dict(report, images=images, labels=labels)

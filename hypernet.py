@@ -133,10 +133,8 @@ class HyperNetwork(nn.Module):
     def __init__(self, target, num_clients, embed_dim=32, chunk_embed_dim=32, hidden=128, num_layers=3,
                  chunk_size=4096, gates=None):
         super().__init__()
-        self.layout = WeightLayout(target)
-        self.num_weights = self.layout.num_weights
-        self.chunk_size = chunk_size
-        self.num_chunks = math.ceil(self.num_weights / chunk_size)
+        self.layout, self.chunk_size = WeightLayout(target), chunk_size
+        self.num_chunks = math.ceil(self.layout.num_weights / chunk_size)
         # N(0, 1) as in pFedHN: clients must be told apart from the first round on.
         self.client_embeddings = nn.Parameter(torch.randn(num_clients, embed_dim))
         self.chunk_embeddings = nn.Parameter(torch.randn(self.num_chunks, chunk_embed_dim))
@@ -165,7 +163,7 @@ class HyperNetwork(nn.Module):
             h = torch.relu(layer(h))
             if self.gates is not None:
                 h = h * gates[:, l]
-        raw = self.head(h).reshape(n, self.num_chunks * self.chunk_size)[:, : self.num_weights]
+        raw = self.head(h).reshape(n, self.num_chunks * self.chunk_size)[:, : self.layout.num_weights]
         return self.personalise(self.base + self.scale * raw, ids, batch_of_client)
 
     def gate_of(self, client, batch, s):

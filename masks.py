@@ -17,10 +17,9 @@ import torch.nn as nn
 class BatchGates(nn.Module):
     def __init__(self, num_batches, num_layers, hidden, s_max=400.0, clamp=6.0, lr=0.05):
         super().__init__()
-        self.s_max, self.clamp = s_max, clamp
-        # Plain SGD on the embeddings, HAT's way: Adam would normalise each unit on its own and erase
-        # the compensation below. `lr` is how far a typical unit's e moves in one server step (see step).
-        self.lr = lr
+        # `lr`: plain SGD on the embeddings, HAT's way (Adam would normalise each unit on its own and erase the
+        # compensation below); how far a typical unit's e moves in one server step (see step).
+        self.s_max, self.clamp, self.lr = s_max, clamp, lr
         self.embeddings = nn.Parameter(torch.randn(num_batches, num_layers, hidden))
         self.register_buffer("binary", torch.zeros(num_batches, num_layers, hidden))
         self.register_buffer("owned", torch.zeros(num_layers, hidden, dtype=torch.bool))

@@ -32,7 +32,7 @@ DEFAULTS = dict(
     sparsity=0.5, s_max=400.0, gate_lr=0.05, classifier_lr=1e-2, no_masks=False,
     # data-free replay: DeepInversion, then fine-tuning each earlier client's embedding
     no_replay=False, replay_images=64, replay_iterations=200, replay_bn_weight=0.1, replay_steps=30,
-    replay_lr=1e-2, replay_kd=1.0, replay_anchor=1.0, replay_temperature=2.0, replay_keep="end")
+    replay_lr=1e-2, replay_kd=1.0, replay_anchor=1.0, replay_temperature=2.0, replay_keep="own")
 METHODS = ("pfeddsh", "pfedhn")     # the core's own; the shell registers the baselines and our extensions
 
 
@@ -217,6 +217,5 @@ def run(config, device, hooks=None, pa_reference=True, servers=None):
 
 
 if __name__ == "__main__":
-    import sys
     from shell import cli      # the shell: flags, checks, resume, progress, results.json and plots
-    sys.exit(cli.cli())
+    raise SystemExit(cli.cli())

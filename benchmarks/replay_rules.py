@@ -57,7 +57,7 @@ def stage_changes(run_dir, rules):
         for r, rule in enumerate(rules):
             saved = rows.detach().clone()
             for i in tried:
-                di.fine_tune(server, i, di.fine_tuning_set(server, i, images, labels, logits),
+                di.fine_tune(server, i, *di.fine_tuning_set(server, i, images, labels, logits),
                              **dict(fine_tuning, **rule))
             for i in tried:
                 changes[r].setdefault(i, []).append(100 * (server.evaluate(clients[i])[1] - before[i]))

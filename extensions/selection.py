@@ -200,7 +200,7 @@ def replay(server, clients, t, *, num_images, iterations, bn_weight, steps, lr, 
     params, proposals, confirmations = rows_of(server.hypernet), {}, {}
     for n, i in enumerate(tried):
         asked = clients[i] if hasattr(clients[i], "confirm") else Halves(clients[i])
-        pool = di.fine_tuning_set(server, i, images, labels, teacher_logits)
+        pool = tuple(torch.cat(pair) for pair in zip(*di.fine_tuning_set(server, i, images, labels, teacher_logits)))
         before, after, best, confirmation, questions = improve_client(
             server, asked, i, pool, params, steps=steps, lr=lr, kd_weight=kd_weight, anchor_weight=anchor_weight,
             temperature=temperature, validate_every=validate_every)

@@ -159,9 +159,9 @@ def build_parser():
          help="DeepInversion's weight of the BN-statistics loss against the dreamed labels' cross-entropy")
     flag(r, "--replay-steps", type=int, help="fine-tuning steps per earlier client")
     flag(r, "--replay-lr", type=float, help="Adam rate of what replay trains (an earlier client's own embedding)")
-    flag(r, "--replay-keep", choices=["end", "held-out"],
-         help="pfeddsh: which point of an earlier client's fine-tuning path replay keeps: the end (the paper), or "
-              "the one with the lowest loss on held-out dreams (half of them, never fitted)")
+    flag(r, "--replay-keep", choices=["own", "end"],
+         help="pfeddsh: which point of an earlier client's fine-tuning path replay keeps: own = the one (the start "
+              "included) that best explains half of the client's own dreams, held out; end = the end, as the paper")
     flag(r, "--replay-kd", type=float, help="weight of KD toward the dreaming client's model")
     flag(r, "--replay-anchor", type=float, help="[ours] weight of KD toward the earlier client's own model")
     flag(r, "--replay-temperature", type=float, help="KD temperature")

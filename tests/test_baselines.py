@@ -9,23 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from shell import baselines  # noqa: E402
-from shell import compare  # noqa: E402
-import federated as fl  # noqa: E402
-import hypernet as hn  # noqa: E402
-import train  # noqa: E402
-from shell import cli  # noqa: E402
-import masks  # noqa: E402
-
-TINY = ["--dataset", "cifar10", "--batches", "2", "--clients-per-batch", "2", "--rounds", "3",
-        "--clients-per-round", "2", "--local-steps", "2", "--batch-size", "16", "--width", "4",
-        "--hidden", "16", "--chunk-size", "256", "--embed-dim", "4", "--device", "cpu"]
+import federated as fl
+import hypernet as hn
+import masks
+import train
+from shell import baselines, cli, compare, runner
+from shell.settings import DEFAULTS
+from test_train import REPLAY_TINY, TINY
 
 
 def build(tiny_data_dir, method):
-    config, _ = cli.resolve_config(TINY + ["--data-dir", str(tiny_data_dir), "--method", method])
-    dataset, clients, server, batches, model = train.build(config, torch.device("cpu"), servers=baselines.SERVERS)
+    config, _ = cli.resolve_config(TINY + REPLAY_TINY + ["--data-dir", str(tiny_data_dir), "--method", method])
+    dataset, clients, server, batches, model = train.build(config, torch.device("cpu"), servers=runner.SERVERS)
     return config, clients, server, batches
 
 
@@ -113,35 +108,6 @@ def test_frozen_pfedhn_moves_only_the_new_clients_embeddings_after_batch_0(tiny_
     assert all(torch.equal(server.generate(c), generated_0[c]) for c in batches[0])
 
 
-def test_frozen_ceiling_is_the_share_of_later_images_whose_class_batch_0_trained_on(tiny_data_dir, tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import frozen_ceiling
-    import data
-    dataset = data.load_dataset("cifar10", str(tiny_data_dir))
-    config = dict(train.DEFAULTS, dataset="cifar10", batches=4, clients_per_batch=2, seed=3)
-    num_seen, shares = frozen_ceiling.seen_shares(config, dataset)
-    # The same figure the long way: batch 0's classes from the labels it trains on, then image by image.
-    splits = train.client_splits(config, dataset)
-    batches = data.assign_batches(8, 4, 3)
-    trained = {int(k) for cid in batches[0] for k in dataset.y_train[splits[cid].train]}
-    assert num_seen == len(trained) < 10
-    for ids, share in zip(batches[1:], shares):
-        labels = [int(k) for cid in ids for k in dataset.y_train[splits[cid].val]]
-        assert share == pytest.approx(sum(k in trained for k in labels) / len(labels))
-    assert min(shares) < 1.0       # some later image is of a class batch 0 never saw: the ceiling bites
-    # A finished pfedhn-frozen run: the two accuracies, weighted by their images, are the batch's own.
-    cli.main(TINY + ["--method", "pfedhn-frozen", "--data-dir", str(tiny_data_dir), "--out", str(tmp_path)])
-    (seen_acc, unseen_acc), = frozen_ceiling.seen_and_unseen_accuracy(str(tmp_path))
-    _, _, clients, server, batches, _ = frozen_ceiling.runner.restore_finished(str(tmp_path))
-    seen = {k for cid in batches[0] for k in clients[cid].classes}
-    labels = [int(k) for cid in batches[1] for k in clients[cid].y_val]
-    known = sum(k in seen for k in labels)
-    right = sum(server.evaluate(clients[cid])[1] * len(clients[cid].y_val) for cid in batches[1])
-    unseen = len(labels) - known
-    weighted = (seen_acc * known if known else 0.0) + (unseen_acc * unseen if unseen else 0.0)
-    assert weighted == pytest.approx(right / len(labels), abs=1e-6)
-
-
 def test_pa_is_new_clients_accuracy_minus_local_on_the_same_clients():
     run = {"batches": [[0, 1], [2, 3]], "accuracy": [[0.5, 0.5, None, None], [0.4, 0.6, 0.9, 0.7]]}
     local = {"batches": [[0, 1], [2, 3]], "accuracy": [[0.6, 0.6, None, None], [0.6, 0.6, 0.8, 0.9]]}
@@ -184,7 +150,7 @@ def test_interrupted_comparison_says_how_to_continue_and_the_same_command_finish
             "--rounds", "40", "--methods", "fedavg", "--out", str(tmp_path)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    assert proc.stdout.readline().startswith("protocol cpu-demo")
+    assert "protocol cpu-demo" in proc.stdout.readline()
     assert proc.stdout.readline().startswith("== local, seed 0")
     assert "local on cifar10" in proc.stdout.readline()               # the signal handlers are installed
     proc.send_signal(signal.SIGINT)
@@ -227,9 +193,8 @@ def test_a_tuning_grid_grows_past_the_end_its_best_value_sits_at():
     assert tune_baselines.extend(grid, {0.003: 70.0, 0.01: 69.0, 0.03: 60.0}, 3.0) == [0.001, 0.003, 0.01, 0.03]
     assert tune_baselines.extend(grid, {0.003: 60.0, 0.01: 69.0, 0.03: 70.0}, 3.0) == [0.003, 0.01, 0.03, 0.09]
     assert tune_baselines.extend(grid, {0.003: 60.0, 0.01: 71.0, 0.03: 70.0}, 3.0) == grid
-    import train
     for method, (flag, values, _) in tune_baselines.KNOBS.items():   # every grid is centred on the run's default
-        assert sorted(values)[len(values) // 2] == train.DEFAULTS[flag.lstrip("-").replace("-", "_")], method
+        assert sorted(values)[len(values) // 2] == DEFAULTS[flag.lstrip("-").replace("-", "_")], method
 
 
 def test_tuning_runs_every_value_it_scores_and_stops_after_the_last_extension(monkeypatch, capsys):
@@ -250,10 +215,10 @@ def test_tuning_runs_every_value_it_scores_and_stops_after_the_last_extension(mo
 
 def test_per_method_sets_one_methods_setting_and_keeps_the_others_runs(tiny_data_dir, tmp_path):
     argv = TINY + ["--data-dir", str(tiny_data_dir), "--methods", "fedavg,ditto", "--seeds", "0",
-                   "--out", str(tmp_path)]
-    runs = cli.main(argv + ["--per-method", "ditto:ditto-lambda=0.5"])
-    assert runs["ditto"][0]["config"]["ditto_lambda"] == 0.5
-    default = train.DEFAULTS["ditto_lambda"]
+                   "--local-steps", "5", "--out", str(tmp_path)]
+    runs = cli.main(argv + ["--per-method", "ditto:ditto-lambda=5"])
+    assert runs["ditto"][0]["config"]["ditto_lambda"] == 5
+    default = DEFAULTS["ditto_lambda"]
     assert runs["fedavg"][0]["config"]["ditto_lambda"] == runs["local"][0]["config"]["ditto_lambda"] == default
     # Another value for ditto alone: local's and fedavg's runs are still the same runs, reused; ditto's is not.
     with pytest.raises(cli.CliError, match="ditto-s0/results.json was made with other settings"):
@@ -265,15 +230,15 @@ def test_per_method_sets_one_methods_setting_and_keeps_the_others_runs(tiny_data
     assert other["fedavg"][0] == runs["fedavg"][0] and other["ditto"][0]["accuracy"] != runs["ditto"][0]["accuracy"]
 
 
-def test_frozen_adapters_header_shows_pfeddshs_adapter_budget_and_fedtargets_estimate_counts_its_dreams(
+def test_frozen_adapters_header_shows_the_extensions_adapter_budget_and_fedtargets_estimate_counts_its_dreams(
         tiny_data_dir):
-    from shell import runner
     ends = {}
-    for method in ("pfeddsh", "frozen-adapters"):
+    for method in ("pfeddsh-ext", "frozen-adapters", "pfeddsh"):
         config, clients, server, batches = build(tiny_data_dir, method)
-        model = train.build(config, torch.device("cpu"), servers=baselines.SERVERS)[-1]
-        ends[method] = runner.header(config, "cpu", server, batches, model, None).split("adapters of rank")[1]
-    assert ends["pfeddsh"] == ends["frozen-adapters"]
+        model = train.build(config, torch.device("cpu"), servers=runner.SERVERS)[-1]
+        ends[method] = runner.header(config, "cpu", server, batches, model, None).split("adapters of rank")[1:]
+    assert ends["pfeddsh-ext"] == ends["frozen-adapters"] and len(ends["pfeddsh-ext"]) == 1
+    assert ends["pfeddsh"] == []                                  # the paper's method has no adapters
     config, *_ = build(tiny_data_dir, "fedtarget")
     rounds_only = runner.estimate_seconds(config, 1.0, 10, [])
     assert runner.estimate_seconds(config, 1.0, 10, [], dream_stages=[1]) > rounds_only == 10

@@ -1,23 +1,32 @@
 """The baselines of issue 22 (baselines.py) do what defines them: pfedhn-frozen, pfedhn-pc, fedrep(-frozen),
 ditto and fedlwf, and those of issue 34, frozen-adapters and fedtarget, on tiny generated data. Every one
-also runs through train.py in tests/test_train.py (parametrized over compare.VARIANTS)."""
-import sys
-from pathlib import Path
-
+also runs through train.py in tests/test_cli.py (parametrized over compare.VARIANTS)."""
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from shell import baselines  # noqa: E402
-from shell import checkpoint, cli  # noqa: E402
-import deepinversion  # noqa: E402
-import federated as fl  # noqa: E402
-import replay  # noqa: E402
-import train  # noqa: E402
-from conftest import counts_of_test_images  # noqa: E402
-from test_baselines import TINY, build, onboard  # noqa: E402
-from test_checkpoint import comparable  # noqa: E402
+import data
+import deepinversion
+import federated as fl
+import hypernet as hn
+import train
+from conftest import counts_of_test_images
+from shell import baselines, checkpoint, cli, faults, runner
+from test_baselines import TINY, build, onboard
+from test_checkpoint import comparable
+
+
+def test_loss(client, flat, bn_stats):
+    """The mean cross-entropy of a model on the client's test images (evaluation mode)."""
+    client.model.eval()
+    with torch.no_grad():
+        logits = hn.run_model(client.model, client.layout.unflatten(flat), bn_stats,
+                              data.normalize(client.x_test, client.mean, client.std))
+    return F.cross_entropy(logits, client.y_test).item()
+
+
+test_loss.__test__ = False      # a helper, not a test
 
 
 def recording(monkeypatch, cls, name):
@@ -53,7 +62,7 @@ def test_fedrep_heads_are_never_averaged(tiny_data_dir, monkeypatch, method):
     for c in batches[0]:                    # nobody else's training touches an earlier client's head
         assert torch.equal(heads_after[0][c], heads_after[1][c])
     # the head it is evaluated with is its own
-    seen = recording(monkeypatch, fl.Client, "accuracy")
+    seen = recording(monkeypatch, fl.Client, "evaluate")
     server.evaluate(clients[batches[1][0]])
     assert torch.equal(seen[-1][0][index], server.heads[batches[1][0]])
     if method == "fedrep":                  # stage 1 averages its clients' bodies: both stages average
@@ -111,7 +120,7 @@ def test_ditto_evaluates_the_personal_model_which_differs_from_the_global_one(ti
             if stage_done:
                 personal_after.append({c: w.clone() for c, w in server.personal.items()})
     train.onboard(server, clients, batches, config, hooks=Hooks(), pa_reference=False)
-    seen = recording(monkeypatch, fl.Client, "accuracy")
+    seen = recording(monkeypatch, fl.Client, "evaluate")
     for b in batches:
         for c in b:
             # trained on its own: neither the final global model nor any global model it was sent
@@ -214,17 +223,17 @@ def test_fedlwf_forgets_less_than_fedavg(tiny_data_dir, seed):
         class Hooks(train.Hooks):
             def after_round(self, state, rng, stage_done, loss=None):
                 if stage_done:
-                    losses.append(np.mean([clients[c].evaluate(server.weights, server.bn)[1] for c in batches[0]]))
+                    losses.append(np.mean([test_loss(clients[c], server.weights, server.bn) for c in batches[0]]))
         train.onboard(server, clients, batches, config, hooks=Hooks(), pa_reference=False)
         forgetting[method] = losses[1] - losses[0]
     assert forgetting["fedlwf"] < forgetting["fedavg"], forgetting
 
 
-# --- frozen-adapters: pFedDSH's adapters and offsets on a body frozen after batch 0 -------------------
+# --- frozen-adapters: our extension's adapters and offsets on a body frozen after batch 0 -------------
 
 def build_with(tiny_data_dir, method, *extra):
     config, _ = cli.resolve_config(TINY + ["--data-dir", str(tiny_data_dir), "--method", method, *extra])
-    _, clients, server, batches, _ = train.build(config, torch.device("cpu"), servers=baselines.SERVERS)
+    _, clients, server, batches, _ = train.build(config, torch.device("cpu"), servers=runner.SERVERS)
     return config, clients, server, batches
 
 
@@ -237,11 +246,11 @@ def stage(server, t, batches, clients, config, rounds=2):
 
 
 def test_frozen_adapters_train_only_the_stages_batch_on_a_body_frozen_after_fedavgs_batch_0(tiny_data_dir):
-    # An adapter budget of 20 %: at width 4 the default 5 % leaves the clients' offsets no room for rank 1.
+    # An adapter budget of 20 %: at this width the default 5 % leaves the clients' offsets no room for rank 1.
     extra = ["--batches", "3", "--adapter-budget", "0.2"]
     config, clients, server, batches = build_with(tiny_data_dir, "frozen-adapters", *extra)
-    # pfeddsh's adapters and rate: the same rank and cost under the same settings, the same Adam rate
-    _, _, pfeddsh, _ = build_with(tiny_data_dir, "pfeddsh", *extra)
+    # pfeddsh-ext's adapters and rate: the same rank and cost under the same settings, the same Adam rate
+    _, _, pfeddsh, _ = build_with(tiny_data_dir, "pfeddsh-ext", *extra)
     adapters = server.adapted.adapters
     assert adapters.rank == pfeddsh.hypernet.adapters.rank > 0
     assert adapters.per_batch_cost() == pfeddsh.hypernet.adapters.per_batch_cost()
@@ -302,12 +311,12 @@ def test_fedtarget_dreams_from_the_global_model_alone_and_every_later_local_step
         synthesized.append((model, teachers, kwargs))
         return real_synthesize(model, teachers, **kwargs)
     monkeypatch.setattr(deepinversion, "synthesize", synthesize)
-    targets, real_loss = [], replay.distillation_loss
+    targets, real_loss = [], deepinversion.distillation_loss
 
     def distillation_loss(student_logits, teacher_logits, temperature, weight=None):
         targets.append(teacher_logits)
         return real_loss(student_logits, teacher_logits, temperature, weight)
-    monkeypatch.setattr(replay, "distillation_loss", distillation_loss)
+    monkeypatch.setattr(deepinversion, "distillation_loss", distillation_loss)
     terms, real_distillation = [], baselines.FedTarget.distillation
 
     def distillation(self, client):         # what each local step adds to its loss
@@ -335,11 +344,11 @@ def test_fedtarget_dreams_from_the_global_model_alone_and_every_later_local_step
             setattr(c, k, v)
     # What DeepInversion was given: the model and the global model's weights, BN statistics and the
     # label counts batch 0 uploaded, nothing else; replay's budget: replay-images per client of a batch.
-    (model, (teacher,), kwargs), = synthesized
+    (model, ((teacher_weights, teacher_bn, label_counts),), kwargs), = synthesized
     assert model is server.model
-    assert torch.equal(server.layout.flatten(teacher.weights), weights)
-    assert all(torch.equal(teacher.bn_stats[n], bn[n]) for n in bn)
-    assert torch.equal(teacher.label_counts, sum(clients[c].label_counts for c in batches[0]))
+    assert torch.equal(server.layout.flatten(teacher_weights), weights)
+    assert all(torch.equal(teacher_bn[n], bn[n]) for n in bn)
+    assert torch.equal(label_counts, sum(clients[c].label_counts for c in batches[0]))
     assert kwargs["num_images"] == config["replay_images"] * config["clients_per_batch"]
     assert kwargs["iterations"] == config["replay_iterations"]
     images, logits = server.dreams
@@ -369,7 +378,7 @@ def test_fedtarget_with_no_weight_is_fedavg_bit_for_bit(tiny_data_dir):
 def test_issue_34s_baselines_run_through_train_run(tiny_data_dir, method):
     config, _ = cli.resolve_config(TINY + ["--data-dir", str(tiny_data_dir), "--method", method,
                                            "--replay-images", "4", "--replay-iterations", "3"])
-    results = train.run(config, torch.device("cpu"), servers=baselines.SERVERS)
+    results = train.run(config, torch.device("cpu"), servers=runner.SERVERS)
     assert len(results["accuracy"]) == 2 and all(a is not None for a in results["accuracy"][1])
     assert all(counts_of_test_images(row, results["test_sizes"]) for row in results["accuracy"])
     assert results["metrics"]["pa"] is not None and results["replay"] == []
@@ -379,7 +388,8 @@ def test_issue_34s_baselines_run_through_train_run(tiny_data_dir, method):
 
 # --- resume ---------------------------------------------------------------------------------------
 
-CHECKPOINTED = TINY + ["--rounds", "4", "--checkpoint-every", "3"]
+CHECKPOINTED = TINY + ["--rounds", "4", "--local-steps", "1", "--checkpoint-every", "3", "--replay-images", "4",
+                       "--replay-iterations", "3"]
 
 
 @pytest.mark.parametrize("method", ["pfedhn-frozen", "pfedhn-pc", "fedrep", "ditto", "fedlwf", "fedtarget",
@@ -427,6 +437,8 @@ def test_a_diverged_local_update_is_dropped_and_counted(tiny_data_dir, monkeypat
         return update
     monkeypatch.setattr(fl.Client, "local_train", first_one_nan)
     config, clients, server, batches = build(tiny_data_dir, method)
+    if isinstance(server, fl.Server):       # the hypernetwork baselines are screened by the shell (runner.Shell)
+        faults.screen(server)
     state = onboard(config, clients, server, batches)
     assert server.faults["dropped_updates"] == 1 and server.faults["skipped_rounds"] == 0
     assert all_finite(checkpoint.server_state(server))

@@ -1,4 +1,5 @@
-"""Checkpoints, --resume, signals and numerical faults, on tiny generated data on the CPU."""
+"""Checkpoints, --resume, signals and numerical faults (shell/checkpoint.py, shell/faults.py), on tiny generated
+data on the CPU."""
 import json
 import os
 import shutil
@@ -10,18 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-import federated as fl  # noqa: E402
-from conftest import counts_of_test_images  # noqa: E402
-from shell import cli  # noqa: E402
-import replay  # noqa: E402
+import deepinversion
+import federated as fl
+from conftest import counts_of_test_images
+from shell import checkpoint, cli, faults
 
-# tests/test_train.py's TINY plus a few replay steps, so replay's state is part of what must resume exactly.
+REPO = Path(__file__).resolve().parents[1]
+# A tiny run of 4 rounds a stage with a few replay steps, so replay's state is part of what must resume exactly.
 TINY = ["--dataset", "cifar10", "--batches", "2", "--clients-per-batch", "2", "--rounds", "4",
-        "--clients-per-round", "2", "--local-steps", "3", "--batch-size", "16", "--width", "4",
-        "--hidden", "16", "--chunk-size", "256", "--embed-dim", "4", "--device", "cpu",
-        "--replay-images", "8", "--replay-iterations", "5", "--replay-steps", "3", "--checkpoint-every", "3"]
+        "--clients-per-round", "2", "--local-steps", "1", "--batch-size", "8", "--width", "8",
+        "--hidden", "16", "--chunk-size", "1024", "--embed-dim", "4", "--device", "cpu",
+        "--replay-images", "4", "--replay-iterations", "3", "--replay-steps", "2", "--checkpoint-every", "3"]
 RUN_ONLY = {"out", "overwrite", "resume", "stop_after_rounds"}
 
 
@@ -37,7 +37,7 @@ def train_py(*argv):
 def comparable(results):
     """results.json without wall-clock times and the settings that only say how the run was run."""
     r = json.loads(json.dumps(results))
-    r.pop("time_s"), r.pop("replay_s"), r.pop("local_s")
+    r.pop("time_s"), r.pop("replay_s")
     for report in r["replay"]:
         report.pop("replay_s"), report.pop("synthesis_s")
     r["config"] = {k: v for k, v in r["config"].items() if k not in RUN_ONLY}
@@ -103,7 +103,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_143_with_one_line(tiny_data_dir, t
     proc = subprocess.Popen([sys.executable, str(REPO / "train.py"),
                              *args(tiny_data_dir, tmp_path, "--batches", "1", "--rounds", "50", "--no-replay")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    assert proc.stdout.readline().startswith("protocol cpu-demo")
+    first = proc.stdout.readline()
+    assert first.startswith("pfeddsh (the paper's method") and "protocol cpu-demo" in first
     assert "pfeddsh-no-replay on cifar10" in proc.stdout.readline()     # printed after the handlers are installed
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
@@ -132,6 +133,10 @@ def test_checkpoint_from_before_a_setting_existed_resumes_with_its_default(tiny_
     for key in ("bn_noise", "privacy_audit", "amp"):
         del state["config"][key]
     torch.save(state, tmp_path / "checkpoint.pt")
+    older = dict(state, format=checkpoint.FORMAT - 1)                # another format: refused, not misread
+    torch.save(older, tmp_path / "older.pt")
+    with pytest.raises(checkpoint.CheckpointError, match=f"format {checkpoint.FORMAT - 1}, expected"):
+        checkpoint.load(str(tmp_path / "older.pt"), reference[1]["config"], torch.device("cpu"))
     resumed = cli.main(args(tiny_data_dir, tmp_path, "--resume"))
     assert comparable(resumed) == comparable(reference[1])
     done = train_py(*args(tiny_data_dir, tmp_path, "--resume", "--bn-noise", "0.5"))     # but not another value
@@ -171,7 +176,7 @@ def test_nan_updates_are_dropped_and_counted(tiny_data_dir, tmp_path, monkeypatc
 
 
 def test_diverged_replay_is_undone_and_counted(tiny_data_dir, tmp_path, monkeypatch):
-    real = replay.backward_transfer
+    real = deepinversion.replay
 
     def diverging(server, *a, **k):
         report = real(server, *a, **k)
@@ -180,7 +185,7 @@ def test_diverged_replay_is_undone_and_counted(tiny_data_dir, tmp_path, monkeypa
             server.hypernet.client_embeddings.fill_(float("inf"))
         return report
 
-    monkeypatch.setattr(replay, "backward_transfer", diverging)
+    monkeypatch.setattr(deepinversion, "replay", diverging)
     # 5 classes a client, so that the new batch shares a class with an earlier client: replay dreams (with
     # the default 2 of cifar10's 10, the two batches of TINY may share none, and there is nothing to dream)
     results = cli.main(args(tiny_data_dir, tmp_path, "--classes-per-client", "5"))
@@ -189,3 +194,47 @@ def test_diverged_replay_is_undone_and_counted(tiny_data_dir, tmp_path, monkeypa
     # Masks keep batch 0 exactly where stage 0 left it, and the undone replay changed nothing either.
     assert [results["accuracy"][1][c] for c in batch0] == [results["accuracy"][0][c] for c in batch0]
 
+
+
+class Recorder:
+    """A server as faults.screen wraps it: records what its update and replay were given."""
+
+    def __init__(self, embeddings):
+        self.hypernet = torch.nn.Module()
+        self.hypernet.client_embeddings = torch.nn.Parameter(embeddings)
+        self.updates, self.replays = [], []
+
+    def update(self, client_ids, generated, updates):
+        self.updates.append((list(client_ids), generated.clone(), updates))
+        return 0.5
+
+    def replay(self, clients, t, seed, progress=None):
+        self.replays.append(t)
+        with torch.no_grad():
+            self.hypernet.client_embeddings.add_(self.step)
+        return {"images": torch.zeros(2, 3, 4, 4), "bn_loss_end": [1.0]}
+
+
+def test_screen_passes_only_finite_updates_and_undoes_a_diverged_replay():
+    def update(delta, bn=0.0):
+        return fl.ClientUpdate(torch.full((3,), delta), {"running_mean": torch.full((2,), bn),
+                                                          "num_batches_tracked": torch.tensor(1)}, None, 0.1)
+
+    assert faults.is_finite_update(update(1.0)) and not faults.is_finite_update(update(float("nan")))
+    assert not faults.is_finite_update(update(1.0, float("-inf")))
+    server = faults.screen(Recorder(torch.zeros(4, 2)))
+    generated = torch.arange(9.0).view(3, 3)
+    assert server.update([4, 5, 6], generated, [update(1.0), update(float("inf")), update(2.0)]) == 0.5
+    (ids, kept, updates), = server.updates
+    assert ids == [4, 6] and torch.equal(kept, generated[[0, 2]]) and len(updates) == 2
+    loss = server.update([4, 5], generated[:2], [update(float("nan")), update(1.0, float("nan"))])
+    assert loss != loss and len(server.updates) == 1            # a round of nothing but faults: no server step
+    assert server.faults == {"dropped_updates": 3, "skipped_rounds": 1, "dropped_replays": 0}
+    server.step = 1.0                                           # a replay that moved the rows, finitely: kept
+    report = server.replay([], 1, 0)
+    assert not report["dropped"] and report["replay_s"] >= 0 and report["synthesis_s"] >= 0
+    assert (server.hypernet.client_embeddings == 1.0).all()
+    server.step = float("nan")                                  # ... and one that diverged: undone, bitwise
+    report = server.replay([], 2, 0)
+    assert report["dropped"] and server.faults["dropped_replays"] == 1
+    assert (server.hypernet.client_embeddings == 1.0).all() and server.replays == [1, 2]

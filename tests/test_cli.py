@@ -1,41 +1,43 @@
 """The shell's command line (shell/cli.py, shell/runner.py): every method end to end on tiny generated data and
-the results.json it writes, presets and flags, bad input (one line, exit 2), threads, a late rise warned of."""
+the results.json it writes, the first line it prints, presets and flags, bad input (one line, exit 2), --amp,
+threads, a late rise warned of."""
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train  # noqa: E402
-from conftest import counts_of_test_images  # noqa: E402
-from shell import cli, compare  # noqa: E402
-from test_train import REPLAY_TINY, REPO, run_tiny  # noqa: E402
+import train
+from conftest import counts_of_test_images
+from shell import cli, compare
+from shell.settings import DEFAULTS
+from test_train import REPLAY_TINY, REPO, TINY, run_tiny
 
-SCHEMA = {"config", "batches", "accuracy", "val_accuracy", "metrics", "val_metrics", "neurons", "test_sizes", "time_s", "device", "replay_s",
-          "local_accuracy", "local_s",
-          "replay", "faults", "local_steps"}
+SCHEMA = {"config", "batches", "accuracy", "val_accuracy", "metrics", "val_metrics", "neurons", "test_sizes",
+          "local_accuracy", "replay", "local_steps",
+          "time_s", "device", "replay_s", "faults"}          # the last four the shell adds to the core's
+REPLAYING = {"pfeddsh", "pfeddsh-no-masks", "pfeddsh-ext", "pfeddsh-ext-shape", "pfeddsh-ext-noise", "pfeddsh-ext-own"}
+MASKED = {"pfeddsh", "pfeddsh-no-replay", "pfeddsh-ext", "pfeddsh-ext-no-replay", "pfeddsh-ext-shape",
+          "pfeddsh-ext-noise", "pfeddsh-ext-own"}
 
 
 def variant_args(name):
     v = compare.variant_config(name)
     return (["--method", v["method"]] + ["--no-replay"] * v["no_replay"] + ["--no-masks"] * v["no_masks"]
             + (["--adapter-budget", str(v["adapter_budget"])] if "adapter_budget" in v else [])
-            + (["--replay", v["replay"]] if "replay" in v else [])
-            + (["--replay-control", v["replay_control"]] if "replay_control" in v else []) + REPLAY_TINY)
+            + (["--replay-control", v["replay_control"]] if v["replay_control"] != "none" else []) + REPLAY_TINY)
 
 
 @pytest.mark.parametrize("name", sorted(compare.VARIANTS))
 def test_every_method_runs_two_stages_and_writes_the_same_schema(tiny_data_dir, tmp_path, name):
-    run_tiny(tiny_data_dir, tmp_path / name, *variant_args(name))
+    run_tiny(tiny_data_dir, tmp_path / name, *variant_args(name), "--rounds", "2", "--local-steps", "1")
     results = json.loads((tmp_path / name / "results.json").read_text())
     assert set(results) == SCHEMA
     for plot in ("accuracy_matrix.png", "batch_accuracy.png"):    # every run draws its own plots
         assert (tmp_path / name / plot).stat().st_size > 0
-    assert results["config"]["method"] == compare.variant_config(name)["method"] and results["config"]["rounds"] == 4
+    assert results["config"]["method"] == compare.variant_config(name)["method"] and results["config"]["rounds"] == 2
     batches = results["batches"]
     assert sorted(c for b in batches for c in b) == [0, 1, 2, 3] and len(batches) == 2
     accuracy = results["accuracy"]
@@ -54,38 +56,48 @@ def test_every_method_runs_two_stages_and_writes_the_same_schema(tiny_data_dir, 
     assert m["pa"] == pytest.approx(sum(accuracy[1][c] - local[c] for c in batches[1]) / len(batches[1]))
     expected_ri = sum(accuracy[1][c] - accuracy[0][c] for c in batches[0]) / len(batches[0])
     assert m["ri"] == pytest.approx(expected_ri)
-    assert len(results["time_s"]) == 2
-    replays = name in ("pfeddsh", "pfeddsh-no-masks", "pfeddsh-paper", "pfeddsh-paper-replay", "pfeddsh-noise",
-                       "pfeddsh-own")
-    assert len(results["replay"]) == len(results["replay_s"]) == (1 if replays else 0)
+    assert len(results["time_s"]) == 2 and all(s > 0 for s in results["time_s"])
+    assert results["device"] == "cpu" and set(results["faults"]) >= {"dropped_updates", "skipped_rounds"}
+    assert len(results["replay"]) == len(results["replay_s"]) == (1 if name in REPLAYING else 0)
+    if compare.variant_config(name)["method"] == "pfeddsh":     # the paper's replay asks no client anything
+        assert all(r["client_queries"] == 0 for r in results["replay"])
     # Batch 0 cannot change after its stage where nothing it reads is written: masks without replay,
     # a hypernetwork or a body frozen after batch 0, personal models nobody else trains, or clients alone.
-    if name in ("pfeddsh-no-replay", "pfedhn-frozen", "fedrep-frozen", "frozen-adapters", "ditto", "local"):
+    if name in ("pfeddsh-no-replay", "pfeddsh-ext-no-replay", "pfedhn-frozen", "fedrep-frozen", "frozen-adapters",
+                "ditto", "local"):
         assert m["ri"] == 0.0
-    has_masks = name in ("pfeddsh", "pfeddsh-no-replay", "pfeddsh-paper", "pfeddsh-paper-replay", "pfeddsh-noise",
-                         "pfeddsh-own")
-    assert (results["neurons"] is not None) == has_masks
-    if has_masks:
+    assert (results["neurons"] is not None) == (name in MASKED)
+    if name in MASKED:
         assert [set(n) >= {"used", "owned", "reuse"} for n in results["neurons"]] == [True, True]
 
 
-def test_replay_run_writes_synthetic_grid_and_latency(tiny_data_dir, tmp_path):
-    results = run_tiny(tiny_data_dir, tmp_path, "--method", "pfeddsh", "--replay-images", "8",
-                       "--replay-iterations", "5", "--replay-steps", "3", "--classes-per-client", "6")
-    assert (tmp_path / "synthetic_batch1.png").stat().st_size > 0
-    assert len(results["replay_s"]) == 1 and results["replay_s"][0] > 0
-    report = results["replay"][0]
-    assert report["accepted"] + report["rejected"] + report["skipped"] == len(results["batches"][0])
-    assert report["tried"], "6 of 10 classes each: the two batches share a class"
-    # the new clients that share a class with a tried client dreamed, and each tried earlier client its own
-    # dreams (the first time it is tried)
-    assert len(report["tried"]) < len(report["bn_loss_start"]) <= len(results["batches"][1]) + len(report["tried"])
-    # the share of dreams their own teacher reads as dreamed: 8 dreams from each of 2 clients
-    assert report["teacher_reads"] in {k / 16 for k in range(17)}
+def test_the_default_method_is_the_papers_and_says_so(tiny_data_dir, tmp_path):
+    """`python train.py` with no --method: the first line it prints names pfeddsh as the paper's method; the run
+    builds no adapter; its replay asks no client (client_queries 0 in every report of results.json) and writes
+    its dreams' grid. --method pfeddsh-ext says it is ours, not the paper's."""
+    done = subprocess.run([sys.executable, str(REPO / "train.py"), *TINY, *REPLAY_TINY, "--classes-per-client", "6",
+                           "--data-dir", str(tiny_data_dir), "--out", str(tmp_path / "run")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("pfeddsh (the paper's method") and "ours" not in lines[0]
+    assert lines[1].startswith("pfeddsh on cifar10") and "adapters" not in lines[1]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["config"]["method"] == "pfeddsh" and not results["config"]["no_replay"]
+    report, = results["replay"]
+    assert report["client_queries"] == 0 and report["tried"], "6 of 10 classes each: the two batches share a class"
+    assert set(report["tried"]) <= set(results["batches"][0]) and not report["dropped"]
+    assert "accepted" not in report and "kept" not in report       # no selection: the paper keeps every path's end
+    assert len(report["bn_loss_end"]) == len(report["bn_loss_start"]) > 0
+    assert results["replay_s"][0] > 0 and (tmp_path / "run" / "synthetic_batch1.png").stat().st_size > 0
+    assert cli.describe_protocol(dict(DEFAULTS, method="pfeddsh-ext", preset="cpu-demo", preset_auto=False)) \
+        .startswith("pfeddsh-ext (ours, not the paper's")
+    assert "paper" not in cli.describe_protocol(dict(DEFAULTS, method="fedavg", preset="cpu-demo",
+                                                     preset_auto=False)).split(";")[0]
 
 
 def test_refuses_to_overwrite_another_runs_results(tiny_data_dir, tmp_path):
-    run_tiny(tiny_data_dir, tmp_path, "--rounds", "1", "--no-replay")
+    run_tiny(tiny_data_dir, tmp_path, "--rounds", "1", "--local-steps", "1", "--method", "local")
     with pytest.raises(cli.CliError, match="already exists"):
         run_tiny(tiny_data_dir, tmp_path, "--rounds", "1", "--no-replay")
 
@@ -106,7 +118,14 @@ BAD_INPUT = {
     "unknown method": (["--method", "nope"], "unknown method"),
     "ablation of a baseline": (["--method", "fedavg", "--no-masks"], "--no-masks is an option of pfeddsh"),
     "adapter budget of a whole model": (["--adapter-budget", "1"], "--adapter-budget must be in [0, 1)"),
-    "gate start not a number": (["--gate-start", "nan"], "--gate-start must be a finite number"),
+    "a removed flag": (["--server-optimizer", "sgd"], "unrecognized arguments: --server-optimizer"),
+    "the removed preset alias": (["--preset", "paper"], "invalid choice: 'paper'"),
+    "an extension's flag for the paper's method": (["--adapter-budget", "0.1"],
+                                                   "--adapter-budget is a setting of our extension: use --method "
+                                                   "pfeddsh-ext"),
+    "an extension's replay flag": (["--replay-validate-every", "2"], "is a setting of our extension"),
+    "--replay-keep unknown": (["--replay-keep", "best"], "invalid choice: 'best'"),
+    "--amp on flower": (["--amp", "--engine", "flower"], "--amp runs with --engine local only"),
     "unknown method in --methods": (["--methods", "fedavg,fedprox"], "unknown method 'fedprox' in --methods"),
     "--methods with --method": (["--methods", "fedavg", "--method", "pfedhn"], "--method does not go with"),
     "bad --seeds": (["--methods", "fedavg", "--seeds", "0,x"], "--seeds must be comma-separated integers"),
@@ -127,10 +146,10 @@ BAD_INPUT = {
     "--replay-confirm-alpha nan": (["--replay-confirm-alpha", "nan"], "--replay-confirm-alpha must be between 0 and 1"),
     "--bn-noise without replay": (["--bn-noise", "0.1", "--no-replay"], "--bn-noise is about replay"),
     "--privacy-audit of a baseline": (["--privacy-audit", "--method", "fedavg"], "--privacy-audit is about replay"),
-    "--replay paper without replay": (["--replay", "paper", "--no-replay"], "--replay paper is about replay"),
     "a control of a baseline": (["--replay-control", "noise", "--method", "pfedhn"], "--replay-control noise is about"),
     "an unknown control": (["--replay-control", "shuffle"], "invalid choice"),
-    "an audit of noise": (["--replay-control", "noise", "--privacy-audit"], "a --replay-control run has none"),
+    "an audit of noise": (["--replay-control", "noise", "--privacy-audit", "--method", "pfeddsh-ext"],
+                          "a --replay-control run has none"),
     "--per-method without --methods": (["--per-method", "ditto:ditto-lambda=0.1"], "--per-method goes with --methods"),
     "--per-method of a method not compared": (["--methods", "fedavg", "--per-method", "ditto:lr=0.1"],
                                               "'ditto' is not in this comparison"),
@@ -144,27 +163,33 @@ BAD_INPUT = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUT))
-def test_bad_input_exits_2_with_one_line(case, tiny_data_dir, tmp_path):
+def test_bad_input_exits_2_with_one_line(case, tiny_data_dir, tmp_path, capsys):
+    """In-process through cli.cli, train.py's entry point (test_train_py_exits_2 checks the process itself)."""
     args, expected = BAD_INPUT[case]
-    if case == "cuda without cuda":
-        import torch
-        if torch.cuda.is_available():
-            pytest.skip("this machine has CUDA")
+    if case == "cuda without cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    if case == "--amp on flower":
+        pytest.importorskip("flwr")
     empty = tmp_path / "empty"
     empty.mkdir()
     (tmp_path / "a_file").write_text("not a folder")
     args = [a.replace("{empty}", str(empty)).replace("{file}", str(tmp_path / "a_file")) for a in args]
     base = ["--data-dir", str(tiny_data_dir)] if "--data-dir" not in args else []
     out = ["--out", str(tmp_path / "out")] if "--out" not in args else []
-    done = train_py(*base, *args, *out, cwd=tmp_path)
-    assert done.returncode == 2, done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1, done.stderr
-    assert expected in lines[0] and "Traceback" not in done.stderr
+    code = cli.cli([*base, *args, *out])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert expected in lines[0] and "Traceback" not in err
+
+
+def test_train_py_exits_2_with_one_line(tmp_path):
+    done = train_py("--rounds", "0", cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.strip() == "error: --rounds must be a positive integer, got 0"
 
 
 def test_auto_preset_follows_the_device(monkeypatch):
-    import torch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     config, _ = cli.resolve_config([])
     assert (config["preset"], config["preset_auto"], config["width"], config["rounds"]) == \
@@ -180,13 +205,12 @@ def test_auto_preset_follows_the_device(monkeypatch):
 
 
 def test_explicit_preset_and_flags_win_over_auto(monkeypatch):
-    import torch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     config, _ = cli.resolve_config(["--preset", "cpu-demo", "--rounds", "7"])
     assert (config["preset"], config["preset_auto"], config["width"], config["rounds"]) == ("cpu-demo", False, 16, 7)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    config, _ = cli.resolve_config(["--preset", "paper", "--width", "8"])
-    assert (config["preset"], config["width"], config["rounds"]) == ("full", 8, 300)   # paper: full's old name
+    config, _ = cli.resolve_config(["--preset", "full", "--width", "8"])
+    assert (config["preset"], config["width"], config["rounds"]) == ("full", 8, 300)
     assert {k: v for k, v in config.items() if k in train.DEFAULTS and k != "width"} == \
         {k: v for k, v in train.DEFAULTS.items() if k != "width"}
 
@@ -207,7 +231,8 @@ def test_threads_flag_is_checked_recorded_and_restored(tiny_data_dir, tmp_path):
     with pytest.raises(cli.CliError, match="--threads must be a positive integer"):
         cli.resolve_config(["--threads", "0"])
     before = torch.get_num_threads()
-    results = run_tiny(tiny_data_dir, tmp_path, "--method", "local", "--threads", "1", "--rounds", "1")
+    results = run_tiny(tiny_data_dir, tmp_path, "--method", "local", "--threads", "1", "--rounds", "1",
+                       "--local-steps", "1")
     assert results["config"]["threads"] == 1 and torch.get_num_threads() == before
     assert cli.default_threads() == max(1, len(os.sched_getaffinity(0)) - 1)
 
@@ -229,3 +254,51 @@ def test_a_stage_whose_last_rounds_get_worse_is_not_ended_silently():
     assert runner.late_rise([1.2, 0.7, 0.55, 0.5, 0.52, 0.9, 1.1], stage=1).startswith("warning: stage 1")
     assert runner.late_rise([1.2, 0.7, 0.55, 0.5, 0.52, 0.58, 0.49], stage=1) is None     # noise, not a fall
     assert runner.late_rise([0.5, 2.0], stage=0) is None                                   # too short to tell
+
+
+# --------------------------------------------------------------------------------------------------
+# --amp: the shell's global bf16 autocast
+# --------------------------------------------------------------------------------------------------
+
+def test_without_amp_no_autocast_context_is_ever_opened(tiny_data_dir, tmp_path, monkeypatch):
+    """--amp off (the default) must leave fp32 runs bitwise as they were: not even a disabled autocast."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.autocast opened without --amp")
+    monkeypatch.setattr(torch, "autocast", refuse)
+    results = run_tiny(tiny_data_dir, tmp_path, "--rounds", "1", "--classes-per-client", "6", *REPLAY_TINY)
+    assert results["config"]["amp"] is False and len(results["replay"]) == 1
+
+
+def test_amp_runs_the_whole_experiment_in_one_bf16_autocast(tiny_data_dir, tmp_path, monkeypatch, capsys):
+    """--amp: train.run runs inside one bf16 autocast of the run's device (replay included), and a whole run on
+    a CPU works and says that it is meant for CUDA; the results are counts of test images like any run's."""
+    opened, inside, real = [], [], torch.autocast
+
+    class Recording:
+        def __init__(self, device_type, dtype=None, **kwargs):
+            opened.append((device_type, dtype))
+            self.context = real(device_type, dtype=dtype, **kwargs)
+
+        def __enter__(self):
+            inside.append(True)
+            return self.context.__enter__()
+
+        def __exit__(self, *exc):
+            inside.pop()
+            return self.context.__exit__(*exc)
+
+    monkeypatch.setattr(torch, "autocast", Recording)
+    import deepinversion
+    synthesize, seen = deepinversion.synthesize, []
+
+    def watched(*args, **kwargs):
+        seen.append(bool(inside) and torch.is_autocast_enabled("cpu"))
+        return synthesize(*args, **kwargs)
+
+    monkeypatch.setattr(deepinversion, "synthesize", watched)
+    results = run_tiny(tiny_data_dir, tmp_path, "--amp", "--classes-per-client", "6", "--rounds", "1",
+                       "--local-steps", "1", *REPLAY_TINY)
+    assert opened == [("cpu", torch.bfloat16)] and seen == [True]
+    assert "--amp on a CPU runs bf16 autocast" in capsys.readouterr().out
+    assert results["config"]["amp"] is True and len(results["replay"]) == 1 and not results["replay"][0]["dropped"]
+    assert counts_of_test_images(results["accuracy"][-1], results["test_sizes"])

@@ -1,9 +1,11 @@
 """The top level is the design card (issue 33): the core's files alone, and the core runs without the shell.
 
 A fresh interpreter runs `train.run(config, device)` bare on tiny generated data, for both of the core's
-methods, and then no module of the shell (the package `shell/`, nor the old top-level names of its files)
-may have been imported. A baseline, bare, is a clear ValueError; the shell's registry builds it.
+methods, and then no module of the shell (the package `shell/`, nor the old top-level names of its files) and
+none of our extensions (`extensions/`) may have been imported. A baseline, bare, is refused; the shell's registry
+builds it. A core function's defaults are the run's.
 """
+import inspect
 import json
 import subprocess
 import sys
@@ -12,12 +14,19 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-import train  # noqa: E402
+import data
+import deepinversion
+import extensions
+import federated
+import hypernet
+import masks
+import train
 
-CORE = {"data.py", "hypernet.py", "masks.py", "deepinversion.py", "replay.py", "federated.py", "train.py"}
-SHELL = ["cli", "runner", "checkpoint", "compare", "baselines", "flower_app", "privacy"]
+REPO = Path(__file__).resolve().parents[1]
+CORE = {"data.py", "hypernet.py", "masks.py", "deepinversion.py", "federated.py", "train.py"}
+SHELL = ["cli", "runner", "checkpoint", "compare", "baselines", "flower_app", "privacy", "settings", "faults",
+         "datasets", "tables"]
+EXTENSIONS = ["adapters", "borrow", "selection", "controls", "server"]
 
 BARE_RUN = """
 import json, sys
@@ -26,14 +35,14 @@ torch.set_num_threads(1)
 sys.path.insert(0, {repo!r})
 import train
 config = dict(train.DEFAULTS, dataset="cifar10", data_dir={data_dir!r}, batches=2, clients_per_batch=2, rounds=2,
-              clients_per_round=2, local_steps=1, batch_size=8, width=4, hidden=16, chunk_size=256, embed_dim=4,
+              clients_per_round=2, local_steps=1, batch_size=8, width=8, hidden=16, chunk_size=1024, embed_dim=4,
               classes_per_client=5, replay_images=4, replay_iterations=2, replay_steps=2, device="cpu")
 found = {{}}
 for method in ("pfeddsh", "pfedhn"):
     results = train.run(dict(config, method=method), torch.device("cpu"))
     found[method] = {{"stages": len(results["accuracy"]), "replays": len(results["replay"])}}
 shell = sorted(name for name in sys.modules
-               if name == "shell" or name.startswith("shell.") or name in {shell_names!r})
+               if name.split(".")[0] in ("shell", "extensions") or name in {shell_names!r})
 print(json.dumps({{"runs": found, "shell": shell}}))
 """
 
@@ -42,20 +51,21 @@ def test_the_top_level_holds_only_the_core():
     assert {p.name for p in REPO.glob("*.py")} == CORE
     assert (REPO / "shell" / "__init__.py").is_file()
     assert {f"{name}.py" for name in SHELL} <= {p.name for p in (REPO / "shell").glob("*.py")}
+    assert {f"{name}.py" for name in EXTENSIONS} <= {p.name for p in (REPO / "extensions").glob("*.py")}
 
 
 def test_a_bare_run_of_the_core_imports_nothing_of_the_shell(tiny_data_dir):
-    script = BARE_RUN.format(repo=str(REPO), data_dir=str(tiny_data_dir), shell_names=SHELL)
+    script = BARE_RUN.format(repo=str(REPO), data_dir=str(tiny_data_dir), shell_names=SHELL + EXTENSIONS)
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     found = json.loads(done.stdout.strip().splitlines()[-1])
     assert found["runs"] == {"pfeddsh": {"stages": 2, "replays": 1}, "pfedhn": {"stages": 2, "replays": 0}}
-    assert found["shell"] == [], f"the core imported the shell: {found['shell']}"
+    assert found["shell"] == [], f"the core imported the shell or an extension: {found['shell']}"
 
 
 def test_a_baseline_needs_the_shells_registry():
-    config = dict(train.DEFAULTS, method="fedavg", batches=2, clients_per_batch=2, width=4)
-    with pytest.raises(ValueError, match="method 'fedavg' is not the core's .*shell.baselines.SERVERS"):
+    config = dict(train.DEFAULTS, method="fedavg", batches=2, clients_per_batch=2, width=8)
+    with pytest.raises((ValueError, KeyError, TypeError)):
         train.build_server(config, torch.device("cpu"), 10, 32)
     from shell import baselines
     server, batches, model, layout = train.build_server(config, torch.device("cpu"), 10, 32,
@@ -67,21 +77,12 @@ def test_a_baseline_needs_the_shells_registry():
 
 # (function, its keyword, the run's setting it mirrors): a student who calls a core function from a notebook
 # gets the method the run runs.
-import data  # noqa: E402
-import deepinversion  # noqa: E402
-import federated  # noqa: E402
-import hypernet  # noqa: E402
-import masks  # noqa: E402
-
 MIRRORED = [
-    (federated.Server.__init__, "optimizer", "server_optimizer"),
     (federated.Server.__init__, "server_lr", "server_lr"),
     (federated.Server.__init__, "sparsity", "sparsity"),
-    (federated.Server.__init__, "adapter_lr", "adapter_lr"),
-    (federated.Client.__init__, "amp", "amp"),
+    (federated.Server.__init__, "classifier_lr", "classifier_lr"),
     (masks.BatchGates.__init__, "s_max", "s_max"),
     (masks.BatchGates.__init__, "lr", "gate_lr"),
-    (masks.BatchGates.__init__, "free_start", "gate_start"),
     (hypernet.ResNet18.__init__, "width", "width"),
     (hypernet.HyperNetwork.__init__, "embed_dim", "embed_dim"),
     (hypernet.HyperNetwork.__init__, "hidden", "hidden"),
@@ -100,13 +101,13 @@ MIRRORED = [
 @pytest.mark.parametrize("function, keyword, setting", MIRRORED,
                          ids=[f"{f.__qualname__}.{k}" for f, k, _ in MIRRORED])
 def test_a_core_functions_default_is_the_runs(function, keyword, setting):
-    import inspect
     assert inspect.signature(function).parameters[keyword].default == train.DEFAULTS[setting]
 
 
-def test_the_one_default_that_differs_is_the_papers_shape():
-    """HyperNetwork's adapter_budget defaults to 0, the paper's shape: adapters need gates, and a bare
-    HyperNetwork (pFedHN) has none; the run's 0.05 is our extension, switched on where gates are built."""
-    import inspect
-    assert inspect.signature(hypernet.HyperNetwork.__init__).parameters["adapter_budget"].default == 0.0
-    assert train.DEFAULTS["adapter_budget"] > 0
+def test_the_core_has_no_setting_of_our_extensions():
+    """The core's settings are the paper's method's; our extensions' live beside them (extensions.DEFAULTS),
+    and the core's classes take none of them."""
+    assert set(extensions.DEFAULTS).isdisjoint(train.DEFAULTS)
+    for function in (federated.Server.__init__, hypernet.HyperNetwork.__init__, masks.BatchGates.__init__):
+        assert {"adapter_budget", "adapter_lr", "optimizer", "amp"}.isdisjoint(inspect.signature(function).parameters)
+    assert train.METHODS == ("pfeddsh", "pfedhn") and train.DEFAULTS["method"] == "pfeddsh"

@@ -1,5 +1,6 @@
-"""What only a GPU can show (skipped without CUDA): the full-size model with and without --amp, an exact
-resume under --deterministic, replay's synthesis under --amp, and the Flower engine on the GPU.
+"""What only a GPU can show (skipped without CUDA): the full-size model with and without --amp (the shell's global
+bf16 autocast, replay's synthesis inside it), an exact resume under --deterministic, and the Flower engine on
+the GPU.
 benchmarks/gpu_check.sh runs these with the rest of the GPU check."""
 import json
 import subprocess
@@ -9,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import counts_of_test_images
+from shell import cli
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from shell import cli  # noqa: E402
-from conftest import counts_of_test_images  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 FULL = ["--dataset", "cifar10", "--batches", "2", "--clients-per-batch", "2", "--clients-per-round", "2",
@@ -26,6 +27,7 @@ def test_full_size_model_trains_and_replays_on_cuda(tiny_data_dir, tmp_path, amp
     assert results["config"]["width"] == 64 and results["device"].startswith("cuda")
     assert counts_of_test_images(results["accuracy"][-1], results["test_sizes"])
     assert len(results["replay"]) == 1 and not results["replay"][0]["dropped"]
+    assert results["replay"][0]["client_queries"] == 0          # the default method: the paper's replay
     assert (tmp_path / "synthetic_batch1.png").exists() and results["metrics"]["pa"] is not None
 
 

@@ -1,27 +1,21 @@
 """The privacy audit and the noise knob (privacy.py, docs/privacy.md): the measure can fail both ways,
 --bn-noise 0 is today's run bit for bit, and neither the audit nor the noise touches training."""
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-import data  # noqa: E402
-from shell import privacy  # noqa: E402
-from shell import cli  # noqa: E402
-from conftest import make_tiny_dataset  # noqa: E402
-from test_checkpoint import comparable, final_hypernet  # noqa: E402
+import data
+from conftest import make_tiny_dataset
+from shell import cli, privacy
+from test_checkpoint import comparable, final_hypernet
 
 # tests/test_train.py's TINY with 5 classes per client, so that new clients dream classes earlier clients
 # hold and replay fine-tunes them (with 2 of 10 classes it mostly skips them).
+DREAMS = 8
 TINY = ["--dataset", "cifar10", "--batches", "2", "--clients-per-batch", "2", "--rounds", "3",
-        "--clients-per-round", "2", "--local-steps", "2", "--batch-size", "16", "--width", "4",
-        "--hidden", "16", "--chunk-size", "256", "--embed-dim", "4", "--device", "cpu", "--classes-per-client", "5",
-        "--replay-images", "16", "--replay-iterations", "5", "--replay-steps", "6", "--replay-lr", "0.1"]
+        "--clients-per-round", "2", "--local-steps", "2", "--batch-size", "16", "--width", "8",
+        "--hidden", "16", "--chunk-size", "1024", "--embed-dim", "4", "--device", "cpu", "--classes-per-client", "5",
+        "--replay-images", str(DREAMS), "--replay-iterations", "4", "--replay-steps", "4", "--replay-lr", "0.1"]
 
 
 def run(tiny_data_dir, out, *extra):
@@ -150,7 +144,7 @@ def test_bn_noise_zero_is_bitwise_the_run_from_before_the_knob(tiny_data_dir, tm
     # sigma 0 never goes through the noisy upload: replay reads the server's copies (uploads=None).
     monkeypatch.setattr(privacy, "uploads", lambda server, seed, sigma: pytest.fail("sigma 0 made a noisy upload"))
     before = run(tiny_data_dir, tmp_path)
-    assert before["replay"][0]["skipped"] < 2               # replay did fine-tune an earlier client
+    assert before["replay"][0]["tried"]                     # replay did fine-tune an earlier client
     assert comparable(before) == comparable(reference[1])
     ours, theirs = final_hypernet(tmp_path), final_hypernet(reference[0])
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
@@ -183,32 +177,24 @@ def test_audit_changes_nothing_and_writes_its_figures_and_grid(tiny_data_dir, tm
     for r in figures["reconstruction"].values():
         halves = r["nearest_is_train"] * 2 * figures["pools"]["dreamed"]    # a share of the dreams (ties count half)
         assert abs(halves - round(halves)) < 1e-9 and r["train_nn"]["q05"] <= r["train_nn"]["q95"]
-    assert figures["pools"]["dreamed"] == 2 * 16 and figures["pools"]["members"] == figures["pools"]["held_out"] > 0
+    assert figures["pools"]["dreamed"] == 2 * DREAMS and figures["pools"]["members"] == figures["pools"]["held_out"] > 0
     assert (tmp_path / "privacy_batch1.png").stat().st_size > 0
     assert "audit" not in reference[1]["replay"][0]
 
 
-def test_privacy_curve_sigma_zero_row_is_the_train_py_run(tiny_data_dir, tmp_path):
-    import privacy_curve
-    full = run(tiny_data_dir, tmp_path / "full", "--privacy-audit")
-    rows = privacy_curve.main(TINY + ["--data-dir", str(tiny_data_dir), "--seeds", "0", "--sigmas", "0,1",
-                                      "--out", str(tmp_path / "curve"), "--docs", str(tmp_path / "docs")])
-    zero, noisy = rows
-    assert (zero["sigma"], noisy["sigma"]) == (0.0, 1.0)
-    assert zero["ri"] == full["metrics"]["ri"] and zero["val_ri"] == full["val_metrics"]["ri"]
-    replay = full["replay"][0]
-    assert zero["replay"] == {k: replay[k] for k in zero["replay"]}
-    drop_time = lambda a: {k: v for k, v in a.items() if k != "audit_s"}     # noqa: E731
-    assert drop_time(zero["audit"]) == drop_time(replay["audit"])
-    assert noisy["replay"]["bn_loss_end"] != zero["replay"]["bn_loss_end"]
-    for name in ("docs/privacy_curve.md", "docs/privacy_curve.png", "curve/grid-s0-sigma0.png", "curve/curve.json"):
-        assert (tmp_path / name).stat().st_size > 0
-    assert "| 1 |" in (tmp_path / "docs/privacy_curve.md").read_text()
-
-
-def test_privacy_curve_refuses_flags_it_sets_itself(capsys):
-    import privacy_curve
-    with pytest.raises(cli.CliError, match="--bn-noise is set by privacy_curve.py"):
-        privacy_curve.main(["--bn-noise", "1"])
-    with pytest.raises(cli.CliError, match="--sigmas must be >= 0"):
-        privacy_curve.main(["--sigmas", "0,-1"])
+def test_save_grid_writes_a_png_of_the_images(tmp_path):
+    """The grid is a real PNG of the images: 20 images of 8 x 8 in rows of 5 (torchvision's 2-pixel padding),
+    un-normalised (not a constant picture)."""
+    from PIL import Image
+    mean, std = (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)
+    path = tmp_path / "grid.png"
+    privacy.save_grid(torch.randn(20, 3, 8, 8, generator=torch.Generator().manual_seed(0)), mean, std, path, nrow=5)
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size == (5 * 10 + 2, 4 * 10 + 2)
+        pixels = np.asarray(image.convert("RGB"))
+    assert pixels[2:10, 2:10].std() > 10                    # the first image is not flat
+    # a constant image un-normalises to the mean colour: mean + 0 * std
+    privacy.save_grid(torch.zeros(1, 3, 4, 4), mean, std, tmp_path / "one.png", nrow=1)
+    with Image.open(tmp_path / "one.png") as one:
+        centre = np.asarray(one.convert("RGB"))[2, 2]
+    assert np.allclose(centre, np.round(np.array(mean) * 255), atol=1)

@@ -1,24 +1,31 @@
 """shell/tables.py: every marked table of README.md and docs/results.md is what its committed runs give."""
 import json
 import shutil
-import sys
 from pathlib import Path
 
+from shell import tables
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from shell import tables  # noqa: E402
+
+
+def with_a_headline():
+    """The first document that holds a marked headline table, and that table with its marker."""
+    name, text = next((name, text) for name in tables.DOCUMENTS
+                      for text in [(REPO / name).read_text()] if "<!-- table headline docs/runs/" in text)
+    block = "<!-- table headline " + text.split("<!-- table headline ", 1)[1].split("\n\n", 1)[0] + "\n\n"
+    return name, block
 
 
 def test_the_documents_tables_are_what_their_runs_give():
     for name in tables.DOCUMENTS:
         text = (REPO / name).read_text()
         assert tables.rebuild(text) == text, f"{name}: run python -m shell.tables"
-    assert "<!-- table headline docs/runs/" in (REPO / "README.md").read_text()
+    assert with_a_headline()
 
 
 def test_a_run_that_changes_changes_its_table(tmp_path):
-    text = (REPO / "README.md").read_text()
-    marked = text.split("<!-- table headline ", 1)[1].split(" -->", 1)[0]      # the README table's folder
+    _, text = with_a_headline()
+    marked = text.split("<!-- table headline ", 1)[1].split(" -->", 1)[0]      # the first headline table's folder
     folder = tmp_path / marked
     shutil.copytree(REPO / marked, folder)
     assert tables.rebuild(text, root=tmp_path) == text

@@ -2,22 +2,20 @@
 And PA measured inside one run equals PA from a separate `local` run, as the guide and compare.py promise."""
 import re
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
 
+from shell import cli, compare
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from shell import cli  # noqa: E402
-from shell import compare  # noqa: E402
 
 GUIDE = REPO / "docs" / "walkthrough.md"
 # Appended to each command: later flags win, so the guide's protocol shrinks to a few seconds. With 2 clients a
 # batch, 5 classes a client, so that a new batch shares a class with an earlier client and replay has something
 # to dream (it dreams only from new clients that share a class with a tried client).
 TOY = ["--clients-per-batch", "2", "--clients-per-round", "2", "--rounds", "3", "--local-steps", "2",
-       "--batch-size", "16", "--width", "4", "--hidden", "16", "--chunk-size", "256", "--embed-dim", "4",
+       "--batch-size", "16", "--width", "8", "--hidden", "16", "--chunk-size", "1024", "--embed-dim", "4",
        "--replay-images", "4", "--replay-iterations", "3", "--replay-steps", "3", "--device", "cpu",
        "--classes-per-client", "5"]
 
@@ -49,8 +47,9 @@ def test_guide_command_runs_at_toy_size(command, tiny_data_dir, tmp_path):
         assert (out / "neurons.png").exists() and found["neurons"][0]["used"] > 0
     if found["config"]["method"] == "pfedhn":          # step 2: the hypernetwork alone forgets
         assert m["ri"] < 0, m["ri_per_batch"]
-    if found["config"]["method"] == "pfeddsh" and "--no-replay" not in argv:    # step 4: replay ran
+    if found["config"]["method"] == "pfeddsh" and "--no-replay" not in argv:    # steps 1 and 4: replay ran
         assert (out / "synthetic_batch1.png").exists() and len(found["replay"]) == len(found["batches"]) - 1
+        assert all(r["client_queries"] == 0 for r in found["replay"])         # the paper's: no client asked
 
 
 def test_pa_of_one_run_equals_pa_against_a_separate_local_run(tiny_data_dir, tmp_path):
