@@ -78,7 +78,7 @@ def build_server(config, device, num_classes, image_size, servers=None):
     batches = data.assign_batches(num_clients, config["batches"], config["seed"])
     model = hn.ResNet18(num_classes, config["width"]).to(device)
     if config["method"] not in METHODS:
-        server, layout = servers[config["method"]](config, device, model, batches, image_size)
+        server, layout = (servers or {})[config["method"]](config, device, model, batches, image_size)
         return server, batches, model, layout
     gates = None
     if config["method"] == "pfeddsh" and not config["no_masks"]:      # pfedhn: the same server without masks
@@ -86,9 +86,9 @@ def build_server(config, device, num_classes, image_size, servers=None):
                                  lr=config["gate_lr"])
     hypernet = hn.HyperNetwork(model, num_clients, embed_dim=config["embed_dim"], hidden=config["hidden"],
                                num_layers=config["hyper_layers"], chunk_size=config["chunk_size"], gates=gates)
-    replays = config["method"] == "pfeddsh" and not config["no_replay"]
+    replay = replay_settings(config) if config["method"] == "pfeddsh" and not config["no_replay"] else None
     server = fl.Server(hypernet.to(device), model, batches, server_lr=config["server_lr"], sparsity=config["sparsity"],
-                       classifier_lr=config["classifier_lr"], image_size=image_size, replay=replay_settings(config) if replays else None)
+                       classifier_lr=config["classifier_lr"], image_size=image_size, replay=replay)
     return server, batches, model, hypernet.layout
 
 

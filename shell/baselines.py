@@ -515,7 +515,8 @@ class FrozenAdapters(FedAvg):  # ours
         return accuracy(client, self.generate(client.cid), self.bn_stats[client.cid])
 
     def state_dict(self):
-        return dict(super().state_dict(), adapted=self.adapted.state_dict(), optimizer=(self.optimizer.state, self.optimizer.steps),
+        return dict(super().state_dict(), adapted=self.adapted.state_dict(),
+                    optimizer=(self.optimizer.state, self.optimizer.steps),
                     bn_stats=self.bn_stats)
 
     def load_state_dict(self, sd):
@@ -589,7 +590,8 @@ class FedTarget(FedAvg):
             # dreams never enter the client's running statistics
             scratch = {n: b.clone() for n, b in self.bn.items()}
             student = hn.run_model(self.model, student_weights, scratch, images[pick])
-            return self.kd_weight * deepinversion.distillation_loss(student.float(), teacher_logits[pick], self.temperature)
+            return self.kd_weight * deepinversion.distillation_loss(student.float(), teacher_logits[pick],
+                                                                    self.temperature)
         return extra_loss
 
     def train_round(self, client_ids, clients, stage_fraction, steps, minibatch_size, lr):

@@ -24,7 +24,7 @@ import torch
 import data
 from shell import checkpoint, compare, runner
 from shell.runner import CliError, Interrupted
-from shell.settings import DEFAULTS, PRESETS, REPLAYING
+from shell.settings import DEFAULTS, PRESETS, REPLAYING, relevant
 
 PRESET_NOTES = {"full": "the full-scale protocol, for a GPU (not yet timed on one: README)",
                 "cpu-demo": "a few minutes on a 2-core CPU"}
@@ -222,7 +222,8 @@ def describe_protocol(config):
     else:
         why = f"--preset {name}"
     method = config["method"] + (f" ({METHOD_NOTES[config['method']]})" if config["method"] in METHOD_NOTES else "")
-    return (f"{method}; protocol {name} ({why}): ResNet-18 width {config['width']}, {config['clients_per_batch']} clients "
+    return (f"{method}; protocol {name} ({why}): ResNet-18 width {config['width']}, "
+            f"{config['clients_per_batch']} clients "
             f"per batch, {config['rounds']} rounds x "
             f"{min(config['clients_per_round'], config['clients_per_batch'])} clients x "
             f"{config['local_steps']} local steps per stage; --preset {other} for {PRESET_NOTES[other]}")
@@ -302,7 +303,8 @@ def validate(c):
     for key in positive + (["threads"] if c["threads"] is not None else []):
         if c[key] < 1:
             raise CliError(f"--{key.replace('_', '-')} must be a positive integer, got {c[key]}")
-    for key in ["lr", "server_lr", "classifier_lr", "adapter_lr", "alpha", "s_max", "gate_lr", "replay_lr", "replay_temperature",
+    for key in ["lr", "server_lr", "classifier_lr", "adapter_lr", "alpha", "s_max", "gate_lr", "replay_lr",
+                "replay_temperature",
                 "node_timeout", "embed_lr", "lwf_temperature"]:
         if not 0 < c[key] < math.inf:
             raise CliError(f"--{key.replace('_', '-')} must be positive and finite, got {c[key]}")
@@ -386,7 +388,7 @@ def main(argv=None, grid=None):
         config, comparison = resolve_config(sys.argv[1:] if argv is None else argv)
         config["threads"] = use_threads(config["threads"])
         use_kernels(config["deterministic"])
-        print(describe_protocol(config))
+        print(describe_protocol(config if comparison is None else dict(config, method=",".join(comparison[0]))))
         if comparison is not None:
             return run_comparison(config, *comparison, caught, argv, grid=grid)
         return runner.run(config, caught, grid=grid)
@@ -436,7 +438,8 @@ def run_comparison(config, names, seeds, per_method, caught, argv, grid=None):
                 with open(results_path) as f:
                     results = json.load(f)
                 # A setting missing from an older results.json did not exist then: it had its default.
-                differing = checkpoint.differing_settings(run_config, dict(DEFAULTS, **results["config"]))
+                differing = checkpoint.differing_settings(relevant(run_config),
+                                                          relevant(dict(DEFAULTS, **results["config"])))
                 if differing:
                     raise CliError(f"{results_path} was made with other settings ({', '.join(differing)}): "
                                    f"use another --out, or --overwrite to rerun every method")

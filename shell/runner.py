@@ -22,7 +22,7 @@ import federated as fl
 import hypernet as hn
 import train
 from shell import baselines, checkpoint, compare, datasets, faults
-from shell.settings import DEFAULTS, REPLAYING
+from shell.settings import DEFAULTS, REPLAYING, relevant
 
 # The registry train.run builds every method that is not the core's own from.
 SERVERS = {**baselines.SERVERS, **extensions.SERVERS}
@@ -100,13 +100,14 @@ def run(config, caught, how_to_continue="rerun with --resume to continue", grid=
 def complete(results, config, device, shell_seconds, server_faults, node_faults=None):
     """What the shell adds to the core's results: the device, each stage's seconds (evaluation and PA's reference
     included), the faults survived, replay's seconds, and `local`'s PA reference (a local run is its own: PA 0)."""
-    results = dict(results, device=str(device), faults=dict(server_faults, **(node_faults or {})),
+    results = dict(results, config=relevant(results["config"]), device=str(device),
+                   faults=dict(server_faults, **(node_faults or {})),
                    replay_s=[r["replay_s"] for r in results["replay"]], time_s=shell_seconds)
     if config["method"] == "local" and not results["local_accuracy"]:
         rows = [None] + [[a if cid in b else None for cid, a in enumerate(row)]
                          for row, b in zip(results["accuracy"][1:], results["batches"][1:])]
-        test_sizes = results["test_sizes"]
-        results.update(local_accuracy=rows, metrics=train.metrics(results["accuracy"], results["batches"], test_sizes, rows))
+        results.update(local_accuracy=rows,
+                       metrics=train.metrics(results["accuracy"], results["batches"], results["test_sizes"], rows))
     return results
 
 
@@ -248,8 +249,8 @@ class Shell(train.Hooks):
             os.kill(os.getpid(), signal.SIGINT)         # handled by cli's on_signal right here, like a real Ctrl-C
         # The flower engine keeps no checkpoint: the clients' generators live on their nodes.
         if not self.flower and (stage_done or self.caught or done % config["checkpoint_every"] == 0):
-            checkpoint.save(self.checkpoint_path, dict(checkpoint.capture(config, self.device, self.server, self.clients,
-                                                                          rng, state), stage_seconds=self.stage_seconds))
+            state_now = checkpoint.capture(config, self.device, self.server, self.clients, rng, state)
+            checkpoint.save(self.checkpoint_path, dict(state_now, stage_seconds=self.stage_seconds))
         if self.caught and self.flower:
             raise Interrupted(f"interrupted ({signal.Signals(self.caught[0]).name}): the flower engine keeps no "
                               "checkpoint; rerun to start over", 128 + self.caught[0])

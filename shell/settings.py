@@ -20,3 +20,12 @@ PRESETS = {
                      replay_images=16, replay_iterations=50, replay_steps=30),
 }
 REPLAYING = ("pfeddsh", "pfeddsh-ext")     # the methods that replay (unless --no-replay)
+# Our extension's settings, and the methods that read them: every other run's results.json leaves them out.
+EXTENSION_KEYS = {"adapter_budget": ("pfeddsh-ext", "frozen-adapters"), "adapter_lr": ("pfeddsh-ext", "frozen-adapters"),
+                  "replay_control": ("pfeddsh-ext",), "replay_validate_every": ("pfeddsh-ext",),
+                  "replay_confirm_alpha": ("pfeddsh-ext",)}
+
+
+def relevant(config):
+    """The config without the extension's settings its method never reads (what results.json records)."""
+    return {k: v for k, v in config.items() if config["method"] in EXTENSION_KEYS.get(k, (config["method"],))}

@@ -109,6 +109,22 @@ def per_batch(runs):
     return lines
 
 
+def ri_per_batch(runs, method="pfeddsh"):
+    """`method`'s RI of every earlier batch on every seed (points), with the smallest and the mean: whether any
+    batch was left worse off than its own stage left it."""
+    rows = sorted(runs.get(method, []), key=lambda r: r["config"]["seed"])
+    if not rows:
+        return []
+    num = len(rows[0]["metrics"]["ri_per_batch"])
+    lines = ["| seed | " + " | ".join(f"batch {k}" for k in range(num)) + " | smallest | mean |",
+             "|---" * (num + 3) + "|"]
+    for r in rows:
+        ri = [100 * x for x in r["metrics"]["ri_per_batch"]]
+        lines.append(f"| {r['config']['seed']} | " + " | ".join(signed(x) for x in ri)
+                     + f" | {signed(min(ri))} | {signed(float(np.mean(ri)))} |")
+    return lines
+
+
 def compute(runs, reference="pfeddsh"):
     """Per method: wall time of a whole run (minutes, one thread, mean ± std over seeds), its time relative to
     `reference`, and the SGD steps its clients took (PA's reference run excluded)."""
@@ -155,7 +171,7 @@ def tuning(folder):
 FOLDER_TABLES = {"tuning": tuning}
 
 TABLES = {"headline": headline, "replay-arms": replay_arms, "replay-cost": replay_cost, "per-batch": per_batch,
-          "compute": compute, "holm": holm}
+          "compute": compute, "holm": holm, "ri-per-batch": ri_per_batch}
 
 
 def rebuild(text, root=REPO):

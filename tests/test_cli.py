@@ -12,7 +12,7 @@ import torch
 import train
 from conftest import counts_of_test_images
 from shell import cli, compare
-from shell.settings import DEFAULTS
+from shell.settings import DEFAULTS, PRESETS
 from test_train import REPLAY_TINY, REPO, TINY, run_tiny
 
 SCHEMA = {"config", "batches", "accuracy", "val_accuracy", "metrics", "val_metrics", "neurons", "test_sizes",
@@ -84,6 +84,7 @@ def test_the_default_method_is_the_papers_and_says_so(tiny_data_dir, tmp_path):
     assert lines[1].startswith("pfeddsh on cifar10") and "adapters" not in lines[1]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["config"]["method"] == "pfeddsh" and not results["config"]["no_replay"]
+    assert not [key for key in results["config"] if "adapter" in key]     # no setting of our extension
     report, = results["replay"]
     assert report["client_queries"] == 0 and report["tried"], "6 of 10 classes each: the two batches share a class"
     assert set(report["tried"]) <= set(results["batches"][0]) and not report["dropped"]
@@ -192,13 +193,15 @@ def test_train_py_exits_2_with_one_line(tmp_path):
 def test_auto_preset_follows_the_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     config, _ = cli.resolve_config([])
+    demo = PRESETS["cpu-demo"]
+    assert demo["width"] < DEFAULTS["width"] and demo["rounds"] < DEFAULTS["rounds"]
     assert (config["preset"], config["preset_auto"], config["width"], config["rounds"]) == \
-        ("cpu-demo", True, 16, 20)
+        ("cpu-demo", True, demo["width"], demo["rounds"])
     line = cli.describe_protocol(config)
     assert "protocol cpu-demo" in line and "--preset full" in line
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     config, _ = cli.resolve_config([])
-    assert (config["preset"], config["width"], config["rounds"]) == ("full", 64, 300)
+    assert (config["preset"], config["width"], config["rounds"]) == ("full", DEFAULTS["width"], DEFAULTS["rounds"])
     assert "--preset cpu-demo" in cli.describe_protocol(config)
     config, _ = cli.resolve_config(["--device", "cpu"])             # CUDA there, but not asked for
     assert config["preset"] == "cpu-demo"
@@ -207,10 +210,11 @@ def test_auto_preset_follows_the_device(monkeypatch):
 def test_explicit_preset_and_flags_win_over_auto(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     config, _ = cli.resolve_config(["--preset", "cpu-demo", "--rounds", "7"])
-    assert (config["preset"], config["preset_auto"], config["width"], config["rounds"]) == ("cpu-demo", False, 16, 7)
+    assert (config["preset"], config["preset_auto"], config["width"], config["rounds"]) == \
+        ("cpu-demo", False, PRESETS["cpu-demo"]["width"], 7)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     config, _ = cli.resolve_config(["--preset", "full", "--width", "8"])
-    assert (config["preset"], config["width"], config["rounds"]) == ("full", 8, 300)
+    assert (config["preset"], config["width"], config["rounds"]) == ("full", 8, DEFAULTS["rounds"])
     assert {k: v for k, v in config.items() if k in train.DEFAULTS and k != "width"} == \
         {k: v for k, v in train.DEFAULTS.items() if k != "width"}
 
@@ -220,8 +224,10 @@ def test_help_shows_every_default_and_the_presets(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["--help"])
     text = capsys.readouterr().out
-    assert "(default 64; cpu-demo 16)" in text and "(default 300; cpu-demo 20)" in text
-    assert "cpu-demo: a few minutes on a 2-core CPU: --width 16" in text
+    demo = PRESETS["cpu-demo"]
+    assert f"(default {DEFAULTS['width']}; cpu-demo {demo['width']})" in text
+    assert f"(default {DEFAULTS['rounds']}; cpu-demo {demo['rounds']})" in text
+    assert f"cpu-demo: a few minutes on a 2-core CPU: --width {demo['width']}" in text
     for action in cli.build_parser()._actions:          # every option with a default says it
         if action.dest in train.DEFAULTS:
             assert "default" in action.help, action.dest

@@ -33,13 +33,6 @@ def test_load_tiny_cache(tiny_data_dir):
     assert np.allclose(ds.std, (x / 255).std(axis=(0, 1, 2)), atol=1e-9)
 
 
-def test_missing_data_is_one_line(tmp_path):
-    with pytest.raises(data.DataError) as e:
-        data.load_dataset("cifar10", str(tmp_path))
-    msg = str(e.value)
-    assert "\n" not in msg and str(tmp_path / "cifar10") in msg and "--data-dir" in msg
-
-
 @pytest.mark.skipif(not (SHARED_DATA / "cifar10" / "train_0.npz").exists(), reason="no shared CIFAR-10")
 def test_real_cifar10():
     ds = data.load_dataset("cifar10", str(SHARED_DATA))

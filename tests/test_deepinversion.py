@@ -352,19 +352,18 @@ def test_the_fine_tuning_set_is_the_new_dreams_of_the_clients_classes_next_to_it
     server = two_stage_server()
     pools, fine_tune = {}, di.fine_tune
 
-    def recording(server, cid, pool, **kwargs):
-        pools[cid] = pool
-        return fine_tune(server, cid, pool, **kwargs)
+    def recording(server, cid, new, own, **kwargs):
+        pools[cid] = new, own
+        return fine_tune(server, cid, new, own, **kwargs)
 
     monkeypatch.setattr(di, "fine_tune", recording)
     report = server.replay([Untouchable(c) for c in range(4)], 1, seed=0)
-    images, labels, logits = pools[1]
-    own_images, own_labels, own_logits = server.dreams[1]         # its own dreams, made once and kept
-    assert set(labels.tolist()) <= {1, 2} and len(labels) == len(images) == len(logits)
+    (images, labels, logits), own = pools[1]
+    assert all(torch.equal(a, b) for a, b in zip(own, server.dreams[1]))   # its own dreams, made once and kept
+    assert set(server.dreams[1][1].tolist()) <= {1, 2}
     new = report["labels"] == 2                  # client 2's dreams of class 2, the one class they share
-    assert torch.equal(images, torch.cat([report["images"][new], own_images]))
-    assert torch.equal(labels, torch.cat([report["labels"][new], own_labels]))
-    assert 0 < int(new.sum()) < len(report["labels"])
+    assert torch.equal(images, report["images"][new]) and torch.equal(labels, report["labels"][new])
+    assert len(logits) == len(labels) and 0 < int(new.sum()) < len(report["labels"])
 
 
 def test_targets_weigh_every_class_the_same():
@@ -395,27 +394,31 @@ def test_distillation_loss():
     torch.testing.assert_close(di.distillation_loss(student, teacher, 2.0, weight), per_image[0])
 
 
-def test_keep_held_out_keeps_the_point_of_the_path_with_the_lowest_held_out_loss():
-    """keep "held-out" fits every second dream and keeps the point of its path (the start included) whose loss
-    on the others is lowest. The path is rebuilt step by step with keep "end" on the fitted half (Adam's
-    first k steps do not depend on how many follow), and the kept row must be its best point, bitwise."""
+def test_keep_own_keeps_the_point_of_the_path_that_best_explains_the_clients_held_out_own_dreams():
+    """keep "own" fits the new dreams and every second own dream, and keeps the point of its path (the start
+    included) whose loss on the other own dreams is lowest. The path is rebuilt step by step with keep "end" on
+    the same fitted dreams (Adam's first k steps do not depend on how many follow), and the kept row must be
+    its best point, bitwise; keep "end" keeps the last point instead."""
     server = two_stage_server()
     weights = dict(kd_weight=1.0, anchor_weight=1.0, temperature=2.0)
-    pool = di.dream(server, [1], num_images=8, iterations=2, bn_weight=10.0, seed=0)[0][1]   # its classes
-    fitted, held = tuple(t[0::2] for t in pool), di.targets(server, 1, tuple(t[1::2] for t in pool))
+    dreamed = di.dream(server, [2, 1], num_images=8, iterations=2, bn_weight=10.0, seed=0)[0]
+    server.dreams[1] = dreamed[1]
+    new, own = di.fine_tuning_set(server, 1, *dreamed[2])
+    assert len(new[0]) > 0 and len(own[0]) == 8
+    fitted, held = tuple(o[0::2] for o in own), di.targets(server, 1, tuple(o[1::2] for o in own))
     rows = server.hypernet.client_embeddings
     start = rows.detach().clone()
     path = []
     for k in range(5):
-        di.fine_tune(server, 1, fitted, steps=k, lr=0.3, keep="end", **weights)
+        di.fine_tune(server, 1, new, fitted, steps=k, lr=1.0, keep="end", **weights)
         with torch.no_grad():
             path.append((di.loss_on(server, 1, held, **weights).item(), rows[1].detach().clone()))
             rows.copy_(start)
     losses = [loss for loss, _ in path]
     assert len(set(losses)) == 5                 # the path moves
-    di.fine_tune(server, 1, pool, steps=4, lr=0.3, keep="held-out", **weights)
     best = min(range(5), key=losses.__getitem__)
-    assert best not in (0, 4), losses            # so neither the start nor the end would pass by chance
+    assert best != 4, losses                     # so keeping the end would not pass by chance
+    di.fine_tune(server, 1, new, own, steps=4, lr=1.0, keep="own", **weights)
     assert torch.equal(rows[1], path[best][1]), (losses, best)
     assert torch.equal(rows[[0, 2, 3]], start[[0, 2, 3]])
 

@@ -70,6 +70,17 @@ def test_compute_and_holm_read_time_steps_and_paired_differences():
     assert verdicts == {"ahead": "pfeddsh above", "level": "not shown"}
 
 
+def test_ri_per_batch_lists_every_earlier_batch_per_seed_with_the_smallest_and_the_mean():
+    def run(seed, ri):
+        return {"config": {"seed": seed, "method": "pfeddsh"}, "metrics": {"ri_per_batch": ri}}
+    runs = {"pfeddsh": [run(2, [0.0, 0.01, -0.02]), run(1, [0.03, 0.0, 0.0])]}
+    lines = tables.ri_per_batch(runs)
+    assert lines[0] == "| seed | batch 0 | batch 1 | batch 2 | smallest | mean |"
+    assert lines[2] == "| 1 | +3.00 | 0 | 0 | 0 | +1.00 |"             # by seed; exactly nothing is 0
+    assert lines[3] == "| 2 | 0 | +1.00 | \u22122.00 | \u22122.00 | \u22120.33 |"
+    assert tables.ri_per_batch({"fedavg": runs["pfeddsh"]}) == []
+
+
 def test_tuning_scores_each_value_on_validation_and_bolds_the_best(tmp_path):
     # two values of ditto's lambda on two seeds: 0.01 is better on validation (test accuracy says the opposite)
     for value, val, test in [(3.7037e-05, [0.50, 0.52], 0.9), (0.003, [0.60, 0.62], 0.9), (0.01, [0.70, 0.66], 0.1)]:
