@@ -24,8 +24,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PROTOCOL = ["--dataset", "cifar10", "--preset", "cpu-demo", "--batches", "3", "--clients-per-batch", "3",
             "--clients-per-round", "3", "--rounds", "4", "--local-steps", "3", "--batch-size", "32",
-            "--replay-images", "8", "--replay-iterations", "10", "--replay-steps", "6",
-            "--replay-validate-every", "2", "--seed", "7", "--device", "cpu"]
+            "--replay-images", "8", "--replay-iterations", "10", "--replay-steps", "6", "--seed", "7", "--device", "cpu"]
+# Our extension's scoring interval: every run of 86cc891 had it; today a pfeddsh run refuses it (it reads none).
+EXTENSION = ["--replay-validate-every", "2"]
 # name: (today's flags, 86cc891's flags). The paper's method's runs are compared but expected to differ.
 RUNS = {
     "pfeddsh-ext": (["--method", "pfeddsh-ext"], ["--method", "pfeddsh"]),
@@ -76,6 +77,8 @@ def main():
     names = args.only.split(",") if args.only else list(RUNS)
     for name in names:
         extra = RUNS[name][1 if args.old_names else 0]
+        paper = not args.old_names and extra[:2] == ["--method", "pfeddsh"]
+        extra = extra + ([] if paper else EXTENSION)
         out = os.path.abspath(os.path.join(args.out, name))
         if os.path.exists(os.path.join(out, "results.json")) or os.path.exists(os.path.join(out, "comparison.md")):
             found.update({f"{name}/{k}" if k != "." else name: v for k, v in matrices(out).items()})
