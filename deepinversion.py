@@ -209,17 +209,16 @@ def fine_tune(server, cid, new, own, *, steps, lr, keep, **weights):
     free = {"client_embeddings": torch.arange(len(rows), device=rows.device)[:, None] == cid}    # its row alone
     optimizer = ServerOptimizer({"client_embeddings": rows}, lr=lr)
     with torch.no_grad():
-        best_loss, best = (loss_on(server, cid, held, **weights) if held else 0.0), rows[cid].clone()
+        best = (loss_on(server, cid, held, **weights), rows[cid].clone()) if held else None
     for _ in range(steps):
         grad, = torch.autograd.grad(loss_on(server, cid, fit, **weights), [rows])
         optimizer.step({"client_embeddings": grad}, free)
-        with torch.no_grad():
-            loss = loss_on(server, cid, held, **weights) if held else 0.0
-            if loss < best_loss:
-                best_loss, best = loss, rows[cid].clone()
+        if held:            # the point of the path that explains the held-out own dreams best
+            with torch.no_grad():
+                loss = loss_on(server, cid, held, **weights)
+            best = (loss, rows[cid].clone()) if loss < best[0] else best
     if held:
-        with torch.no_grad():
-            rows[cid] = best
+        rows.detach()[cid] = best[1]
 
 
 def replay(server, t, *, num_images, iterations, bn_weight, seed, progress=None, **fine_tuning):

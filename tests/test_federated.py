@@ -1,6 +1,10 @@
 """The protocol (federated.py): what a client does with the weights it is sent (local training lowers its loss,
 evaluation counts its own images, it uploads no data) and the server's pFedHN update (it moves the generated
 weights toward the trained ones, clipped, and leaves absent clients' rows alone)."""
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +14,8 @@ import federated as fl
 import hypernet as hn
 import train
 from test_hypernet import make_hypernet
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def make_server(net, target, **kwargs):
@@ -177,3 +183,19 @@ def test_evaluate_counts_the_clients_own_images(tiny_clients):
     empty.x_val, empty.y_val = client.x_val[:0], client.y_val[:0]
     assert client.evaluate(flat, bn, "val") == client.evaluate(flat, bn, "val")         # a number
     assert empty.evaluate(flat, bn, "val") != empty.evaluate(flat, bn, "val")           # NaN
+
+
+def test_every_small_width_trains_a_step_without_a_native_crash():
+    """Widths 2-7 once ended in a segmentation fault inside the convolution's backward pass (channels-last
+    input from data.augment, one thread). In a child process, so a crash is a failure here, not pytest's end."""
+    script = """
+import torch, data, hypernet as hn
+torch.set_num_threads(1)
+x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+for width in range(1, 9):
+    model = hn.ResNet18(10, width).train()
+    model(data.augment(x, (0.5,) * 3, (0.25,) * 3, generator=torch.Generator().manual_seed(1))).sum().backward()
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr[-500:])
