@@ -8,7 +8,7 @@ no client anything. This one fine-tunes each earlier client's embedding row and 
   2. `accept`          the client's other half (`val_confirm`) confirms it: a paired test on the per-image
                        loss, Holm's step-down over the replay's proposals, and no fewer images right. Every
                        client whose proposal fails, or that does not answer, stays bitwise where it was.
-`--replay-control noise / own` (extensions/controls.py) feed the same pipeline images that carry no knowledge.
+`--replay-control noise / noise-kd / own` (extensions/controls.py) feed the same pipeline something in their place.
 """
 import math
 from statistics import NormalDist
@@ -170,8 +170,8 @@ def dream_set(server, tried, teachers, control, report, *, num_images, iteration
             server, dreamers, num_images=num_images, iterations=iterations, bn_weight=bn_weight, seed=seed,
             progress=progress)
     server.dreams.update({i: dreamed[i] for i in tried if i in dreamed})
-    if control == "noise":
-        dreamed.update(controls.noise_dreams(server, teachers, num_images=num_images, seed=seed))
+    dreamed.update(controls.stand_ins(server, control, teachers, num_images=num_images, seed=seed)
+                   if control != "none" else {})
     sources = report["dreamers"] = controls.sources(control, teachers)
     if not sources:
         own = server.dreams[tried[0]]

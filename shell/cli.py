@@ -22,6 +22,7 @@ import threading
 import torch
 
 import data
+from extensions import controls
 from shell import checkpoint, compare, runner
 from shell.runner import CliError, Interrupted
 from shell.settings import DEFAULTS, PRESETS, REPLAYING, relevant
@@ -32,7 +33,7 @@ PRESET_NOTES = {"full": "the full-scale protocol, for a GPU (not yet timed on on
 # baselines (baselines.py).
 METHODS = ["local", "fedavg", "fedavg-ft", "pfedhn", "pfedhn-frozen", "pfedhn-pc", "fedrep", "fedrep-frozen", "ditto",
            "fedlwf", "fedtarget", "frozen-adapters", "pfeddsh", "pfeddsh-ext"]
-EXTENSION_ONLY = ["adapter_budget", "adapter_lr", "replay_control", "replay_validate_every", "replay_confirm_alpha"]
+EXTENSION_ONLY = ["adapter_budget", "adapter_lr", "replay_validate_every", "replay_confirm_alpha"]
 # Methods whose clients keep a personal part, or train with a loss, that a Flower message cannot carry.
 LOCAL_ENGINE_ONLY = ["pfedhn-pc", "fedrep", "fedrep-frozen", "ditto", "fedlwf", "fedtarget"]
 # Methods whose clients only answer messages, but which have not been run on Flower yet.
@@ -150,9 +151,11 @@ def build_parser():
                              "--clients-per-batch images per stage with --replay-iterations and --replay-bn-weight)")
     flag(r, "--no-replay", action="store_true", default=None, help="ablation: masks only (RI is then exactly 0)")
     flag(r, "--no-masks", action="store_true", default=None, help="ablation: no masks (pfedhn + replay)")
-    flag(r, "--replay-control", choices=["none", "noise", "own"],
-         help="[ours] pfeddsh-ext: a control through the same pipeline: noise = images, labels and teacher outputs "
-              "that carry no knowledge in place of the new clients' dreams; own = the earlier client's own dreams")
+    flag(r, "--replay-control", choices=list(controls.CONTROLS),
+         help="[ours] a control in place of the new clients' dreams, through the same replay (pfeddsh: the paper's; "
+              "pfeddsh-ext: ours): noise = noise images, drawn labels, no teacher outputs; noise-kd = the same noise "
+              "with the new teachers' outputs as targets (their function distilled through noise); own = the "
+              "earlier client's own dreams alone; none = the dreams")
     flag(r, "--replay-images", type=int, help="synthetic images per new client")
     flag(r, "--replay-iterations", type=int, help="DeepInversion iterations")
     flag(r, "--replay-bn-weight", type=float,

@@ -38,6 +38,10 @@ VARIANTS = {
     "pfeddsh": dict(method="pfeddsh"),                                # the paper's method
     "pfeddsh-no-replay": dict(method="pfeddsh", no_replay=True),
     "pfeddsh-no-masks": dict(method="pfeddsh", no_masks=True),       # = pfedhn + replay
+    # the paper's replay with a control in place of the dreams (extensions/controls.py)
+    "pfeddsh-noise": dict(method="pfeddsh", replay_control="noise"),
+    "pfeddsh-noise-kd": dict(method="pfeddsh", replay_control="noise-kd"),
+    "pfeddsh-own": dict(method="pfeddsh", replay_control="own"),
     # our extensions (extensions/): adapters and offsets, replay with the clients' selection, its controls
     "pfeddsh-ext": dict(method="pfeddsh-ext"),
     "pfeddsh-ext-no-replay": dict(method="pfeddsh-ext", no_replay=True),

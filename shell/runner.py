@@ -18,6 +18,7 @@ import torch
 
 import data
 import extensions
+from extensions import controls
 import federated as fl
 import hypernet as hn
 import train
@@ -193,6 +194,8 @@ class Shell(train.Hooks):
             if config["privacy_audit"]:     # its grid goes next to the synthetic images
                 self.audit = privacy.auditor(dataset, config["seed"],
                                              lambda t: os.path.join(config["out"], f"privacy_batch{t}.png"))
+        if config["method"] == "pfeddsh" and config["replay_control"] != "none":
+            controls.install(server, config["replay_control"])     # ours: a control in the dreams' place
         if isinstance(server, fl.Server):   # the baselines screen their own updates
             faults.screen(server, self.audit)
         state, rng = None, None

@@ -22,7 +22,7 @@ PRESETS = {
 REPLAYING = ("pfeddsh", "pfeddsh-ext")     # the methods that replay (unless --no-replay)
 # Our extension's settings, and the methods that read them: every other run's results.json leaves them out.
 EXTENSION_KEYS = {"adapter_budget": ("pfeddsh-ext", "frozen-adapters"), "adapter_lr": ("pfeddsh-ext", "frozen-adapters"),
-                  "replay_control": ("pfeddsh-ext",), "replay_validate_every": ("pfeddsh-ext",),
+                  "replay_control": ("pfeddsh-ext", "pfeddsh"), "replay_validate_every": ("pfeddsh-ext",),
                   "replay_confirm_alpha": ("pfeddsh-ext",)}
 
 

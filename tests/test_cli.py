@@ -18,8 +18,8 @@ from test_train import REPLAY_TINY, REPO, TINY, run_tiny
 SCHEMA = {"config", "batches", "accuracy", "val_accuracy", "metrics", "val_metrics", "neurons", "test_sizes",
           "local_accuracy", "replay", "local_steps",
           "time_s", "device", "replay_s", "faults"}          # the last four the shell adds to the core's
-REPLAYING = {"pfeddsh", "pfeddsh-no-masks", "pfeddsh-ext", "pfeddsh-ext-shape", "pfeddsh-ext-noise", "pfeddsh-ext-own"}
-MASKED = {"pfeddsh", "pfeddsh-no-replay", "pfeddsh-ext", "pfeddsh-ext-no-replay", "pfeddsh-ext-shape",
+REPLAYING = {"pfeddsh", "pfeddsh-no-masks", "pfeddsh-noise", "pfeddsh-noise-kd", "pfeddsh-own", "pfeddsh-ext", "pfeddsh-ext-shape", "pfeddsh-ext-noise", "pfeddsh-ext-own"}
+MASKED = {"pfeddsh", "pfeddsh-no-replay", "pfeddsh-noise", "pfeddsh-noise-kd", "pfeddsh-own", "pfeddsh-ext", "pfeddsh-ext-no-replay", "pfeddsh-ext-shape",
           "pfeddsh-ext-noise", "pfeddsh-ext-own"}
 
 

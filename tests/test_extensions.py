@@ -459,3 +459,69 @@ def test_the_extensions_replay_asks_its_clients_and_reads_no_client_data_on_the_
     real = data.normalize(real, clients[0].mean, clients[0].std).flatten(1)
     kept = torch.cat([report["images"]] + [d[0] for d in server.dreams.values()]).flatten(1)
     assert torch.cdist(kept, real).min() > 1e-3
+
+
+# --------------------------------------------------------------------------------------------------
+# controls.py in the paper's mode: --method pfeddsh --replay-control
+# --------------------------------------------------------------------------------------------------
+
+def paper_arm(monkeypatch, control):
+    """The paper's two-stage server (test_deepinversion) replayed under `control` ("none": the core's own
+    replay): what fine_tune received per client, and what the synthesis dreamed."""
+    from test_deepinversion import two_stage_server as paper_server
+    server = paper_server(steps=2)
+    seen, dreamed = {}, {}
+    fine_tune, dream = di.fine_tune, di.dream
+
+    def recording_fine_tune(server, cid, new, own, **settings):
+        seen[cid] = (new, own)
+        return fine_tune(server, cid, new, own, **settings)
+
+    def recording_dream(server, dreamers, **settings):
+        out = dream(server, dreamers, **settings)
+        dreamed.update(out[0])
+        return out
+    with monkeypatch.context() as patch:
+        patch.setattr(di, "fine_tune", recording_fine_tune)
+        patch.setattr(di, "dream", recording_dream)
+        if control != "none":
+            controls.install(server, control)
+        report = server.replay([None] * 4, 1, seed=0)
+    return server, report, seen, dreamed
+
+
+def test_each_control_feeds_the_papers_fine_tuning_its_stand_in_and_never_the_dreams(monkeypatch):
+    arms = {c: paper_arm(monkeypatch, c) for c in controls.CONTROLS}
+    server, report, seen, dreamed = arms["none"]
+    held = server.label_counts[1] > 0
+    dream_images, dream_labels, _ = dreamed[2]
+    # the dreams: the new client's dreams of client 1's classes, nothing else
+    assert torch.equal(seen[1][0][0], dream_images[held[dream_labels]])
+    noise = controls.noise_dreams(server, [2], num_images=4, seed=1)[2]          # replay's seed is seed + t
+    for control in ("noise", "noise-kd"):
+        _, report, seen_c, dreamed_c = arms[control]
+        new_images, new_labels, new_logits = seen_c[1][0]
+        assert report["dreamers"] == [2] and report["control"] == control
+        assert not any(torch.equal(x, d) for x in new_images for d in dream_images)      # no dream's pixels
+        assert all(any(torch.equal(x, n) for n in noise[0]) for x in new_images)         # only noise images
+        assert torch.equal(dreamed_c[2][0], dream_images)     # synthesis ran exactly as for the dreams
+    # every arm fine-tunes client 1 on the same own dreams, bit for bit: only the new part differs
+    for control in controls.CONTROLS:
+        own = arms[control][2][1][1]
+        assert all(torch.equal(a, b) for a, b in zip(own, seen[1][1]))
+    assert len(arms["own"][2][1][0][0]) == 0 and arms["own"][1]["dreamers"] == []
+    assert not arms["noise"][2][1][0][2].any()                # noise: no teacher's outputs
+
+
+def test_the_knowledge_through_noise_control_targets_the_new_teachers_outputs_on_noise(monkeypatch):
+    server, report, seen, _ = paper_arm(monkeypatch, "noise-kd")
+    noise = controls.noise_dreams(server, [2], num_images=4, seed=1)
+    server.model.eval()
+    with torch.no_grad():        # teacher 2's generated model (replay moved only client 1's row) on the noise
+        teacher = hn.run_model(server.model, server.hypernet.unflatten(server.generate(2)), server.uploads(2)[0],
+                               noise[2][0])
+    images, labels, logits = controls.read_by_teachers(server, noise)[2]
+    assert torch.equal(images, noise[2][0]) and torch.allclose(logits, teacher) and logits.abs().sum() > 0
+    assert torch.equal(labels, torch.tensor([2, 3])[teacher[:, [2, 3]].argmax(1)])   # client 2 holds 2 and 3
+    keep = labels == 2                                              # of which client 1 holds class 2
+    assert all(torch.equal(a, b[keep]) for a, b in zip(seen[1][0], (images, labels, logits)))

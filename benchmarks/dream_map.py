@@ -1,0 +1,165 @@
+"""Where do the dreams start to matter? The dreams against each control, on validation, development seeds.
+
+    python benchmarks/dream_map.py runs/map/t1-s720 runs/map/t1-s721 --setting iterations=50 \
+        --setting iterations=2000,bn_weight=10,synthesis_lr=0.05 --out runs/map/t1.jsonl
+
+Takes finished `--method pfeddsh --no-replay` runs with their checkpoints. Without replay every client's
+generated model is bitwise the same from the end of its own stage on (its batch's mask is frozen, nothing
+writes its row), and what a client uploaded never changes after its stage: the final checkpoint is the state
+every stage's replay would have met. So this replays the stages in order on it, as a `--method pfeddsh` run
+with the setting would (arm `dreams`; `--full` checks it against a full run, bit for bit), and once per
+control of `--replay-control` (extensions/controls.py), each arm on its own copy of the embedding rows. One
+synthesis per stage serves every arm: the controls dream exactly as the dreams do, then use something else.
+No replay leaves RI at exactly 0, so an arm's RI is also its gain over no replay. Reads validation data only.
+
+A setting overrides the run's replay settings: num_images, iterations, bn_weight, synthesis_lr, tv_weight
+(DeepInversion's), steps, lr, keep (the fine-tuning's). Appends one JSON line per (run, setting, arm) to --out
+and prints, per setting, each arm's validation RI and the dreams minus each control, paired over the runs.
+"""
+import argparse
+import functools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import deepinversion as di  # noqa: E402
+import train  # noqa: E402
+from extensions import controls  # noqa: E402
+from shell import runner  # noqa: E402
+
+ARMS = ("dreams",) + tuple(c for c in controls.CONTROLS if c != "none")
+SYNTHESIS = {"synthesis_lr": "lr", "tv_weight": "tv_weight"}       # synthesize()'s own keywords
+T_975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
+
+
+def parse_setting(text):
+    """'iterations=2000,bn_weight=10' -> {'iterations': 2000, 'bn_weight': 10.0}."""
+    setting = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        setting[key] = value if key == "keep" else (int(value) if key in ("num_images", "iterations", "steps")
+                                                     else float(value))
+    return setting
+
+
+def memoised_dream(cache):
+    """deepinversion.dream, computed once per (dreamers, seed): every arm of a stage asks for the same dreams."""
+    dream = di.dream
+
+    def once(server, dreamers, **settings):
+        key = (tuple(dreamers), settings["seed"])
+        if key not in cache:
+            cache[key] = dream(server, dreamers, **settings)
+        return cache[key]
+    return once
+
+
+def run_arms(run_dir, setting):
+    """{arm: record} for one finished no-replay run under one setting."""
+    config, _, clients, server, batches, _ = runner.restore_finished(run_dir)
+    settings = dict(train.replay_settings(config), **{k: v for k, v in setting.items() if k not in SYNTHESIS})
+    server.replay_settings = settings
+    rows = server.hypernet.client_embeddings
+    start_rows = rows.detach().clone()
+    earlier = [c for b in batches[:-1] for c in b]
+    before = {c: server.evaluate(clients[c])[1] for c in earlier}        # validation, right after its own stage
+    synthesize, dream, cache = di.synthesize, di.dream, {}
+    di.synthesize = functools.partial(synthesize, **{SYNTHESIS[k]: v for k, v in setting.items() if k in SYNTHESIS})
+    di.dream = memoised_dream(cache)
+    records = {}
+    try:
+        for arm in ARMS:
+            with torch.no_grad():
+                rows.copy_(start_rows)
+            server.dreams, start, reports = {}, time.time(), []
+            for t in range(1, len(batches)):
+                seed = config["seed"] + t                   # what Server.replay hands deepinversion.replay
+                reports.append(di.replay(server, t, seed=seed, **settings) if arm == "dreams"
+                               else controls.replay(server, t, arm, seed=seed, **settings))
+            after = {c: server.evaluate(clients[c])[1] for c in earlier}
+            ri_per_batch = [float(np.mean([after[c] - before[c] for c in b])) for b in batches[:-1]]
+            records[arm] = dict(run=str(run_dir), seed=config["seed"], setting=setting, arm=arm,
+                                ri_val=float(np.mean(ri_per_batch)), ri_val_per_batch=ri_per_batch,
+                                final_val={c: after[c] for c in earlier}, seconds=time.time() - start)
+        # What the dreams are: how often each new client's own model reads its dreams as the class they were
+        # dreamed for, and the BN loss synthesis reached.
+        reads = [float((logits.argmax(1) == labels).float().mean()) for (dreamers, _), (out, _, _) in cache.items()
+                 for j, (_, labels, logits) in out.items()]
+        records["dreams"].update(teacher_reads=float(np.mean(reads)) if reads else None,
+                                 bn_loss_end=[x for r in reports for x in r["bn_loss_end"]])
+    finally:
+        di.synthesize, di.dream = synthesize, dream
+        with torch.no_grad():
+            rows.copy_(start_rows)
+    return records
+
+
+def paired(differences):
+    """Mean and 95 % t interval of paired differences (None for the interval with fewer than two)."""
+    d = np.asarray(differences, dtype=float)
+    if len(d) < 2:
+        return float(d.mean()), None
+    half = T_975.get(len(d) - 1, 1.96) * d.std(ddof=1) / math.sqrt(len(d))
+    return float(d.mean()), (float(d.mean() - half), float(d.mean() + half))
+
+
+def summary(records):
+    """One block per setting: each arm's validation RI over the runs, and the dreams minus each control."""
+    by_setting = {}
+    for r in records:
+        by_setting.setdefault(json.dumps(r["setting"], sort_keys=True), {}).setdefault(r["arm"], {})[r["run"]] = r
+    lines = []
+    for key, arms in by_setting.items():
+        runs = sorted(set.intersection(*(set(a) for a in arms.values())))
+        lines.append(f"setting {key} ({len(runs)} runs; validation RI in points, no replay = 0)")
+        for arm in ARMS:
+            if arm in arms:
+                values = [100 * arms[arm][r]["ri_val"] for r in runs]
+                lines.append(f"  {arm:9s} RI {np.mean(values):+.2f}  per run " + " ".join(f"{v:+.2f}" for v in values))
+        reads = [arms["dreams"][r].get("teacher_reads") for r in runs if "dreams" in arms]
+        if reads and None not in reads:
+            lines.append(f"  teachers read {100 * np.mean(reads):.0f} % of their dreams as dreamed")
+        for arm in ARMS[1:]:
+            if arm in arms and "dreams" in arms:
+                mean, ci = paired([100 * (arms["dreams"][r]["ri_val"] - arms[arm][r]["ri_val"]) for r in runs])
+                lines.append(f"  dreams - {arm:9s} {mean:+.2f}" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else ""))
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="*", help="finished --no-replay runs (with checkpoint.pt)")
+    parser.add_argument("--setting", action="append", default=[], help="replay settings to try, k=v,k=v")
+    parser.add_argument("--out", required=True, help="a .jsonl file the records are appended to")
+    parser.add_argument("--full", help="a full --method pfeddsh run of the first run's seed and settings: "
+                                       "check that the arm `dreams` gives its validation accuracies, bit for bit")
+    parser.add_argument("--summary", action="store_true", help="only print the summary of --out")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    if not args.summary:
+        for setting in map(parse_setting, args.setting or [""]):
+            for run in args.runs:
+                records = run_arms(run, setting)
+                with open(out, "a") as f:
+                    for record in records.values():
+                        f.write(json.dumps(record) + "\n")
+                print(f"{run} {setting}: " + ", ".join(f"{a} {100 * r['ri_val']:+.2f} ({r['seconds']:.0f} s)"
+                                                        for a, r in records.items()), flush=True)
+                if args.full and run == args.runs[0]:
+                    full = json.loads((Path(args.full) / "results.json").read_text())["val_accuracy"][-1]
+                    same = all(full[int(c)] == v for c, v in records["dreams"]["final_val"].items())
+                    print(f"the arm `dreams` against the full run {args.full}: "
+                          f"{'the same validation accuracies' if same else 'DIFFERENT'}", flush=True)
+    if out.exists():
+        print(summary([json.loads(line) for line in out.read_text().splitlines() if line.strip()]))
+
+
+if __name__ == "__main__":
+    main()
