@@ -5,7 +5,7 @@ import train
 
 BASELINE_DEFAULTS = dict(
     # pfedhn-frozen's embedding rate, Ditto's pull, FedLwF's distillation (chosen on validation, development
-    # seeds: docs/results.md)
+    # seeds: docs/results-archive.md)
     embed_lr=0.1, ditto_lambda=0.01, lwf_weight=1.0, lwf_temperature=2.0)
 SHELL_DEFAULTS = dict(
     # privacy of replay, where the run goes, how it runs
