@@ -171,7 +171,7 @@ def markdown(runs, command):
 # Replay's arms, each group against its own no-replay run ("<reference>-no-replay") and its reference's dreams.
 # The first group's names are also those of the runs made before the core and our extensions were split,
 # when "pfeddsh" was the extended method (docs/runs/i32_*).
-REPLAY_GROUPS = [("pfeddsh", ["pfeddsh", "pfeddsh-noise", "pfeddsh-own", "pfeddsh-paper-replay"]),
+REPLAY_GROUPS = [("pfeddsh", ["pfeddsh", "pfeddsh-noise", "pfeddsh-noise-kd", "pfeddsh-own"]),
                  ("pfeddsh-ext", ["pfeddsh-ext", "pfeddsh-ext-noise", "pfeddsh-ext-own"])]
 REPLAY_ARMS = [arm for _, arms in REPLAY_GROUPS for arm in arms]
 
