@@ -60,15 +60,21 @@ def memoised_dream(cache):
     return once
 
 
-def run_arms(run_dir, setting):
-    """{arm: record} for one finished no-replay run under one setting."""
+def validation(server, client):
+    """The client's validation accuracy under its generated model (never its test data)."""
+    return client.evaluate(server.generate(client.cid), server.bn_stats[client.cid], "val")
+
+
+def run_arms(run_dir, setting, matrices=False):
+    """{arm: record} for one finished no-replay run under one setting. With `matrices` (a final's), every
+    earlier client is also measured after every stage, on test and validation: the arm's accuracy matrices."""
     config, _, clients, server, batches, _ = runner.restore_finished(run_dir)
     settings = dict(train.replay_settings(config), **{k: v for k, v in setting.items() if k not in SYNTHESIS})
     server.replay_settings = settings
     rows = server.hypernet.client_embeddings
     start_rows = rows.detach().clone()
     earlier = [c for b in batches[:-1] for c in b]
-    before = {c: server.evaluate(clients[c])[1] for c in earlier}        # validation, right after its own stage
+    before = {c: validation(server, clients[c]) for c in earlier}        # right after its own stage
     synthesize, dream, cache = di.synthesize, di.dream, {}
     di.synthesize = functools.partial(synthesize, **{SYNTHESIS[k]: v for k, v in setting.items() if k in SYNTHESIS})
     di.dream = memoised_dream(cache)
@@ -77,16 +83,20 @@ def run_arms(run_dir, setting):
         for arm in ARMS:
             with torch.no_grad():
                 rows.copy_(start_rows)
-            server.dreams, start, reports = {}, time.time(), []
+            server.dreams, start, reports, measured = {}, time.time(), [], {}
             for t in range(1, len(batches)):
                 seed = config["seed"] + t                   # what Server.replay hands deepinversion.replay
                 reports.append(di.replay(server, t, seed=seed, **settings) if arm == "dreams"
                                else controls.replay(server, t, arm, seed=seed, **settings))
-            after = {c: server.evaluate(clients[c])[1] for c in earlier}
+                if matrices:
+                    measured[t] = {c: server.evaluate(clients[c]) for b in batches[:t] for c in b}
+            after = {c: validation(server, clients[c]) for c in earlier}
             ri_per_batch = [float(np.mean([after[c] - before[c] for c in b])) for b in batches[:-1]]
             records[arm] = dict(run=str(run_dir), seed=config["seed"], setting=setting, arm=arm,
                                 ri_val=float(np.mean(ri_per_batch)), ri_val_per_batch=ri_per_batch,
-                                final_val={c: after[c] for c in earlier}, seconds=time.time() - start)
+                                final_val={c: after[c] for c in earlier}, seconds=time.time() - start,
+                                measured=measured, reports=[{k: v for k, v in r.items() if k not in ("images", "labels")}
+                                                            for r in reports])
         # What the dreams are: how often each new client's own model reads its dreams as the class they were
         # dreamed for, and the BN loss synthesis reached.
         reads = [float((logits.argmax(1) == labels).float().mean()) for (dreamers, _), (out, _, _) in cache.items()
@@ -98,6 +108,37 @@ def run_arms(run_dir, setting):
         with torch.no_grad():
             rows.copy_(start_rows)
     return records
+
+
+CONFIG_KEYS = {"num_images": "replay_images", "iterations": "replay_iterations", "bn_weight": "replay_bn_weight",
+               "steps": "replay_steps", "lr": "replay_lr", "keep": "replay_keep",
+               "synthesis_lr": "replay_synthesis_lr", "tv_weight": "replay_tv_weight"}   # the last two: no flag
+NAMES = {"dreams": "pfeddsh", "noise": "pfeddsh-noise", "noise-kd": "pfeddsh-noise-kd", "own": "pfeddsh-own"}
+
+
+def write_results(run_dir, setting, records, folder):
+    """Each arm's results.json, as a full run of it would write it: the no-replay run's, with every earlier
+    client's accuracies after each stage t >= 1 replaced by the arm's (replay moves nobody else), the metrics
+    recomputed, and the replay settings and reports. The no-replay run itself is the arm pfeddsh-no-replay."""
+    base = json.loads((Path(run_dir) / "results.json").read_text())
+    seed, batches = base["config"]["seed"], base["batches"]
+    out = {"pfeddsh-no-replay": base}
+    for arm, record in records.items():
+        results = json.loads(json.dumps(base))
+        for t, scores in record["measured"].items():
+            for c, (test, val) in scores.items():
+                results["accuracy"][t][c], results["val_accuracy"][t][c] = test, val
+        results["config"].update(no_replay=False, replay_control="none" if arm == "dreams" else arm,
+                                 **{CONFIG_KEYS[k]: v for k, v in setting.items()})
+        results["metrics"] = train.metrics(results["accuracy"], batches, base["test_sizes"], base["local_accuracy"])
+        results["val_metrics"] = train.metrics(results["val_accuracy"], batches, base["test_sizes"])
+        results.update(replay=record["reports"], replay_s=record["seconds"],
+                       reconstructed_from=f"benchmarks/dream_map.py --results on {run_dir}, setting {setting}")
+        out[NAMES[arm]] = results
+    for name, results in out.items():
+        path = Path(folder) / f"{name}-s{seed}" / "results.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1))
 
 
 def paired(differences):
@@ -140,16 +181,20 @@ def main():
     parser.add_argument("--full", help="a full --method pfeddsh run of the first run's seed and settings: "
                                        "check that the arm `dreams` gives its validation accuracies, bit for bit")
     parser.add_argument("--summary", action="store_true", help="only print the summary of --out")
+    parser.add_argument("--results", help="a final's folder: write each arm's results.json there (one setting; "
+                                          "measures test data too, so never for choosing anything)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
     if not args.summary:
         for setting in map(parse_setting, args.setting or [""]):
             for run in args.runs:
-                records = run_arms(run, setting)
+                records = run_arms(run, setting, matrices=bool(args.results))
+                if args.results:
+                    write_results(run, setting, records, args.results)
                 with open(out, "a") as f:
                     for record in records.values():
-                        f.write(json.dumps(record) + "\n")
+                        f.write(json.dumps({k: v for k, v in record.items() if k != "measured"}) + "\n")
                 print(f"{run} {setting}: " + ", ".join(f"{a} {100 * r['ri_val']:+.2f} ({r['seconds']:.0f} s)"
                                                         for a, r in records.items()), flush=True)
                 if args.full and run == args.runs[0]:
