@@ -1,16 +1,17 @@
 """Course exercises cut from the core (issue 43): the student's copy, and the proof that the tests grade it.
 
-    python -m shell.exercises list                          # the exercises, their functions and grading tests
-    python -m shell.exercises copy DEST [--only ID ...]     # a copy of the repository with those bodies blanked
-    python -m shell.exercises check [--only ID ...]         # every grading test fails on the blank, passes as is
+    python -m shell.exercises list [--nodes] [--only ID ...]   # the exercises, their functions and grading tests
+    python -m shell.exercises copy DEST [--only ID ...]        # a copy of the repository with those bodies blanked
+    python -m shell.exercises check [--only ID ...]            # every grading test fails on the blank, passes as is
 
 docs/exercises.md says what each exercise asks. A blanked function keeps its signature and its docstring (the
 contract); its body becomes `raise NotImplementedError("exercise N (ID): ...")`, found with `ast`, so the rest of
 the file is left byte for byte. The copy holds what git would commit (tracked files and untracked ones git does
 not ignore): no .git, so no history to read the solution from, and no runs/, data/ or caches. `check` passes
-only if each grading test, on its own, fails on the blank (a test that passes there grades nothing) and passes
-on the solution; both runs are in the same scratch copy, which differs between them by that one file alone.
-The core never imports this module.
+only if each grading test, on its own, fails on its exercise's blank (a test that passes there grades nothing)
+and passes on the solution: the solution runs once in a scratch copy, and each blank is written into that copy
+and taken back out, so a blank's run differs from the solution's by that one file alone. The core never
+imports this module.
 """
 import argparse
 import ast
@@ -247,10 +248,14 @@ def main(argv=None):
     copy.add_argument("dest", help="a new or empty folder")
     for sub in (listing, copy, commands.add_parser("check", help="every grading test fails on its blank, passes as is")):
         sub.add_argument("--only", nargs="+", metavar="ID", help="these exercises (id or number) only")
+    listing.add_argument("--nodes", action="store_true", help="the grading tests' node ids alone, one a line "
+                         "(python -m pytest -q $(python -m shell.exercises list --nodes --only ID))")
     try:
         args = parser.parse_args(argv)
         exercises = chosen(getattr(args, "only", None))
-        if args.command == "list":
+        if args.command == "list" and args.nodes:
+            print("\n".join(dict.fromkeys(node for e in exercises for node in e.tests)))
+        elif args.command == "list":
             for e in exercises:
                 print(f"{number(e)} {e.id:<12} {e.file}: {e.function}\n" + "".join(f"    {t}\n" for t in e.tests),
                       end="")
@@ -258,8 +263,9 @@ def main(argv=None):
             files = write_copy(args.dest, exercises)
             print(f"wrote {files} files to {args.dest}; blanked:")
             for e in exercises:
-                print(f"  {number(e)} {e.id:<12} {e.file}: {e.function}  (graded by {len(e.tests)} tests: "
-                      f"python -m shell.exercises list --only {e.id})")
+                print(f"  {number(e)} {e.id:<12} {e.file}: {e.function}")
+            print("a student grades exercise ID with: python -m pytest -q $(python -m shell.exercises list --nodes "
+                  "--only ID)")
         else:
             return 0 if check(exercises) else 1
         return 0
