@@ -246,7 +246,8 @@ def main(argv=None):
     listing = commands.add_parser("list", help="the exercises, their functions and grading tests")
     copy = commands.add_parser("copy", help="write a student's copy with the exercises' bodies blanked")
     copy.add_argument("dest", help="a new or empty folder")
-    for sub in (listing, copy, commands.add_parser("check", help="every grading test fails on its blank, passes as is")):
+    checking = commands.add_parser("check", help="every grading test fails on its blank, passes as is")
+    for sub in (listing, copy, checking):
         sub.add_argument("--only", nargs="+", metavar="ID", help="these exercises (id or number) only")
     listing.add_argument("--nodes", action="store_true", help="the grading tests' node ids alone, one a line "
                          "(python -m pytest -q $(python -m shell.exercises list --nodes --only ID))")
