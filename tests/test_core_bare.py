@@ -25,7 +25,7 @@ import train
 REPO = Path(__file__).resolve().parents[1]
 CORE = {"data.py", "hypernet.py", "masks.py", "deepinversion.py", "federated.py", "train.py"}
 SHELL = ["cli", "runner", "checkpoint", "compare", "baselines", "flower_app", "privacy", "settings", "faults",
-         "datasets", "tables"]
+         "datasets", "tables", "exercises"]
 EXTENSIONS = ["adapters", "borrow", "selection", "controls", "server"]
 
 BARE_RUN = """

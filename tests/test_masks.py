@@ -179,6 +179,35 @@ def test_gate_step_follows_the_task_gradient():
     assert (e[:2] > 0).all() and (e[2:] < 0).all()
 
 
+def test_gate_step_is_hats_compensated_step_with_each_term_normalised():
+    """step's contract: each term compensated (HAT), divided by its root mean square over the units it moves,
+    one SGD step of `lr`. So a typical unit moves by lr whatever the gradient's scale (HAT's raw step of a
+    ~1e-3 gradient would leave the gates undecided at the end of a stage), and the penalty pushes down only the
+    units no earlier batch owns."""
+    torch.manual_seed(0)
+    gates = masks.BatchGates(num_batches=2, num_layers=2, hidden=6, s_max=400.0, lr=0.05)
+    with torch.no_grad():
+        gates.embeddings[0] = torch.tensor([[1.0, 1, -1, -1, -1, -1]] * 2)
+    gates.finish(0)                                     # batch 0 owns units 0 and 1 of each layer
+    e, s, task = 0.3 * torch.randn(2, 6), 5.0, 1e-3 * torch.randn(2, 2, 6)     # s e within +-5: no overflow
+
+    def moved_by(task_grad, sparsity):
+        with torch.no_grad():
+            gates.embeddings[1] = e
+        gates.step(task_grad, batch=1, s=s, sparsity=sparsity)
+        return gates.embeddings[1].detach() - e
+
+    with torch.no_grad():
+        gates.embeddings[1] = e
+        expected = -0.05 * masks.normalised(gates.compensate(task, 1, s)[1])
+    for scale in (1.0, 1000.0):                         # the task term alone: its scale does not matter
+        torch.testing.assert_close(moved_by(scale * task, 0.0), expected)
+    assert expected.pow(2).mean().sqrt().item() == pytest.approx(0.05, rel=1e-4)
+    penalty = moved_by(torch.zeros(2, 2, 6), 1.0)       # the penalty alone: free units down, owned ones untouched
+    assert (penalty[:, :2] == 0).all() and (penalty[:, 2:] < 0).all()
+    assert penalty[:, 2:].pow(2).mean().sqrt().item() == pytest.approx(0.05, rel=1e-4)
+
+
 @pytest.mark.parametrize("s", [1 / 400, 0.3, 5.0, 400.0])
 def test_compensate_is_hats(s):
     """HAT's compensation turns d sigmoid(s e)/de into s_max sigmoid'(e): the same push at every s."""
@@ -293,9 +322,12 @@ def test_server_optimizer_is_adam_on_free_entries_and_never_moves_a_frozen_one()
         reference.step()
     torch.testing.assert_close(p.detach(), q.detach())
     frozen_rows = torch.tensor([True, False, True, False])[:, None].expand(4, 3)
-    before = p.detach().clone()
+    before, state_before = p.detach().clone(), {k: v.clone() for k, v in ours.state["p"].items()}
     ours.step({"p": torch.zeros(4, 3)}, {"p": ~frozen_rows})
     assert torch.equal(p[frozen_rows], before[frozen_rows])
+    for k, v in ours.state["p"].items():                # nor its moments: it resumes where it stopped
+        assert torch.equal(v[frozen_rows], state_before[k][frozen_rows]), k
+        assert (v[~frozen_rows] != state_before[k][~frozen_rows]).all(), k
     assert (p[~frozen_rows] != before[~frozen_rows]).all()          # momentum alone moved the free rows
     ours.reset()
     assert ours.steps == 0 and all((s == 0).all() for s in ours.state["p"].values())
