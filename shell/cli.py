@@ -42,6 +42,10 @@ METHOD_NOTES = {"pfeddsh": "the paper's method: hypernetwork, batch masks, DeepI
                 "pfeddsh-ext": "ours, not the paper's: pfeddsh with adapters, client offsets and replay with the "
                                "clients' selection (extensions/)"}
 SEED_LIMIT = 2 ** 32      # seeds are mixed into torch generator seeds (seed * 1_000_003 + ...): keep them < 2^64
+FLOAT32_MAX = 3.4e38      # a float setting's bound (just under float32's largest, 3.4028e38): the core computes in float32
+# Holm's step-down tests at alpha / k for up to one proposal per client (at most 10,000: the test images); under
+# this, 1 - alpha / k rounds to 1.0 and the normal quantile of the test is undefined.
+CONFIRM_ALPHA_MIN = 1e-9
 
 
 class Parser(argparse.ArgumentParser):
@@ -114,8 +118,9 @@ def build_parser():
            "simulation engine (pip install -r requirements-flower.txt; README)")
     a("--node-timeout", type=float, help="flower: seconds a node has to answer a message, and a batch's nodes "
                                          "to register; a node that does not counts as a dropped update")
-    a("--threads", type=int, help="[ours] CPU threads (default: OMP_NUM_THREADS when set, else one fewer than "
-                                   "the cores this process may use, so that a busy core cannot stall every step)")
+    a("--threads", type=int, help="[ours] CPU threads, at most the cores this process may use (default: "
+                                   "OMP_NUM_THREADS when set, else one fewer than the cores, so that a busy core "
+                                   "cannot stall every step)")
     a("--deterministic", action="store_true", default=None,
       help="[ours] CUDA: deterministic cuDNN, no cuDNN benchmark, no TF32, so a rerun or a resume gives the same "
            "bits (slower); without it cuDNN picks its fastest kernels. CPU runs need no switch: one thread is "
@@ -306,17 +311,26 @@ def validate(c):
     for key in positive + (["threads"] if c["threads"] is not None else []):
         if c[key] < 1:
             raise CliError(f"--{key.replace('_', '-')} must be a positive integer, got {c[key]}")
+    if c["threads"] is not None and c["threads"] > available_cores():
+        raise CliError(f"--threads must be at most {available_cores()}, the cores this process may use (more threads "
+                       f"than cores only wait for each other), got {c['threads']}")
+    if not 0 < c["node_timeout"] < math.inf:
+        raise CliError(f"--node-timeout must be positive and finite, got {c['node_timeout']}")
+    # The rest are numbers the core computes with in float32: a larger one overflows there (an SGD step with
+    # lr 1e308, a temperature's square), so the bound is float32's largest, not float64's.
     for key in ["lr", "server_lr", "classifier_lr", "adapter_lr", "alpha", "s_max", "gate_lr", "replay_lr",
-                "replay_temperature",
-                "node_timeout", "embed_lr", "lwf_temperature"]:
-        if not 0 < c[key] < math.inf:
-            raise CliError(f"--{key.replace('_', '-')} must be positive and finite, got {c[key]}")
-    if not 0 < c["replay_confirm_alpha"] < 1:
-        raise CliError(f"--replay-confirm-alpha must be between 0 and 1, got {c['replay_confirm_alpha']}")
+                "replay_temperature", "embed_lr", "lwf_temperature"]:
+        if not 0 < c[key] <= FLOAT32_MAX:
+            raise CliError(f"--{key.replace('_', '-')} must be positive and finite, at most {FLOAT32_MAX:.3g} "
+                           f"(float32's largest), got {c[key]}")
+    if not CONFIRM_ALPHA_MIN <= c["replay_confirm_alpha"] < 1:
+        raise CliError(f"--replay-confirm-alpha must be between 0 and 1, at least {CONFIRM_ALPHA_MIN:g} (Holm's "
+                       f"levels of a smaller one round to 0 in a float), got {c['replay_confirm_alpha']}")
     for key in ["sparsity", "replay_kd", "replay_anchor", "replay_bn_weight", "bn_noise",
                 "ditto_lambda", "lwf_weight"]:
-        if not 0 <= c[key] < math.inf:
-            raise CliError(f"--{key.replace('_', '-')} must be >= 0 and finite, got {c[key]}")
+        if not 0 <= c[key] <= FLOAT32_MAX:
+            raise CliError(f"--{key.replace('_', '-')} must be >= 0 and finite, at most {FLOAT32_MAX:.3g} "
+                           f"(float32's largest), got {c[key]}")
     replays = c["method"] in REPLAYING and not c["no_replay"]
     for flag, given in [("--privacy-audit", c["privacy_audit"]), ("--bn-noise", c["bn_noise"] > 0),
                         (f"--replay-control {c['replay_control']}", c["replay_control"] != "none")]:
@@ -401,12 +415,15 @@ def main(argv=None, grid=None):
             signal.signal(s, handler)
 
 
+def available_cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_threads():
     """One core fewer than this process may use (at least one). With as many threads as cores, one other
     busy process stalls every parallel step (each waits for its slowest thread): 8x slower on 2 cores,
     measured by benchmarks/contention.py, which also shows what the spare core costs on an idle machine."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores - 1)
+    return max(1, available_cores() - 1)
 
 
 def use_kernels(deterministic):

@@ -160,6 +160,16 @@ BAD_INPUT = {
     "--per-method bad value": (["--methods", "ditto", "--per-method", "ditto:lr=-1"], "--lr must be positive"),
     "--per-method not a number": (["--methods", "ditto", "--per-method", "ditto:lr=fast"], "invalid float value"),
     "--per-method without =": (["--methods", "ditto", "--per-method", "ditto:lr"], "takes METHOD:FLAG=VALUE"),
+    # issue 43, benchmarks/flag_edges.py: values that were accepted and then ended in a traceback
+    "lr beyond float32": (["--lr", "1e308"], "--lr must be positive and finite, at most 3.4e+38 (float32's largest)"),
+    "a temperature whose square overflows": (["--replay-temperature", "1e308"],
+                                             "--replay-temperature must be positive and finite, at most 3.4e+38"),
+    "a weight beyond float32": (["--replay-kd", "1e39"], "--replay-kd must be >= 0 and finite, at most 3.4e+38"),
+    "a Dirichlet alpha beyond float32": (["--partition", "dirichlet", "--alpha", "1e308"],
+                                         "--alpha must be positive and finite, at most 3.4e+38"),
+    "a confirmation level Holm cannot test": (["--method", "pfeddsh-ext", "--replay-confirm-alpha", "1e-308"],
+                                              "--replay-confirm-alpha must be between 0 and 1, at least 1e-09"),
+    "threads beyond a C int": (["--threads", "1000000000000"], "--threads must be at most"),
 }
 
 
@@ -241,6 +251,30 @@ def test_threads_flag_is_checked_recorded_and_restored(tiny_data_dir, tmp_path):
                        "--local-steps", "1")
     assert results["config"]["threads"] == 1 and torch.get_num_threads() == before
     assert cli.default_threads() == max(1, len(os.sched_getaffinity(0)) - 1)
+
+
+def test_threads_beyond_the_cores_are_refused_and_the_edges_of_every_bound_accepted():
+    """Issue 43: a bound is where the check says, the largest and smallest accepted values pass it."""
+    cores = cli.available_cores()
+    with pytest.raises(cli.CliError, match=f"--threads must be at most {cores}, the cores this process may use"):
+        cli.resolve_config(["--threads", str(cores + 1)])
+    assert cli.FLOAT32_MAX <= torch.finfo(torch.float32).max
+    config, _ = cli.resolve_config(["--threads", str(cores), "--lr", "3.4e38", "--replay-temperature", "3.4e38",
+                                    "--replay-kd", "3.4e38", "--alpha", "1e-308"])
+    assert config["threads"] == cores and config["lr"] == cli.FLOAT32_MAX == 3.4e38
+    config, _ = cli.resolve_config(["--method", "pfeddsh-ext", "--replay-confirm-alpha", "1e-9"])
+    assert config["replay_confirm_alpha"] == cli.CONFIRM_ALPHA_MIN
+
+
+def test_the_smallest_confirmation_level_holm_is_given_can_still_be_tested():
+    """The bound's reason: at CONFIRM_ALPHA_MIN, with a proposal per client of the largest run the data allows,
+    Holm's strictest level still has a normal quantile; below, it rounds to 1.0 and has none."""
+    from statistics import NormalDist, StatisticsError
+    from shell import runner
+    most = runner.DATASET_IMAGES["cifar10"][1]          # clients: at most one test image each
+    assert NormalDist().inv_cdf(1 - cli.CONFIRM_ALPHA_MIN / most) > 0
+    with pytest.raises(StatisticsError):
+        NormalDist().inv_cdf(1 - 1e-308 / 2)
 
 
 def test_deterministic_switches_cuda_kernels_both_ways():
