@@ -167,8 +167,37 @@ def tuning(folder):
     return lines
 
 
+def dream_map(folder):
+    """Per replay setting (the records of benchmarks/dream_map.py, *.jsonl): each arm's validation RI over the
+    development runs both have, and the dreams minus each control, paired by run with a 95 % t interval."""
+    settings = {}
+    for path in sorted(Path(folder).glob("*.jsonl")):
+        for line in filter(str.strip, path.read_text().splitlines()):
+            r = json.loads(line)
+            key = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(r["setting"].items()))
+            settings.setdefault(key or "the default", {}).setdefault(r["arm"], {})[r["seed"]] = r
+    controls = ["noise", "noise-kd", "own"]
+    lines = ["| setting | seeds | teachers read | dreams | " + " | ".join(controls) + " | "
+             + " | ".join(f"dreams − {c}" for c in controls) + " |", "|---" * (4 + 2 * len(controls)) + "|"]
+    for key, arms in settings.items():
+        seeds = sorted(set.intersection(*(set(a) for a in arms.values())))
+        ri = {arm: [100 * arms[arm][s]["ri_val"] for s in seeds] for arm in ["dreams"] + controls}
+        reads = np.mean([arms["dreams"][s]["teacher_reads"] for s in seeds])
+        versus = [paired_interval_or_one(ri["dreams"], ri[c]) for c in controls]
+        lines.append(f"| {key} | {', '.join(map(str, seeds))} | {100 * reads:.0f} % | "
+                     + " | ".join(signed(float(np.mean(ri[a]))) for a in ["dreams"] + controls) + " | "
+                     + " | ".join(versus) + " |")
+    return lines
+
+
+def paired_interval_or_one(a, b):
+    """a − b paired: the mean and its 95 % interval, or the one difference there is."""
+    pair = compare.paired_interval(a, b)
+    return interval(pair) if pair else signed(float(np.mean(np.asarray(a) - np.asarray(b))))
+
+
 # Kinds that read their folder themselves rather than its <method>-s<seed> runs.
-FOLDER_TABLES = {"tuning": tuning}
+FOLDER_TABLES = {"tuning": tuning, "dream-map": dream_map}
 
 TABLES = {"headline": headline, "replay-arms": replay_arms, "replay-cost": replay_cost, "per-batch": per_batch,
           "compute": compute, "holm": holm, "ri-per-batch": ri_per_batch}

@@ -91,3 +91,20 @@ def test_tuning_scores_each_value_on_validation_and_bolds_the_best(tmp_path):
                                                           "val_metrics": {"mean_acc": v},
                                                           "metrics": {"mean_acc": test}}))
     assert tables.tuning(tmp_path)[2] == "| ditto | `--ditto-lambda` | 3.7037e-05: 51.00 · 0.003: 61.00 · **0.01: 68.00** | 600, 601 |"
+
+
+def test_dream_map_pairs_the_dreams_with_each_control_by_seed(tmp_path):
+    """Two seeds: the dreams' RI 0.02 and 0.04, noise's 0.01 and 0.01 -> dreams - noise +2.00 [...]; a
+    setting with one seed prints its one difference; a seed only one arm has is left out."""
+    records = []
+    for seed, ri in [(1, {"dreams": 0.02, "noise": 0.01, "noise-kd": 0.02, "own": 0.0}),
+                     (2, {"dreams": 0.04, "noise": 0.01, "noise-kd": 0.01, "own": 0.0})]:
+        records += [dict(seed=seed, setting={}, arm=a, ri_val=v, teacher_reads=0.5) for a, v in ri.items()]
+    records += [dict(seed=1, setting={"iterations": 500}, arm=a, ri_val=0.01, teacher_reads=1.0)
+                for a in ("dreams", "noise", "noise-kd", "own")]
+    records.append(dict(seed=3, setting={}, arm="dreams", ri_val=0.5, teacher_reads=0.5))
+    (tmp_path / "map.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    lines = tables.dream_map(tmp_path)
+    default, budget = lines[2].split(" | "), lines[3].split(" | ")
+    assert default[1] == "1, 2" and default[2] == "50 %" and default[3] == "+3.00"
+    assert default[7].startswith("+2.00 [") and budget[1] == "1" and budget[7] == "0"
