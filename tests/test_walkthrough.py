@@ -60,3 +60,38 @@ def test_pa_of_one_run_equals_pa_against_a_separate_local_run(tiny_data_dir, tmp
     assert single["accuracy"] == runs["pfeddsh-no-replay"][0]["accuracy"]
     assert single["metrics"]["pa_per_batch"] == compare.plasticity(single, local)
     assert len(single["metrics"]["pa_per_batch"]) == 2
+
+
+def guide_python_blocks():
+    return re.findall(r"```python\n(.*?)\n```", GUIDE.read_text(), flags=re.S)
+
+
+def test_the_notebook_path_sets_the_threads_in_one_line_and_runs_at_toy_size(tiny_data_dir, monkeypatch):
+    """The notebook block sets one thread before the core runs (issue 43: a bare core on a busy machine), and
+    runs as shown, the core alone, its config shrunk to toy size on the way into train.run."""
+    import torch
+    import train
+    block, = guide_python_blocks()
+    lines = block.splitlines()
+    setting = [i for i, line in enumerate(lines) if line.startswith("torch.set_num_threads(")]
+    assert len(setting) == 1 and "#" in lines[setting[0]]           # one visible line, with its why
+    assert setting[0] < next(i for i, line in enumerate(lines) if "train.run(" in line)
+    seen, real_run = {}, train.run
+
+    def toy_run(config, device, **kwargs):
+        seen["threads"] = torch.get_num_threads()
+        toy = dict(zip(TOY[::2], TOY[1::2]))
+        shrunk = {k[2:].replace("-", "_"): (v if k == "--device" else int(v)) for k, v in toy.items()}
+        return real_run(dict(config, **shrunk), device, **kwargs)
+
+    monkeypatch.setattr(train, "run", toy_run)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)            # as a notebook starts on a 2-core machine: the block must set it
+        namespace = {}
+        exec(block.replace("../shared/data", str(tiny_data_dir)), namespace)
+    finally:
+        torch.set_num_threads(threads)
+    assert seen["threads"] == 1
+    results = namespace["results"]
+    assert len(results["accuracy"]) == 2 and results["metrics"]["pa"] is not None
