@@ -324,8 +324,8 @@ def validate(c):
             raise CliError(f"--{key.replace('_', '-')} must be positive and finite, at most {FLOAT32_MAX:.3g} "
                            f"(float32's largest), got {c[key]}")
     if not CONFIRM_ALPHA_MIN <= c["replay_confirm_alpha"] < 1:
-        raise CliError(f"--replay-confirm-alpha must be between 0 and 1, at least {CONFIRM_ALPHA_MIN:g} (Holm's "
-                       f"levels of a smaller one round to 0 in a float), got {c['replay_confirm_alpha']}")
+        raise CliError(f"--replay-confirm-alpha must be between 0 and 1, at least {CONFIRM_ALPHA_MIN:g} (below, "
+                       f"Holm's 1 - alpha / k rounds to 1.0 in a float), got {c['replay_confirm_alpha']}")
     for key in ["sparsity", "replay_kd", "replay_anchor", "replay_bn_weight", "bn_noise",
                 "ditto_lambda", "lwf_weight"]:
         if not 0 <= c[key] <= FLOAT32_MAX:
