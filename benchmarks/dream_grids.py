@@ -40,9 +40,8 @@ def main():
     seed = config["seed"] + args.stage
     dreamed, _, bn_end = di.dream(server, teachers, num_images=settings["num_images"],
                                   iterations=settings["iterations"], bn_weight=settings["bn_weight"], seed=seed)
-    noise = controls.read_by_teachers(server, controls.noise_dreams(server, teachers, num_images=settings["num_images"],
-                                                                     seed=seed))
     drawn = controls.noise_dreams(server, teachers, num_images=settings["num_images"], seed=seed)
+    noise = controls.read_by_teachers(server, drawn)        # the same images, as noise-kd labels them
     for (path, parts) in ((args.out, dreamed), (args.noise_out, None)):
         if parts is None:       # noise images with the labels synthesis draws; `read`: the teacher's reading
             images, labels = (torch.cat([drawn[j][n] for j in teachers]) for n in range(2))

@@ -19,7 +19,6 @@ and prints, per setting, each arm's validation RI and the dreams minus each cont
 import argparse
 import functools
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -31,11 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import deepinversion as di  # noqa: E402
 import train  # noqa: E402
 from extensions import controls  # noqa: E402
-from shell import runner  # noqa: E402
+from shell import compare, runner  # noqa: E402
 
 ARMS = ("dreams",) + tuple(c for c in controls.CONTROLS if c != "none")
 SYNTHESIS = {"synthesis_lr": "lr", "tv_weight": "tv_weight"}       # synthesize()'s own keywords
-T_975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
 
 
 def parse_setting(text):
@@ -141,15 +139,6 @@ def write_results(run_dir, setting, records, folder):
         path.write_text(json.dumps(results, indent=1))
 
 
-def paired(differences):
-    """Mean and 95 % t interval of paired differences (None for the interval with fewer than two)."""
-    d = np.asarray(differences, dtype=float)
-    if len(d) < 2:
-        return float(d.mean()), None
-    half = T_975.get(len(d) - 1, 1.96) * d.std(ddof=1) / math.sqrt(len(d))
-    return float(d.mean()), (float(d.mean() - half), float(d.mean() + half))
-
-
 def summary(records):
     """One block per setting: each arm's validation RI over the runs, and the dreams minus each control."""
     by_setting = {}
@@ -168,8 +157,10 @@ def summary(records):
             lines.append(f"  teachers read {100 * np.mean(reads):.0f} % of their dreams as dreamed")
         for arm in ARMS[1:]:
             if arm in arms and "dreams" in arms:
-                mean, ci = paired([100 * (arms["dreams"][r]["ri_val"] - arms[arm][r]["ri_val"]) for r in runs])
-                lines.append(f"  dreams - {arm:9s} {mean:+.2f}" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else ""))
+                a, b = ([100 * arms[x][r]["ri_val"] for r in runs] for x in ("dreams", arm))
+                pair = compare.paired_interval(a, b)
+                lines.append(f"  dreams - {arm:9s} " + (f"{pair[0]:+.2f} [{pair[1]:+.2f}, {pair[2]:+.2f}]" if pair
+                                                        else f"{np.mean(a) - np.mean(b):+.2f}"))
     return "\n".join(lines)
 
 
