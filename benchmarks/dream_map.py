@@ -164,6 +164,27 @@ def summary(records):
     return "\n".join(lines)
 
 
+def pick(records, seeds, most_iterations=500):
+    """Issue 42's declared rule for the final's setting: among the settings of at most `most_iterations`
+    synthesis iterations that ran on every one of `seeds`, the one with the largest mean over them of validation
+    RI(dreams) minus the best control's; the default ({}) if none is above 0. Returns (setting, {setting: mean})."""
+    by_setting = {}
+    for r in records:
+        if r["seed"] in seeds:
+            by_setting.setdefault(json.dumps(r["setting"], sort_keys=True), {}).setdefault(r["seed"], {})[r["arm"]] = r
+    margins = {}
+    for key, by_seed in by_setting.items():
+        # a setting without `iterations` keeps the runs' own (the default's 50)
+        if json.loads(key).get("iterations", 0) > most_iterations or set(by_seed) != set(seeds):
+            continue
+        if any(set(ARMS) - set(arms) for arms in by_seed.values()):
+            continue
+        margins[key] = float(np.mean([100 * (arms["dreams"]["ri_val"] - max(arms[a]["ri_val"] for a in ARMS[1:]))
+                                      for arms in by_seed.values()]))
+    best = max(margins, key=margins.get, default=None)
+    return (json.loads(best) if best is not None and margins[best] > 0 else {}), margins
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="*", help="finished --no-replay runs (with checkpoint.pt)")
@@ -174,6 +195,8 @@ def main():
     parser.add_argument("--summary", action="store_true", help="only print the summary of --out")
     parser.add_argument("--results", help="a final's folder: write each arm's results.json there (one setting; "
                                           "measures test data too, so never for choosing anything)")
+    parser.add_argument("--pick", help="development seeds, e.g. 720,721,722: print the setting issue 42's declared "
+                                       "rule picks from --out's records")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -194,7 +217,16 @@ def main():
                     print(f"the arm `dreams` against the full run {args.full}: "
                           f"{'the same validation accuracies' if same else 'DIFFERENT'}", flush=True)
     if out.exists():
-        print(summary([json.loads(line) for line in out.read_text().splitlines() if line.strip()]))
+        records = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+        print(summary(records))
+        if args.pick:
+            seeds = sorted(int(s) for s in args.pick.split(","))
+            chosen, margins = pick(records, seeds)
+            print(f"the declared rule on seeds {', '.join(map(str, seeds))}: mean of dreams minus the best control "
+                  "(validation RI, points) per candidate of at most 500 iterations:")
+            for key, margin in sorted(margins.items(), key=lambda x: -x[1]):
+                print(f"  {key:60s} {margin:+.3f}")
+            print(f"  S* = {json.dumps(chosen)}" + ("" if chosen else " (the default)"))
 
 
 if __name__ == "__main__":

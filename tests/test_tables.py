@@ -108,3 +108,28 @@ def test_dream_map_pairs_the_dreams_with_each_control_by_seed(tmp_path):
     default, budget = lines[2].split(" | "), lines[3].split(" | ")
     assert default[1] == "1, 2" and default[2] == "50 %" and default[3] == "+3.00"
     assert default[7].startswith("+2.00 [") and budget[1] == "1" and budget[7] == "0"
+
+
+def test_dream_map_pick_follows_issue_42s_declared_rule():
+    """The rule: among settings of at most 500 iterations that ran every arm on every development seed, the
+    largest mean of dreams minus the best control; the default when none is above 0."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("dream_map", REPO / "benchmarks" / "dream_map.py")
+    dream_map = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dream_map)
+
+    def arms(seed, setting, dreams, noise, kd=0.0, own=0.0):
+        return [dict(seed=seed, setting=setting, arm=a, ri_val=v)
+                for a, v in [("dreams", dreams), ("noise", noise), ("noise-kd", kd), ("own", own)]]
+    records = arms(1, {}, 0.02, 0.01) + arms(2, {}, 0.01, 0.03)                 # mean (+1 - 2) / 2 = -0.5 points
+    records += arms(1, {"keep": "end"}, 0.03, 0.0, kd=0.01) + arms(2, {"keep": "end"}, 0.02, 0.01)   # +1.5
+    records += arms(1, {"iterations": 2000}, 0.09, 0.0) + arms(2, {"iterations": 2000}, 0.09, 0.0)   # too dear
+    records += arms(1, {"iterations": 500}, 0.09, 0.0)                                  # seed 2 never ran it
+    chosen, margins = dream_map.pick(records, [1, 2])
+    assert chosen == {"keep": "end"} and set(margins) == {"{}", '{"keep": "end"}'}
+    assert abs(margins["{}"] + 0.5) < 1e-9 and abs(margins['{"keep": "end"}'] - 1.5) < 1e-9
+    records = [r for r in records if r["setting"] != {"keep": "end"}]
+    assert dream_map.pick(records, [1, 2])[0] == {}                                     # none above 0
+    records += [dict(r, setting={"keep": "own"}, ri_val=r["ri_val"] + (r["arm"] == "dreams") * 0.05)
+                for r in records if r["setting"] == {} and r["arm"] != "own"]          # no `own` arm: incomplete
+    assert dream_map.pick(records, [1, 2])[0] == {}
