@@ -40,7 +40,9 @@ def screen(server, audit=None):
         return update([client_ids[k] for k in kept], generated[kept], [updates[k] for k in kept])
 
     def screened_replay(clients, t, seed, progress=None):
-        rows = {n: p for n, p in server.hypernet.named_parameters() if n in ("client_embeddings", "gates.borrow")}
+        # Whatever a replay moves (the core's embedding rows, an extension's borrowed gates), a diverged one is
+        # undone whole: every hypernetwork parameter is saved, not a list of the names replays are known to write.
+        rows = dict(server.hypernet.named_parameters())
         saved = {n: p.detach().clone() for n, p in rows.items()}
         start, synthesis = time.time(), {}
 

@@ -202,6 +202,7 @@ class Recorder:
     def __init__(self, embeddings):
         self.hypernet = torch.nn.Module()
         self.hypernet.client_embeddings = torch.nn.Parameter(embeddings)
+        self.hypernet.head = torch.nn.Parameter(torch.zeros(3))      # any other weight a replay might move
         self.updates, self.replays = [], []
 
     def update(self, client_ids, generated, updates):
@@ -212,6 +213,7 @@ class Recorder:
         self.replays.append(t)
         with torch.no_grad():
             self.hypernet.client_embeddings.add_(self.step)
+            self.hypernet.head.add_(self.step)
         return {"images": torch.zeros(2, 3, 4, 4), "bn_loss_end": [1.0]}
 
 
@@ -238,3 +240,4 @@ def test_screen_passes_only_finite_updates_and_undoes_a_diverged_replay():
     report = server.replay([], 2, 0)
     assert report["dropped"] and server.faults["dropped_replays"] == 1
     assert (server.hypernet.client_embeddings == 1.0).all() and server.replays == [1, 2]
+    assert (server.hypernet.head == 1.0).all()                  # undone too, whatever its name
