@@ -85,6 +85,8 @@ def summarize(runs):
             pa = plasticity(r, local[r["config"]["seed"]]) if r["config"]["seed"] in local else []
             if pa:                                  # none with a single batch
                 columns["pa"].append(100 * np.mean(pa))
+            elif not local and m.get("pa") is not None:     # no local run beside it: the run's own reference's
+                columns["pa"].append(100 * m["pa"])
             columns["ri"].append(100 * m["ri"])
             if hypernet_units(r) is not None:
                 columns["units"].append(hypernet_units(r))

@@ -39,3 +39,14 @@ def test_versus_gives_each_method_its_p_and_holms_verdict():
             "near": [run("near", s, a + (0.01 if s % 2 else -0.01)) for s, a in enumerate(ours)]}
     rows = {line.split(" | ")[0].strip("| "): line for line in compare.versus(runs) if line.startswith("| ")}
     assert rows["far"].endswith("| pfeddsh above |") and rows["near"].endswith("| not shown |")
+
+
+def test_summarize_reads_pa_from_a_local_run_beside_it_else_from_the_runs_own_reference():
+    def run(method, seed, accuracy, pa=None):
+        return {"config": {"seed": seed, "method": method}, "batches": [[0], [1]], "accuracy": accuracy,
+                "time_s": [1.0], "metrics": {"mean_acc": 0.5, "weighted_acc": 0.5, "ri": 0.0, "pa": pa}}
+    ours = run("pfeddsh", 0, [[0.6, 0.0], [0.6, 0.7]], pa=0.05)           # its own local reference: +5 points
+    local = run("local", 0, [[0.5, 0.0], [0.5, 0.6]])
+    assert compare.summarize({"pfeddsh": [ours], "local": [local]})["pfeddsh"]["pa"] == [100 * (0.7 - 0.6)]
+    assert compare.summarize({"pfeddsh": [ours]})["pfeddsh"]["pa"] == [5.0]
+    assert compare.summarize({"pfeddsh": [run("pfeddsh", 0, [[0.6, 0.0], [0.6, 0.7]])]})["pfeddsh"]["pa"] == []
