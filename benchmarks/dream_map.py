@@ -185,6 +185,37 @@ def pick(records, seeds, most_iterations=500):
     return (json.loads(best) if best is not None and margins[best] > 0 else {}), margins
 
 
+def plot(records, path):
+    """The map as a picture: per setting, the dreams minus each control (validation RI, points), one dot per
+    seed and a bar at their mean; above 0 the dreams did better."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    by_setting = {}
+    for r in records:
+        by_setting.setdefault(json.dumps(r["setting"], sort_keys=True), {}).setdefault(r["seed"], {})[r["arm"]] = r
+    keys = list(by_setting)
+    fig, ax = plt.subplots(figsize=(2.2 + 2.4 * len(keys), 3.6))
+    for j, control in enumerate(ARMS[1:]):
+        for k, key in enumerate(keys):
+            seeds = [arms for arms in by_setting[key].values() if "dreams" in arms and control in arms]
+            gaps = [100 * (arms["dreams"]["ri_val"] - arms[control]["ri_val"]) for arms in seeds]
+            x = k + (j - 1) * 0.25
+            ax.bar(x, np.mean(gaps) if gaps else 0, width=0.22, color=f"C{j}", alpha=0.5,
+                   label=f"dreams − {control}" if k == 0 else None)
+            ax.scatter([x] * len(gaps), gaps, color=f"C{j}", s=12, zorder=3)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(keys)), ["the default" if key == "{}" else
+                                     ",\n".join(f"{k}={v}" for k, v in json.loads(key).items()) for key in keys],
+                  fontsize=8)
+    ax.set_ylabel("validation RI, points")
+    ax.set_title("the dreams minus each control (dots: seeds; bars: their mean)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="*", help="finished --no-replay runs (with checkpoint.pt)")
@@ -197,6 +228,7 @@ def main():
                                           "measures test data too, so never for choosing anything)")
     parser.add_argument("--pick", help="development seeds, e.g. 720,721,722: print the setting issue 42's declared "
                                        "rule picks from --out's records")
+    parser.add_argument("--plot", help="a .png: draw the map of --out's records there")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -219,6 +251,9 @@ def main():
     if out.exists():
         records = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
         print(summary(records))
+        if args.plot:
+            plot(records, args.plot)
+            print(f"wrote {args.plot}")
         if args.pick:
             seeds = sorted(int(s) for s in args.pick.split(","))
             chosen, margins = pick(records, seeds)
