@@ -110,13 +110,18 @@ def test_dream_map_pairs_the_dreams_with_each_control_by_seed(tmp_path):
     assert default[7].startswith("+2.00 [") and budget[1] == "1" and budget[7] == "0"
 
 
-def test_dream_map_pick_follows_issue_42s_declared_rule():
-    """The rule: among settings of at most 500 iterations that ran every arm on every development seed, the
-    largest mean of dreams minus the best control; the default when none is above 0."""
+def load_dream_map():
     import importlib.util
     spec = importlib.util.spec_from_file_location("dream_map", REPO / "benchmarks" / "dream_map.py")
     dream_map = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(dream_map)
+    return dream_map
+
+
+def test_dream_map_pick_follows_issue_42s_declared_rule():
+    """The rule: among settings of at most 500 iterations that ran every arm on every development seed, the
+    largest mean of dreams minus the best control; the default when none is above 0."""
+    dream_map = load_dream_map()
 
     def arms(seed, setting, dreams, noise, kd=0.0, own=0.0):
         return [dict(seed=seed, setting=setting, arm=a, ri_val=v)
@@ -133,3 +138,9 @@ def test_dream_map_pick_follows_issue_42s_declared_rule():
     records += [dict(r, setting={"keep": "own"}, ri_val=r["ri_val"] + (r["arm"] == "dreams") * 0.05)
                 for r in records if r["setting"] == {} and r["arm"] != "own"]          # no `own` arm: incomplete
     assert dream_map.pick(records, [1, 2])[0] == {}
+
+
+def test_dream_map_plot_draws_the_committed_map(tmp_path):
+    records = [json.loads(line) for line in (REPO / "docs/runs/map42/t1.jsonl").read_text().splitlines() if line]
+    load_dream_map().plot(records, tmp_path / "map.png")
+    assert (tmp_path / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
