@@ -164,16 +164,20 @@ def summary(records):
     return "\n".join(lines)
 
 
+def by_setting_and_seed(records):
+    """{setting as sorted JSON: {seed: {arm: record}}}."""
+    grouped = {}
+    for r in records:
+        grouped.setdefault(json.dumps(r["setting"], sort_keys=True), {}).setdefault(r["seed"], {})[r["arm"]] = r
+    return grouped
+
+
 def pick(records, seeds, most_iterations=500):
     """Issue 42's declared rule for the final's setting: among the settings of at most `most_iterations`
     synthesis iterations that ran on every one of `seeds`, the one with the largest mean over them of validation
     RI(dreams) minus the best control's; the default ({}) if none is above 0. Returns (setting, {setting: mean})."""
-    by_setting = {}
-    for r in records:
-        if r["seed"] in seeds:
-            by_setting.setdefault(json.dumps(r["setting"], sort_keys=True), {}).setdefault(r["seed"], {})[r["arm"]] = r
     margins = {}
-    for key, by_seed in by_setting.items():
+    for key, by_seed in by_setting_and_seed([r for r in records if r["seed"] in seeds]).items():
         # a setting without `iterations` keeps the runs' own (the default's 50)
         if json.loads(key).get("iterations", 0) > most_iterations or set(by_seed) != set(seeds):
             continue
@@ -191,9 +195,7 @@ def plot(records, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    by_setting = {}
-    for r in records:
-        by_setting.setdefault(json.dumps(r["setting"], sort_keys=True), {}).setdefault(r["seed"], {})[r["arm"]] = r
+    by_setting = by_setting_and_seed(records)
     keys = list(by_setting)
     fig, ax = plt.subplots(figsize=(2.2 + 2.4 * len(keys), 3.6))
     for j, control in enumerate(ARMS[1:]):
