@@ -42,8 +42,8 @@ def screen(server, audit=None):
     def screened_replay(clients, t, seed, progress=None):
         # Whatever a replay moves (the core's embedding rows, an extension's borrowed gates), a diverged one is
         # undone whole: every hypernetwork parameter is saved, not a list of the names replays are known to write.
-        rows = dict(server.hypernet.named_parameters())
-        saved = {n: p.detach().clone() for n, p in rows.items()}
+        weights = dict(server.hypernet.named_parameters())
+        saved = {n: p.detach().clone() for n, p in weights.items()}
         start, synthesis = time.time(), {}
 
         def timed(phase, done, total):
@@ -55,12 +55,12 @@ def screen(server, audit=None):
         report["replay_s"] = time.time() - start
         report["synthesis_s"] = synthesis.get("end", time.time()) - start
         finite = (bool(torch.isfinite(report["images"]).all()) and all(math.isfinite(x) for x in report["bn_loss_end"])
-                  and all(bool(torch.isfinite(p).all()) for p in rows.values()))
+                  and all(bool(torch.isfinite(p).all()) for p in weights.values()))
         report["dropped"] = not finite
         if not finite:
             server.faults["dropped_replays"] += 1
             with torch.no_grad():
-                for n, p in rows.items():
+                for n, p in weights.items():
                     p.copy_(saved[n])
         if audit is not None:
             report["audit"] = None if report["dropped"] else audit(server, clients, t, report)
